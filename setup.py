@@ -1,0 +1,88 @@
+"""Build of the compiled core.
+
+Always builds the C++ CPU extension ``structure_ops._C`` (csrc/cpu, ATen + at::parallel_for). Builds the
+CUDA extension ``structure_ops._C_cuda`` from csrc/cuda when torch has CUDA and nvcc is found.
+
+Knobs (environment):
+  STRUCTURE_OPS_BUILD_CUDA = auto | 1 | 0   auto: CUDA iff torch.version.cuda and CUDA_HOME; 1: required
+  TORCH_CUDA_ARCH_LIST                      e.g. "8.0;9.0a" (torch's own knob)
+  MAX_JOBS                                  parallel compile jobs (torch's own knob)
+  STRUCTURE_OPS_DEBUG = 0 | 1               -O0 -g, no -DNDEBUG
+Install with ``pip install --no-build-isolation -e .`` so the extension is built against the torch you run.
+"""
+
+import glob
+import json
+import os
+import platform
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError as exc:  # pragma: no cover - build-time message
+    sys.exit(
+        "structure-ops builds against an installed torch: install torch first, then run "
+        "`pip install --no-build-isolation -e .` (see README). " + str(exc)
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEBUG = os.environ.get("STRUCTURE_OPS_DEBUG", "0") == "1"
+CUDA_KNOB = os.environ.get("STRUCTURE_OPS_BUILD_CUDA", "auto").lower()
+if CUDA_KNOB not in ("auto", "0", "1"):
+    sys.exit(f"STRUCTURE_OPS_BUILD_CUDA must be auto, 1 or 0, got {CUDA_KNOB!r}")
+
+
+def rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"]
+cxx_flags += ["-fopenmp", "-fno-math-errno"]
+cpu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))) + ["csrc/module.cpp"]
+ext_modules = [
+    cpp_extension.CppExtension(
+        "structure_ops._C",
+        cpu_sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+]
+
+cuda_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+torch_has_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+if CUDA_KNOB == "1" and not torch_has_cuda:
+    sys.exit("STRUCTURE_OPS_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found (CUDA_HOME unset)")
+build_cuda = CUDA_KNOB != "0" and torch_has_cuda and bool(cuda_sources)
+if build_cuda:
+    ext_modules.append(
+        cpp_extension.CUDAExtension(
+            "structure_ops._C_cuda",
+            cuda_sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": (["-O0", "-G"] if DEBUG else ["-O3"]) + ["-Xptxas=-v"]},
+        )
+    )
+
+# Build metadata, checked against the running torch at import (structure_ops/_ops.py warns on mismatch).
+build_info = {
+    "torch": torch.__version__,
+    "torch_cuda": torch.version.cuda,
+    "cuda_extension": build_cuda,
+    "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"),
+    "debug": DEBUG,
+    "python": platform.python_version(),
+    "cxx_flags": cxx_flags,
+}
+tmp = os.path.join(ROOT, "structure_ops", "_build_info.json.tmp")
+with open(tmp, "w") as f:
+    json.dump(build_info, f, indent=1)
+os.replace(tmp, os.path.join(ROOT, "structure_ops", "_build_info.json"))
+
+setup(
+    packages=find_packages(include=["structure_ops", "structure_ops.*"]),
+    package_data={"structure_ops": ["_build_info.json"]},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,105 @@
+"""Backend registry: which implementation runs an op, and why the others cannot.
+
+``backend="auto"`` walks AUTO_ORDER and takes the first backend with no reason against it;
+``STRUCTURE_OPS_BACKEND`` replaces "auto" (an explicit ``backend=`` argument still wins). An explicit
+request that cannot run raises, listing every backend with its reasons (xformers style): we never fall
+back silently.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ._ops import extension_error
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
+OPS = ("structure_loss", "clip_loss", "knn")
+_COMPILED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def reasons(backend: str, op: str, devices: tuple[str, ...], dtypes: tuple[torch.dtype, ...]) -> list[str]:
+    """Why ``backend`` cannot run ``op`` on tensors of these device types and dtypes; [] means it can."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+    on = set(devices)
+    out: list[str] = []
+    if backend == "reference":
+        return out  # plain PyTorch: any device, any floating dtype
+    if backend == "cpu":
+        if on != {"cpu"}:
+            out.append(f"needs CPU tensors, got device(s) {sorted(on)}")
+        if any(d not in _COMPILED_DTYPES for d in dtypes):
+            out.append(f"supports {[str(d) for d in _COMPILED_DTYPES]}")
+        err = extension_error("_C")
+        if err:
+            out.append(err)
+        return out
+    if backend == "triton":
+        out.append("not implemented in this release (the Triton kernels are a planned backend)")
+        if importlib.util.find_spec("triton") is None:
+            out.append("triton is not installed")
+        if on != {"cuda"}:
+            out.append(f"needs CUDA tensors, got device(s) {sorted(on)}")
+        return out
+    # cuda
+    if on != {"cuda"}:
+        out.append(f"needs CUDA tensors, got device(s) {sorted(on)}")
+    if torch.version.cuda is None:
+        out.append("torch was built without CUDA")
+    err = extension_error("_C_cuda")
+    if err:
+        out.append(err)
+    return out
+
+
+def describe(tensors) -> str:
+    return ", ".join(f"{tuple(t.shape)} {t.dtype} on {t.device}" for t in tensors)
+
+
+def _signature(tensors) -> tuple[tuple[str, ...], tuple[torch.dtype, ...]]:
+    return tuple(sorted({t.device.type for t in tensors})), tuple({t.dtype: None for t in tensors})
+
+
+@torch.compiler.assume_constant_result
+def _select(op: str, backend: str, devices: tuple[str, ...], dtypes: tuple[torch.dtype, ...]) -> str:
+    """The chosen backend's name, or "!" + the explanation. Evaluated once per signature under
+    torch.compile (so the registry's imports and environment lookups never enter a graph)."""
+    requested = backend
+    if backend == "auto":
+        backend = os.environ.get("STRUCTURE_OPS_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        for name in AUTO_ORDER:
+            if not reasons(name, op, devices, dtypes):
+                return name
+    if backend not in BACKENDS:
+        via = " (from STRUCTURE_OPS_BACKEND)" if requested == "auto" else ""
+        return f"!backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}{via}"
+    if not reasons(backend, op, devices, dtypes):
+        return backend
+    lines = [f"backend={backend!r}" + (" (from STRUCTURE_OPS_BACKEND)" if requested == "auto" else "") + " cannot run them:"]
+    for name in BACKENDS:
+        r = reasons(name, op, devices, dtypes)
+        lines.append(f"  {name}: " + ("available" if not r else "; ".join(r)))
+    return "!" + "\n".join(lines)
+
+
+def select(op: str, backend: str, tensors) -> str:
+    """Name of the backend that runs ``op`` on ``tensors``; RuntimeError listing every backend if the
+    requested one cannot."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    devices, dtypes = _signature(tensors)
+    name = _select(op, backend, devices, dtypes)
+    if name.startswith("!"):
+        raise RuntimeError(f"{op}: inputs [{describe(tensors)}]: {name[1:]}")
+    return name
+
+
+def availability(op: str, tensors) -> dict[str, list[str]]:
+    """{backend: reasons} for ``op`` on ``tensors`` (used by ``python -m structure_ops.info``)."""
+    devices, dtypes = _signature(tensors)
+    return {name: reasons(name, op, devices, dtypes) for name in BACKENDS}

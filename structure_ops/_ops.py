@@ -1,0 +1,152 @@
+"""The op boundary: torch.library schemas, fake (meta) kernels and autograd for the compiled backends.
+
+Schemas live here, in Python, so they exist whether or not an extension was built; the C++ CPU kernels
+(structure_ops._C) and CUDA kernels (structure_ops._C_cuda) register implementations for them under
+``TORCH_LIBRARY_IMPL(structure_ops, CPU/CUDA, m)`` when they are imported.
+
+Ops (all inputs already normalized/centered by structure_ops.functional):
+
+  structure_fwd(xh, zh, levels, temperature, weighting, margin, similarity, gamma, divergence, eps,
+                grad_x, grad_z) -> (loss, grad_x, grad_z)
+      R_S and, when asked, ∂R_S/∂X̂ and ∂R_S/∂Ẑ computed in the same pass (KERNELS.md §2a). Backward
+      scales the saved gradients by grad_output, which is exact because the loss is a scalar.
+  clip_fwd(image, text, logit_scale) -> (loss, lse_row, lse_col)
+  clip_bwd(grad, image, text, logit_scale, lse_row, lse_col) -> (grad_image, grad_text, grad_logit_scale)
+  knn(a, k) -> indices (N, k) int64
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import warnings
+
+import torch
+
+log = logging.getLogger("structure_ops")
+
+_lib = torch.library.Library("structure_ops", "DEF")  # noqa: TOR901 - the library must outlive the module
+_lib.define(
+    "structure_fwd(Tensor xh, Tensor zh, int levels, float temperature, int weighting, float margin, "
+    "int similarity, float gamma, int divergence, float eps, bool grad_x, bool grad_z) -> (Tensor, Tensor, Tensor)"
+)
+_lib.define("clip_fwd(Tensor image, Tensor text, Tensor logit_scale) -> (Tensor, Tensor, Tensor)")
+_lib.define(
+    "clip_bwd(Tensor grad, Tensor image, Tensor text, Tensor logit_scale, Tensor lse_row, Tensor lse_col) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+_lib.define("knn(Tensor a, int k) -> Tensor")
+
+
+def _stat_dtype(t: torch.Tensor) -> torch.dtype:
+    """Dtype of per-row statistics: fp64 for fp64 inputs, fp32 otherwise (fp32 math for half types)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("structure_ops::structure_fwd")
+def _structure_fwd_fake(xh, zh, levels, temperature, weighting, margin, similarity, gamma, divergence, eps, grad_x, grad_z):
+    gx = torch.empty_like(xh) if grad_x else xh.new_empty((0,))
+    gz = torch.empty_like(zh) if grad_z else zh.new_empty((0,))
+    return xh.new_empty(()), gx, gz
+
+
+@torch.library.register_fake("structure_ops::clip_fwd")
+def _clip_fwd_fake(image, text, logit_scale):
+    n = image.shape[0]
+    return image.new_empty(()), image.new_empty((n,), dtype=_stat_dtype(image)), image.new_empty((n,), dtype=_stat_dtype(image))
+
+
+@torch.library.register_fake("structure_ops::clip_bwd")
+def _clip_bwd_fake(grad, image, text, logit_scale, lse_row, lse_col):
+    return torch.empty_like(image), torch.empty_like(text), torch.empty_like(logit_scale)
+
+
+@torch.library.register_fake("structure_ops::knn")
+def _knn_fake(a, k):
+    return a.new_empty((a.shape[0], k), dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------------
+def _structure_setup(ctx, inputs, output):
+    _, gx, gz = output
+    ctx.want = (inputs[10], inputs[11])
+    ctx.save_for_backward(gx, gz)
+
+
+def _structure_backward(ctx, grad_loss, _grad_gx, _grad_gz):
+    gx, gz = ctx.saved_tensors
+    want_x, want_z = ctx.want
+    if (ctx.needs_input_grad[0] and not want_x) or (ctx.needs_input_grad[1] and not want_z):
+        raise RuntimeError(
+            "structure_fwd was called with grad_x/grad_z=False for an input that requires grad; "
+            "call structure_ops.structure_loss, which sets these flags"
+        )
+    dx = grad_loss.to(gx.dtype) * gx if want_x else None
+    dz = grad_loss.to(gz.dtype) * gz if want_z else None
+    return dx, dz, None, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("structure_ops::structure_fwd", _structure_backward, setup_context=_structure_setup)
+
+
+def _clip_setup(ctx, inputs, output):
+    image, text, logit_scale = inputs
+    _, lse_row, lse_col = output
+    ctx.save_for_backward(image, text, logit_scale, lse_row, lse_col)
+
+
+def _clip_backward(ctx, grad_loss, _grad_r, _grad_c):
+    image, text, logit_scale, lse_row, lse_col = ctx.saved_tensors
+    return torch.ops.structure_ops.clip_bwd(grad_loss, image, text, logit_scale, lse_row, lse_col)
+
+
+torch.library.register_autograd("structure_ops::clip_fwd", _clip_backward, setup_context=_clip_setup)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compiled extensions: imported once, lazily; the reason is kept when one is missing.
+# ---------------------------------------------------------------------------------------------------
+_EXTENSIONS: dict[str, str | None] = {}
+
+
+def extension_error(name: str) -> str | None:
+    """Import ``structure_ops.<name>`` (registering its kernels); None if it loaded, else the reason."""
+    if name not in _EXTENSIONS:
+        try:
+            importlib.import_module(f"structure_ops.{name}")
+            _EXTENSIONS[name] = None
+            _check_build_info()
+        except ImportError as exc:
+            _EXTENSIONS[name] = f"structure_ops.{name} is not built or failed to load ({exc})"
+    return _EXTENSIONS[name]
+
+
+def build_info() -> dict | None:
+    path = os.path.join(os.path.dirname(__file__), "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+_BUILD_CHECKED = False
+
+
+def _check_build_info() -> None:
+    global _BUILD_CHECKED
+    if _BUILD_CHECKED:
+        return
+    _BUILD_CHECKED = True
+    info = build_info()
+    if info and info.get("torch") != torch.__version__:
+        warnings.warn(
+            f"structure_ops was built against torch {info.get('torch')} but torch {torch.__version__} is running; "
+            "rebuild with `pip install --no-build-isolation -e .`",
+            RuntimeWarning,
+            stacklevel=3,
+        )

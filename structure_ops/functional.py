@@ -1,0 +1,296 @@
+"""Public functional API: input validation, backend selection, and the call into the chosen backend.
+
+Each function is equivalent to the function of the same name in :mod:`structure_ops.reference` (the
+float64 oracle), which the test-suite keeps true for every backend, dtype and option.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from . import _backends, _ops  # noqa: F401  (_ops defines the op schemas)
+from . import reference as _reference
+from ._options import CENTERINGS, DIVERGENCES, SIMILARITIES, WEIGHTINGS, option_code, resolve_k
+
+__all__ = ["structure_loss", "clip_loss", "knn", "mutual_knn", "cka"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation: errors name the argument and show shapes, dtypes and devices.
+# ---------------------------------------------------------------------------------------------------
+def _desc(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _check_matrix(name: str, t, min_rows: int = 2) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D (N, d) tensor, got {_desc(t)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {_desc(t)}")
+    if t.shape[0] < min_rows or t.shape[1] < 1:
+        raise ValueError(f"{name} needs N >= {min_rows} rows and d >= 1 columns, got {_desc(t)}")
+
+
+def _check_pair(an: str, a, bn: str, b, min_rows: int = 2, same_width: bool = False) -> None:
+    _check_matrix(an, a, min_rows)
+    _check_matrix(bn, b, min_rows)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{an} and {bn} must have the same number of rows N: {an} has {_desc(a)}, {bn} has {_desc(b)}")
+    if same_width and a.shape[1] != b.shape[1]:
+        raise ValueError(f"{an} and {bn} must have the same width: {an} has {_desc(a)}, {bn} has {_desc(b)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{an} and {bn} must have the same dtype: {an} has {_desc(a)}, {bn} has {_desc(b)}")
+    if a.device != b.device:
+        raise ValueError(f"{an} and {bn} must be on the same device: {an} has {_desc(a)}, {bn} has {_desc(b)}")
+
+
+def _check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# STRUCTURE
+# ---------------------------------------------------------------------------------------------------
+def _center(u: torch.Tensor, centering: str) -> torch.Tensor:
+    if centering == "none":
+        return u
+    u = u - u.mean(dim=0, keepdim=True)
+    if centering == "standard":
+        u = u / u.std(dim=0, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+    return u
+
+
+def _prepare(u: torch.Tensor, centering: str, center_first: bool) -> torch.Tensor:
+    """Row L2 normalization and batch centering (O(N·d), differentiated by autograd)."""
+    if center_first:
+        return F.normalize(_center(u, centering), dim=1, eps=1e-12)
+    return _center(F.normalize(u, dim=1, eps=1e-12), centering)
+
+
+def structure_loss(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    *,
+    levels: int = 1,
+    temperature: float = 0.05,
+    weighting: str = "none",
+    margin: float = 0.0,
+    centering: str = "mean",
+    center_first: bool = False,
+    similarity: str = "cosine",
+    gamma: float = 1.0,
+    divergence: str = "structure",
+    eps: float = 1e-12,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""STRUCTURE regularizer R_S(X, Z) of SPEC.md §1 (the public code's semantics).
+
+    .. math::
+        R_S = \frac{1}{L}\sum_{l=1}^{L} w_l \max(D_l - m, 0),\quad
+        D_l = \frac{1}{N}\sum_{ij} \tfrac12 \tilde M_{ij}\,(2\log\tilde M_{ij} - \log\tilde O_{ij} - \log\tilde A_{ij})
+
+    with O = softmax(X̂X̂ᵀ/τ)ˡ, A = softmax(ẐẐᵀ/τ)ˡ, Õ = O + ε, Ã = A + ε, M̃ = (Õ + Ã)/2.
+
+    Args:
+        x: frozen encoder features, shape (N, d_x). Gradients flow into x too if it requires grad.
+        z: aligned embeddings, shape (N, d_z), same rows as x. Same dtype and device as x.
+        levels: number of random-walk levels L >= 1 (P¹ … Pᴸ).
+        temperature: τ > 0 of the cosine similarity logits (unused for "rbf").
+        weighting: "none" (w_l = 1) or "inverse" (w_l = 1/l).
+        margin: m >= 0, per-level hinge max(D_l − m, 0).
+        centering: "mean" (default), "standard" (also divide by the column std) or "none".
+        center_first: center the raw rows before normalizing (default: normalize, then center).
+        similarity: "cosine" (default) or "rbf" (S_ij = exp(−γ‖x̂_i − x̂_j‖²)).
+        gamma: γ > 0 of "rbf".
+        divergence: "structure" (default; the public code's KL(M̃‖·) form) or "js" (textbook JS).
+        eps: ε > 0 of the "structure" form.
+        backend: "auto" | "reference" | "cpu" | "triton" | "cuda" (see structure_ops.info).
+
+    Returns:
+        0-dim tensor, dtype of the inputs.
+
+    Equivalent to :func:`structure_ops.reference.structure_loss`.
+    """
+    _check_pair("x", x, "z", z)
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"levels must be an int >= 1, got {levels!r}")
+    temperature = _check_number("temperature", temperature, positive=True)
+    margin = _check_number("margin", margin, nonnegative=True)
+    gamma = _check_number("gamma", gamma, positive=True)
+    eps = _check_number("eps", eps, positive=True)
+    w_code = option_code("weighting", weighting, WEIGHTINGS)
+    option_code("centering", centering, CENTERINGS)
+    s_code = option_code("similarity", similarity, SIMILARITIES)
+    d_code = option_code("divergence", divergence, DIVERGENCES)
+    if not isinstance(center_first, bool):
+        raise TypeError(f"center_first must be a bool, got {center_first!r}")
+
+    name = _backends.select("structure_loss", backend, (x, z))
+    if name == "reference":
+        return _reference.structure_loss(
+            x, z, levels=levels, temperature=temperature, weighting=weighting, margin=margin, centering=centering,
+            center_first=center_first, similarity=similarity, gamma=gamma, divergence=divergence, eps=eps,
+        )  # fmt: skip
+    xh = _prepare(x, centering, center_first)
+    zh = _prepare(z, centering, center_first)
+    grad_on = torch.is_grad_enabled()
+    loss, _, _ = torch.ops.structure_ops.structure_fwd(
+        xh, zh, levels, temperature, w_code, margin, s_code, gamma, d_code, eps,
+        grad_on and xh.requires_grad, grad_on and zh.requires_grad,
+    )  # fmt: skip
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLIP
+# ---------------------------------------------------------------------------------------------------
+def clip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    *,
+    normalize: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Symmetric InfoNCE, both directions in one op (open_clip's ClipLoss).
+
+    .. math::
+        \ell = s\,\hat a \hat b^\top,\qquad
+        L = \tfrac{1}{2N}\Big[\sum_i (\operatorname{lse}_j \ell_{ij} - \ell_{ii}) + \sum_j (\operatorname{lse}_i \ell_{ij} - \ell_{jj})\Big]
+
+    Args:
+        image: (N, k) image embeddings. text: (N, k) text embeddings, row i paired with image row i.
+        logit_scale: the multiplier s (open_clip convention: pass ``param.exp()``), a one-element tensor
+            (it receives a gradient) or a Python number.
+        normalize: L2-normalize rows first (true in every config of the paper).
+        backend: see :func:`structure_loss`.
+
+    Returns:
+        0-dim tensor, dtype of the inputs. Equivalent to :func:`structure_ops.reference.clip_loss`.
+    """
+    _check_pair("image", image, "text", text, same_width=True)
+    if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
+        logit_scale = torch.tensor(float(logit_scale), dtype=image.dtype, device=image.device)
+    if not isinstance(logit_scale, torch.Tensor):
+        raise TypeError(f"logit_scale must be a one-element tensor or a number, got {type(logit_scale).__name__}")
+    if logit_scale.numel() != 1:
+        raise ValueError(f"logit_scale must be a scalar (one element), got {_desc(logit_scale)}")
+    if not logit_scale.is_floating_point():
+        raise TypeError(f"logit_scale must have a floating-point dtype, got {_desc(logit_scale)}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {normalize!r}")
+    scale = logit_scale.to(device=image.device, dtype=image.dtype)
+
+    name = _backends.select("clip_loss", backend, (image, text))
+    if name == "reference":
+        return _reference.clip_loss(image, text, scale.reshape(()), normalize=normalize).reshape(())
+    if normalize:
+        image = F.normalize(image, dim=1, eps=1e-12)
+        text = F.normalize(text, dim=1, eps=1e-12)
+    loss, _, _ = torch.ops.structure_ops.clip_fwd(image, text, scale)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------
+# kNN metrics and CKA
+# ---------------------------------------------------------------------------------------------------
+def knn(a: torch.Tensor, k: int | str = "rice", *, normalize: bool = True, backend: str = "auto") -> torch.Tensor:
+    """Indices (N, k), int64, of each row's k nearest rows by inner product (after L2 row normalization
+    when ``normalize``), best first, the row itself excluded; ties go to the lower index.
+
+    These lists are what layer selection computes once per layer and intersects for every pair.
+    Equivalent to ``structure_ops.reference.knn(F.normalize(a), k)``.
+    """
+    _check_matrix("a", a)
+    k = resolve_k(k, a.shape[0])
+    if normalize:
+        a = F.normalize(a, dim=1, eps=1e-12)
+    name = _backends.select("knn", backend, (a,))
+    if name == "reference":
+        return _reference.knn(a, k)
+    return torch.ops.structure_ops.knn(a, k)
+
+
+def mutual_knn_from_indices(ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
+    """mean_i |ia[i] ∩ ib[i]| / k for two (N, k) neighbour lists: O(N·k²), in row chunks (no N × N)."""
+    if ia.shape != ib.shape or ia.dim() != 2:
+        raise ValueError(f"neighbour lists must both be (N, k), got {tuple(ia.shape)} and {tuple(ib.shape)}")
+    n, k = ia.shape
+    chunk = max(1, (1 << 24) // (k * k))
+    hits = sum(
+        (ia[i : i + chunk, :, None] == ib[i : i + chunk, None, :]).any(dim=2).sum()
+        for i in range(0, n, chunk)
+    )
+    return hits.to(torch.float64) / (n * k)
+
+
+def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int | str = "rice", *, backend: str = "auto") -> torch.Tensor:
+    """Mutual kNN alignment of two representations of the same N samples (SPEC.md §3):
+    rows L2-normalized, score = mean_i |kNN_A(i) ∩ kNN_B(i)| / k, diagonal excluded, ties to the lower
+    index. ``k``: an int in [1, N−1] or "rice" ⌈2N^{1/3}⌉ / "sqrt" ⌈√N⌉ / "sturges" ⌈log₂N + 1⌉.
+
+    Returns a 0-dim tensor (dtype of the inputs; fp32 for half types); NaN if an input is not finite.
+    Equivalent to :func:`structure_ops.reference.mutual_knn`.
+    """
+    _check_matrix("a", a)
+    _check_matrix("b", b)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"a and b must have the same number of rows N: a has {_desc(a)}, b has {_desc(b)}")
+    if a.device != b.device:
+        raise ValueError(f"a and b must be on the same device: a has {_desc(a)}, b has {_desc(b)}")
+    k = resolve_k(k, a.shape[0])
+    out_dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+    score = mutual_knn_from_indices(knn(a, k, backend=backend), knn(b, k, backend=backend)).to(out_dtype)
+    # 0·sum is NaN exactly when an input holds NaN/Inf: non-finite inputs propagate, with no host sync.
+    return score + 0.0 * (a.sum() + b.sum()).to(out_dtype).detach()
+
+
+def cka(a: torch.Tensor, b: torch.Tensor, *, unbiased: bool = False) -> torch.Tensor:
+    r"""Linear CKA between two representations of the same N samples (no row normalization inside).
+
+    Biased: ‖A_cᵀB_c‖²_F / (‖A_cᵀA_c‖_F ‖B_cᵀB_c‖_F + 1e-6) with column-centered A_c, B_c, which equals
+    the public code's tr(KHLH)-based HSIC on the Gram matrices. Unbiased: Song et al.'s estimator,
+    N >= 4. Both in O(N·d²) time and O(d²) memory (no N × N Gram), computed in float64.
+    Equivalent to :func:`structure_ops.reference.cka`.
+    """
+    _check_matrix("a", a, min_rows=4 if unbiased else 2)
+    _check_matrix("b", b, min_rows=4 if unbiased else 2)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"a and b must have the same number of rows N: a has {_desc(a)}, b has {_desc(b)}")
+    if a.device != b.device:
+        raise ValueError(f"a and b must be on the same device: a has {_desc(a)}, b has {_desc(b)}")
+    out_dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    hsic = _hsic_unbiased_linear if unbiased else _hsic_biased_linear
+    kl, kk, ll = hsic(a64, b64), hsic(a64, a64), hsic(b64, b64)
+    return (kl / (torch.sqrt(kk * ll) + 1e-6)).to(out_dtype)
+
+
+def _hsic_biased_linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    ac, bc = a - a.mean(dim=0), b - b.mean(dim=0)
+    return (ac.T @ bc).square().sum()
+
+
+def _hsic_unbiased_linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # K = AAᵀ, L = BBᵀ with zeroed diagonals K̃, L̃, all sums expanded so that no N × N matrix is formed.
+    m = a.shape[0]
+    ka, lb = (a * a).sum(dim=1), (b * b).sum(dim=1)  # diag(K), diag(L)
+    kl_sum = (a.T @ b).square().sum() - (ka * lb).sum()  # Σ K̃ ∘ L̃ᵀ
+    k_row = a @ a.sum(dim=0) - ka  # K̃·1
+    l_row = b @ b.sum(dim=0) - lb  # L̃·1
+    value = kl_sum + k_row.sum() * l_row.sum() / ((m - 1) * (m - 2)) - 2.0 * (k_row @ l_row) / (m - 2)
+    return value / (m * (m - 3))

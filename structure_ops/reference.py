@@ -1,0 +1,314 @@
+r"""The float64-capable PyTorch oracle: plain autograd code that defines what every backend computes.
+
+Everything here runs on any device and dtype in the input's own precision; pass float64 tensors to get
+the oracle. Optimized backends are tested against this module, never the other way round.
+
+STRUCTURE regularizer (SPEC.md §1), per input U ∈ {X, Z}:
+
+    Û = center(normalize(U))            (or normalize(center(U)) with center_first=True)
+    S = Û Ûᵀ / τ                        (cosine)   or   S_ij = exp(-γ ‖û_i - û_j‖²)   (rbf)
+    P = softmax(S, dim=1),   P⁽ˡ⁾ = Pˡ
+    D_l = (1/N) Σ_ij ½ M̃ (2 log M̃ - log Õ - log Ã),   Õ = O + ε, Ã = A + ε, M̃ = (Õ + Ã)/2
+    R_S = (1/L) Σ_l w_l · max(D_l - margin, 0),          w_l = 1 or 1/l
+
+with O = P_X⁽ˡ⁾ and A = P_Z⁽ˡ⁾. The bracket is evaluated in the exact, cancellation-free form
+2 log M̃ - log Õ - log Ã = log1p((Õ - Ã)² / (4 Õ Ã)), which is what the public code's three logs
+compute, without the catastrophic cancellation near Õ ≈ Ã that makes the literal fp32 form useless.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._options import (
+    CENTERINGS,
+    DIVERGENCES,
+    SIMILARITIES,
+    WEIGHTINGS,
+    option_code,
+    resolve_k,
+)
+
+__all__ = [
+    "prepare",
+    "similarity",
+    "structure_divergence",
+    "structure_loss",
+    "structure_core",
+    "structure_core_level1_grad",
+    "clip_loss",
+    "knn",
+    "mutual_knn",
+    "cka",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing: row normalization and batch centering (O(N·d), autograd handles the Jacobians)
+# --------------------------------------------------------------------------------------------------
+def _center(u: torch.Tensor, centering: str) -> torch.Tensor:
+    if centering == "none":
+        return u
+    u = u - u.mean(dim=0, keepdim=True)
+    if centering == "standard":
+        # Unbiased (N-1) std as torch.std; a constant column is left at zero instead of 0/0.
+        u = u / u.std(dim=0, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+    return u
+
+
+def prepare(u: torch.Tensor, *, centering: str = "mean", center_first: bool = False) -> torch.Tensor:
+    """Row L2 normalization x / max(‖x‖₂, 1e-12) and batch centering, in the order of SPEC.md §1.
+
+    Default order: normalize, then center over the rows (dim 0). ``center_first=True`` centers the raw
+    rows and then normalizes. ``centering="standard"`` also divides by the per-column unbiased std.
+    The public code skips the normalization when every row already has unit norm (±1e-6); we always
+    divide, which is the same map and keeps the function free of data-dependent branches.
+    """
+    option_code("centering", centering, CENTERINGS)
+    if center_first:
+        return F.normalize(_center(u, centering), dim=1, eps=1e-12)
+    return _center(F.normalize(u, dim=1, eps=1e-12), centering)
+
+
+def similarity(u: torch.Tensor, *, similarity: str = "cosine", temperature: float = 0.05, gamma: float = 1.0):
+    """Similarity logits S (N × N): Û Ûᵀ / τ for "cosine", exp(-γ ‖û_i - û_j‖²) for "rbf" (no τ)."""
+    option_code("similarity", similarity, SIMILARITIES)
+    gram = u @ u.T
+    if similarity == "cosine":
+        return gram / temperature
+    sq = (u * u).sum(dim=1)
+    return torch.exp(-gamma * (sq[:, None] + sq[None, :] - 2.0 * gram))
+
+
+# --------------------------------------------------------------------------------------------------
+# Divergences between row-stochastic matrices
+# --------------------------------------------------------------------------------------------------
+def _structure_terms(o: torch.Tensor, a: torch.Tensor, eps: float) -> torch.Tensor:
+    """Elementwise ½ M̃ (2 log M̃ - log Õ - log Ã) in the stable form ½ M̃ log1p((Õ-Ã)²/(4ÕÃ))."""
+    ot, at = o + eps, a + eps
+    d = ot - at
+    return 0.25 * (ot + at) * torch.log1p((d / ot) * (d / at) * 0.25)
+
+
+def _js_terms_from_logs(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """Elementwise ½[O log(O/M) + A log(A/M)], M = (O+A)/2, from log-probabilities (never underflows).
+
+    log(O/M) = ln2 - softplus(lb - la), log(A/M) = ln2 - softplus(la - lb).
+    """
+    ln2 = math.log(2.0)
+    return 0.5 * (
+        torch.exp(la) * (ln2 - F.softplus(lb - la)) + torch.exp(lb) * (ln2 - F.softplus(la - lb))
+    )
+
+
+def _js_terms_from_probs(o: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Elementwise JS terms on probabilities (levels ≥ 2), with entries clamped at the dtype's smallest
+    normal number so that underflowed zeros give finite values; the gradient is zero where clamped."""
+    tiny = torch.finfo(o.dtype).tiny
+    o, a = o.clamp_min(tiny), a.clamp_min(tiny)
+    lm = torch.log(0.5 * (o + a))
+    return 0.5 * (o * (torch.log(o) - lm) + a * (torch.log(a) - lm))
+
+
+def structure_divergence(o: torch.Tensor, a: torch.Tensor, *, divergence: str = "structure", eps: float = 1e-12):
+    """D(O, A) = (1/N) Σ_ij term(O_ij, A_ij) for row-stochastic N × N matrices O and A.
+
+    ``"structure"``: ½[KL(M̃‖Ã) + KL(M̃‖Õ)] with ε (the public code; KL in the M‖· direction, not
+    bounded by log 2). ``"js"``: ½[KL(O‖M) + KL(A‖M)], the textbook Jensen–Shannon divergence.
+    """
+    option_code("divergence", divergence, DIVERGENCES)
+    n = o.shape[0]
+    if divergence == "structure":
+        return _structure_terms(o, a, eps).sum() / n
+    return _js_terms_from_probs(o, a).sum() / n
+
+
+# --------------------------------------------------------------------------------------------------
+# STRUCTURE regularizer
+# --------------------------------------------------------------------------------------------------
+def structure_core(
+    xh: torch.Tensor,
+    zh: torch.Tensor,
+    *,
+    levels: int = 1,
+    temperature: float = 0.05,
+    weighting: str = "none",
+    margin: float = 0.0,
+    similarity_kind: str = "cosine",
+    gamma: float = 1.0,
+    divergence: str = "structure",
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """R_S on already normalized-and-centered inputs X̂, Ẑ: the N × N part that backends implement."""
+    option_code("weighting", weighting, WEIGHTINGS)
+    option_code("divergence", divergence, DIVERGENCES)
+    n = xh.shape[0]
+    sx = similarity(xh, similarity=similarity_kind, temperature=temperature, gamma=gamma)
+    sz = similarity(zh, similarity=similarity_kind, temperature=temperature, gamma=gamma)
+    lx, lz = torch.log_softmax(sx, dim=1), torch.log_softmax(sz, dim=1)
+    px, pz = torch.exp(lx), torch.exp(lz)
+    total = xh.new_zeros(())
+    ox, oz = px, pz
+    for level in range(1, levels + 1):
+        if level > 1:
+            ox, oz = ox @ px, oz @ pz  # incremental powers: one product per level per side
+        if divergence == "js" and level == 1:
+            d = _js_terms_from_logs(lx, lz).sum() / n
+        else:
+            d = structure_divergence(ox, oz, divergence=divergence, eps=eps)
+        d = torch.relu(d - margin)
+        w = 1.0 if weighting == "none" else 1.0 / level
+        total = total + w * d
+    return total / levels
+
+
+def structure_loss(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    *,
+    levels: int = 1,
+    temperature: float = 0.05,
+    weighting: str = "none",
+    margin: float = 0.0,
+    centering: str = "mean",
+    center_first: bool = False,
+    similarity: str = "cosine",
+    gamma: float = 1.0,
+    divergence: str = "structure",
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    r"""STRUCTURE regularizer R_S(X, Z) (SPEC.md §1), the oracle. Same signature as
+    :func:`structure_ops.structure_loss` without ``backend``.
+
+    Args:
+        x: frozen features, (N, d_x). z: aligned embeddings, (N, d_z), same row order.
+        levels: L ≥ 1 random-walk levels P¹ … Pᴸ. temperature: τ > 0 of the cosine logits.
+        weighting: "none" (w_l = 1) or "inverse" (w_l = 1/l). margin: D_l ← max(D_l − margin, 0).
+        centering: "mean" | "standard" | "none" over the batch. center_first: center before normalizing.
+        similarity: "cosine" or "rbf" (exp(−γ‖û_i − û_j‖²), τ unused). divergence: "structure" | "js".
+        eps: the ε of the "structure" form.
+    Returns:
+        0-dim tensor in the inputs' dtype.
+    """
+    xh = prepare(x, centering=centering, center_first=center_first)
+    zh = prepare(z, centering=centering, center_first=center_first)
+    return structure_core(
+        xh,
+        zh,
+        levels=levels,
+        temperature=temperature,
+        weighting=weighting,
+        margin=margin,
+        similarity_kind=similarity,
+        gamma=gamma,
+        divergence=divergence,
+        eps=eps,
+    )
+
+
+def structure_core_level1_grad(
+    xh: torch.Tensor,
+    zh: torch.Tensor,
+    *,
+    temperature: float = 0.05,
+    similarity_kind: str = "cosine",
+    gamma: float = 1.0,
+    divergence: str = "structure",
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    r"""Analytic ∂D_1/∂Ẑ of the level-1 core (KERNELS.md §1), the formula the kernels implement.
+
+    With a = log P, b = log Q (row log-softmax of S^X, S^Z) and any row loss ℓ_i = Σ_j f(P_ij, Q_ij):
+
+        g_ij = ∂f/∂Q_ij,   ḡ_i = Σ_j Q_ij g_ij,   W = dS^Z = Q ∘ (g − ḡ) / N
+        "structure": g = ¼ log1p((P̃−Q̃)²/(4P̃Q̃)) − ¼ P̃/Q̃      (constants cancel since Σ_j Q_ij = 1)
+        "js":        g = ½ log(Q/M) = ½ (ln2 − softplus(a − b))
+        cosine: dẐ = (W + Wᵀ) Ẑ / τ
+        rbf:    K = 2γ S ∘ W,  dẐ = (K + Kᵀ) Ẑ − (K·1 + Kᵀ·1) ∘ Ẑ
+
+    Tested against autograd of :func:`structure_core` (levels=1, margin=0).
+    """
+    n = xh.shape[0]
+    sx = similarity(xh, similarity=similarity_kind, temperature=temperature, gamma=gamma)
+    sz = similarity(zh, similarity=similarity_kind, temperature=temperature, gamma=gamma)
+    a, b = torch.log_softmax(sx, dim=1), torch.log_softmax(sz, dim=1)
+    p, q = torch.exp(a), torch.exp(b)
+    if divergence == "structure":
+        pt, qt = p + eps, q + eps
+        d = pt - qt
+        t = torch.log1p((d / pt) * (d / qt) * 0.25)
+        qg = 0.25 * q * t - 0.25 * pt * (q / qt)
+    else:
+        qg = q * 0.5 * (math.log(2.0) - F.softplus(a - b))
+    gbar = qg.sum(dim=1, keepdim=True)
+    w = (qg - q * gbar) / n
+    if similarity_kind == "cosine":
+        return (w + w.T) @ zh / temperature
+    k = 2.0 * gamma * sz * w
+    return (k + k.T) @ zh - (k.sum(dim=1, keepdim=True) + k.sum(dim=0)[:, None]) * zh
+
+
+# --------------------------------------------------------------------------------------------------
+# CLIP / InfoNCE
+# --------------------------------------------------------------------------------------------------
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float, *, normalize: bool = True):
+    r"""Symmetric InfoNCE (open_clip's ClipLoss): L = s · a bᵀ,
+    loss = ½ [CE(L, diag) + CE(Lᵀ, diag)], mean over rows; ``logit_scale`` is the multiplier s."""
+    if normalize:
+        image = F.normalize(image, dim=1, eps=1e-12)
+        text = F.normalize(text, dim=1, eps=1e-12)
+    logits = logit_scale * image @ text.T
+    labels = torch.arange(image.shape[0], device=image.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer-similarity metrics
+# --------------------------------------------------------------------------------------------------
+def knn(a: torch.Tensor, k: int | str = "rice") -> torch.Tensor:
+    """Indices (N, k) of each row's k nearest rows by inner product, diagonal excluded, best first;
+    ties go to the lower index (a stable sort on descending similarity)."""
+    n = a.shape[0]
+    k = resolve_k(k, n)
+    sim = a @ a.T
+    sim.fill_diagonal_(float("-inf"))
+    return torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int | str = "rice") -> torch.Tensor:
+    """Mutual kNN alignment: rows L2-normalized, score = mean_i |kNN_A(i) ∩ kNN_B(i)| / k."""
+    n = a.shape[0]
+    k = resolve_k(k, n)
+    ia = knn(F.normalize(a, dim=1, eps=1e-12), k)
+    ib = knn(F.normalize(b, dim=1, eps=1e-12), k)
+    ma = torch.zeros(n, n, dtype=torch.bool, device=a.device).scatter_(1, ia, True)
+    mb = torch.zeros(n, n, dtype=torch.bool, device=a.device).scatter_(1, ib, True)
+    return (ma & mb).sum(dim=1).to(a.dtype).mean() / k
+
+
+def _hsic_biased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    n = k.shape[0]
+    h = torch.eye(n, dtype=k.dtype, device=k.device) - 1.0 / n
+    return torch.trace(k @ h @ l @ h)
+
+
+def _hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    m = k.shape[0]
+    kt, lt = k.clone().fill_diagonal_(0), l.clone().fill_diagonal_(0)
+    value = (
+        (kt * lt.T).sum()
+        + kt.sum() * lt.sum() / ((m - 1) * (m - 2))
+        - 2.0 * (kt @ lt).sum() / (m - 2)
+    )
+    return value / (m * (m - 3))
+
+
+def cka(a: torch.Tensor, b: torch.Tensor, *, unbiased: bool = False) -> torch.Tensor:
+    """Linear CKA from the Gram matrices K = AAᵀ, L = BBᵀ (the public code's O(N²) form):
+    HSIC(K, L) / (sqrt(HSIC(K, K) · HSIC(L, L)) + 1e-6), biased tr(KHLH) or unbiased (Song et al.)."""
+    k, l = a @ a.T, b @ b.T
+    hsic = _hsic_unbiased if unbiased else _hsic_biased
+    return hsic(k, l) / (torch.sqrt(hsic(k, k) * hsic(l, l)) + 1e-6)
