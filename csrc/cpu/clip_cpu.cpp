@@ -26,20 +26,10 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/panel.h"
 
 namespace structure_ops {
 namespace {
-
-int64_t clip_panel_rows(int64_t n, int64_t elem) {
-  int64_t budget = int64_t(64) << 20;
-  if (const char* env = std::getenv("STRUCTURE_OPS_CPU_PANEL_MB")) {
-    const double mb = std::atof(env);
-    if (mb > 0) budget = static_cast<int64_t>(mb * (1 << 20));
-  }
-  int64_t rows = std::max<int64_t>(1, budget / std::max<int64_t>(1, n * elem));
-  if (rows >= 16) rows -= rows % 16;
-  return std::min(rows, n);
-}
 
 void check_clip(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale) {
   check_pair(a, "image", b, "text");
@@ -59,7 +49,7 @@ T dot(const T* a, const T* b, int64_t d) {
 template <typename T>
 double clip_forward(const at::Tensor& a, const at::Tensor& b, double s, at::Tensor& lse_r, at::Tensor& lse_c) {
   const int64_t n = a.size(0), d = a.size(1);
-  const int64_t rows = clip_panel_rows(n, int64_t(sizeof(T)));
+  const int64_t rows = panel_rows(n, n * int64_t(sizeof(T)));
   at::Tensor buf = at::empty({rows, n}, a.options());
   T* r = lse_r.data_ptr<T>();
   T* c = lse_c.data_ptr<T>();
@@ -109,7 +99,7 @@ template <typename T>
 double clip_backward(const at::Tensor& a, const at::Tensor& b, double s, const at::Tensor& lse_r,
                      const at::Tensor& lse_c, double g, at::Tensor& da, at::Tensor& db) {
   const int64_t n = a.size(0);
-  const int64_t rows = clip_panel_rows(n, int64_t(sizeof(T)));
+  const int64_t rows = panel_rows(n, n * int64_t(sizeof(T)));
   at::Tensor buf = at::empty({rows, n}, a.options());
   const T* r = lse_r.const_data_ptr<T>();
   const T* c = lse_c.const_data_ptr<T>();

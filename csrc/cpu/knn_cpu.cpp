@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/panel.h"
 
 namespace structure_ops {
 namespace {
@@ -27,12 +28,7 @@ namespace {
 template <typename T>
 void knn_panels(const at::Tensor& a, int64_t k, at::Tensor& out) {
   const int64_t n = a.size(0);
-  int64_t budget = int64_t(64) << 20;
-  if (const char* env = std::getenv("STRUCTURE_OPS_CPU_PANEL_MB")) {
-    const double mb = std::atof(env);
-    if (mb > 0) budget = static_cast<int64_t>(mb * (1 << 20));
-  }
-  const int64_t rows = std::min<int64_t>(n, std::max<int64_t>(1, budget / (n * int64_t(sizeof(T)))));
+  const int64_t rows = panel_rows(n, n * int64_t(sizeof(T)));
   at::Tensor buf = at::empty({rows, n}, a.options());
   int64_t* o = out.data_ptr<int64_t>();
   for (int64_t r0 = 0; r0 < n; r0 += rows) {

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/panel.h"
 #include "../common/divergence.h"
 
 namespace structure_ops {
@@ -52,19 +53,6 @@ struct Options {
   int64_t divergence;
   double eps;
 };
-
-// Panel memory budget (bytes) for the level-1 path; STRUCTURE_OPS_CPU_PANEL_MB overrides (tests use a
-// tiny budget to exercise many panels).
-int64_t panel_rows(int64_t n, int64_t bytes_per_row) {
-  int64_t budget = int64_t(128) << 20;
-  if (const char* env = std::getenv("STRUCTURE_OPS_CPU_PANEL_MB")) {
-    const double mb = std::atof(env);
-    if (mb > 0) budget = static_cast<int64_t>(mb * (1 << 20));
-  }
-  int64_t rows = std::max<int64_t>(1, budget / std::max<int64_t>(1, bytes_per_row));
-  if (rows >= 16) rows -= rows % 16;  // GEMM-friendly panel heights
-  return std::min(rows, n);
-}
 
 // Row squared norms (rbf only).
 template <typename T>
