@@ -14,7 +14,7 @@ Importing the package never imports triton and never queries CUDA.
 
 from . import reference
 from ._backends import AUTO_ORDER, BACKENDS
-from .functional import clip_loss, cka, knn, mutual_knn, mutual_knn_from_indices, structure_loss
+from .functional import cka, clip_loss, knn, mutual_knn, mutual_knn_from_indices, structure_loss
 from .modules import ClipLoss, StructureClipLoss, StructureClipOutput, StructureLoss
 
 __version__ = "0.1.0"
