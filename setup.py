@@ -40,7 +40,9 @@ def rel(paths):
 
 
 cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"]
-cxx_flags += ["-fopenmp", "-fno-math-errno"]
+# -fno-trapping-math lets GCC if-convert the selects of csrc/common/fastmath.h so the fp32 row loops
+# vectorize (torch itself builds with it); NaN/Inf semantics are unchanged (no -ffast-math).
+cxx_flags += ["-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 cpu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))) + ["csrc/module.cpp"]
 ext_modules = [
     cpp_extension.CppExtension(

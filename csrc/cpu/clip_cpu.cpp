@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/fastmath.h"
 #include "../common/panel.h"
 
 namespace structure_ops {
@@ -64,13 +65,15 @@ double clip_forward(const at::Tensor& a, const at::Tensor& b, double s, at::Tens
       for (int64_t i = ib; i < ie; ++i) {
         T* row = p + i * n;
         T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
         for (int64_t j = 0; j < n; ++j) {
           row[j] *= st;
-          mx = std::max(mx, row[j]);
+          mx = row[j] > mx ? row[j] : mx;
         }
         if (!std::isfinite(mx)) mx = T(0);
         double sum = 0;
-        for (int64_t j = 0; j < n; ++j) sum += std::exp(row[j] - mx);
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; ++j) sum += fexp(row[j] - mx);
         r[r0 + i] = mx + T(std::log(sum));
       }
     });
@@ -80,7 +83,7 @@ double clip_forward(const at::Tensor& a, const at::Tensor& b, double s, at::Tens
         for (int64_t i = 0; i < bsz; ++i) mx = std::max(mx, p[i * n + j]);
         if (!std::isfinite(mx)) mx = T(0);
         double sum = std::exp(double(c[j]) - mx);
-        for (int64_t i = 0; i < bsz; ++i) sum += std::exp(p[i * n + j] - mx);
+        for (int64_t i = 0; i < bsz; ++i) sum += fexp(p[i * n + j] - mx);
         c[j] = mx + T(std::log(sum));
       }
     });
@@ -114,14 +117,17 @@ double clip_backward(const at::Tensor& a, const at::Tensor& b, double s, const a
       for (int64_t i = ib; i < ie; ++i) {
         T* row = p + i * n;
         const T ri = r[r0 + i];
+        const T dot_ii = row[r0 + i];
         double ds = 0;
+#pragma omp simd reduction(+ : ds)
         for (int64_t j = 0; j < n; ++j) {
           const T dotv = row[j], l = st * dotv;
-          T dl = coef * (std::exp(l - ri) + std::exp(l - c[j]));
-          if (j == r0 + i) dl -= T(2) * coef;
+          const T dl = coef * (fexp(l - ri) + fexp(l - c[j]));
           row[j] = dl;
           ds += double(dl) * dotv;
         }
+        row[r0 + i] -= T(2) * coef;  // the −2δ_ij of the two cross-entropies
+        ds -= 2.0 * double(coef) * double(dot_ii);
         ds_rows[r0 + i] = ds;
       }
     });

@@ -39,6 +39,7 @@
 #include "../common/checks.h"
 #include "../common/panel.h"
 #include "../common/divergence.h"
+#include "../common/fastmath.h"
 
 namespace structure_ops {
 namespace {
@@ -75,27 +76,119 @@ template <typename T>
 void logits_row(T* row, int64_t n, const Options& o, const std::vector<T>& sq, int64_t i) {
   if (o.similarity == kCosine) {
     const T inv_tau = T(1.0 / o.temperature);
+#pragma omp simd
     for (int64_t j = 0; j < n; ++j) row[j] *= inv_tau;
   } else {
     const T g = T(o.gamma), si = sq[i];
-    for (int64_t j = 0; j < n; ++j) row[j] = std::exp(-g * (si + sq[j] - T(2) * row[j]));
+    const T* sqp = sq.data();
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] = fexp(-g * (si + sqp[j] - T(2) * row[j]));
   }
 }
 
-// Row max and Σ exp(s − max) (accumulated in double); writes e = exp(s − max) to `e` (may alias s).
 template <typename T>
-void exp_row(const T* s, T* e, int64_t n, T* mx_out, double* sum_out) {
+T row_max(const T* s, int64_t n) {
   T mx = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-  if (!(mx > -std::numeric_limits<T>::infinity())) mx = T(0);  // all −inf (or NaN) rows: NaN propagates
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  // A row of −inf (or of NaN, which the max skips) gets shift 0 so that NaN propagates through exp.
+  return mx > -std::numeric_limits<T>::infinity() ? mx : T(0);
+}
+
+// Σ exp(s − max) accumulated in double; writes e = exp(s − max) to `e` when given (may alias s).
+template <typename T>
+double exp_row(const T* s, T* e, int64_t n, T mx) {
   double sum = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const T v = std::exp(s[j] - mx);
-    e[j] = v;
-    sum += v;
+  if (e) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = fexp(s[j] - mx);
+      e[j] = v;
+      sum += v;
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) sum += fexp(s[j] - mx);
   }
-  *mx_out = mx;
-  *sum_out = sum;
+  return sum;
+}
+
+// The fused row loop of the level-1 panel path for one row. On entry rx/rz hold the row's logits; on
+// exit they hold P and Q, wx/wz hold W = P∘(g_o − ḡ_o)/N and Q∘(g_a − ḡ_a)/N (when asked), and the row's
+// loss ℓ_i = Σ_j term(P_ij, Q_ij) is returned. Templated on the flags so each variant is a clean
+// SIMD loop.
+template <typename T, bool GX, bool GZ, bool JS>
+double fused_row(T* rx, T* rz, T* wx, T* wz, int64_t n, T eps, T inv_n) {
+  const T mx = row_max(rx, n), mz = row_max(rz, n);
+  double loss = 0, gbx = 0, gbz = 0;
+  if (!JS) {
+    // P = e^(s−max)/Σ: one exp per entry and side, then the divergence on probabilities.
+    const T ix = T(1.0 / exp_row(rx, rx, n, mx)), iz = T(1.0 / exp_row(rz, rz, n, mz));
+#pragma omp simd reduction(+ : loss, gbx, gbz)
+    for (int64_t j = 0; j < n; ++j) {
+      const T p = rx[j] * ix, q = rz[j] * iz;
+      rx[j] = p;
+      rz[j] = q;
+      const Terms<T> t = structure_terms(p, q, eps);
+      loss += t.value;
+      if (GZ) {
+        const T qg = q * t.d_a;
+        wz[j] = qg;
+        gbz += qg;
+      }
+      if (GX) {
+        const T pg = p * t.d_o;
+        wx[j] = pg;
+        gbx += pg;
+      }
+    }
+  } else {
+    // log P = s − lse straight from the logits: the JS terms never underflow.
+    const T lx = mx + T(std::log(exp_row<T>(rx, nullptr, n, mx)));
+    const T lz = mz + T(std::log(exp_row<T>(rz, nullptr, n, mz)));
+#pragma omp simd reduction(+ : loss, gbx, gbz)
+    for (int64_t j = 0; j < n; ++j) {
+      T p, q;
+      const Terms<T> t = js_terms_from_logs(rx[j] - lx, rz[j] - lz, &p, &q);
+      rx[j] = p;
+      rz[j] = q;
+      loss += t.value;
+      if (GZ) {
+        const T qg = q * t.d_a;
+        wz[j] = qg;
+        gbz += qg;
+      }
+      if (GX) {
+        const T pg = p * t.d_o;
+        wx[j] = pg;
+        gbx += pg;
+      }
+    }
+  }
+  if (GZ) {
+    const T gb = T(gbz);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) wz[j] = (wz[j] - rz[j] * gb) * inv_n;
+  }
+  if (GX) {
+    const T gb = T(gbx);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) wx[j] = (wx[j] - rx[j] * gb) * inv_n;
+  }
+  return loss;
+}
+
+template <typename T>
+using RowFn = double (*)(T*, T*, T*, T*, int64_t, T, T);
+
+template <typename T>
+RowFn<T> pick_row_fn(bool gx, bool gz, bool js) {
+  const RowFn<T> table[8] = {
+      fused_row<T, false, false, false>, fused_row<T, false, false, true>, fused_row<T, false, true, false>,
+      fused_row<T, false, true, true>,   fused_row<T, true, false, false>, fused_row<T, true, false, true>,
+      fused_row<T, true, true, false>,   fused_row<T, true, true, true>,
+  };
+  return table[int(gx) * 4 + int(gz) * 2 + int(js)];
 }
 
 // dÛ contributions of one panel: W (b × N, rows r0..r0+b) → grad. `s_keep` holds the rbf kernel values.
@@ -171,6 +264,7 @@ double level1_panels(const at::Tensor& xh, const at::Tensor& zh, const Options& 
   }
   std::vector<double> row_loss(n, 0.0), diag_x(rbf ? n : 0, 0.0), diag_z(rbf ? n : 0, 0.0);
   const T eps = T(o.eps), inv_n = T(1.0 / double(n));
+  const RowFn<T> row_fn = pick_row_fn<T>(need_gx, need_gz, js);
 
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t b = std::min(rows, n - r0);
@@ -192,77 +286,8 @@ double level1_panels(const at::Tensor& xh, const at::Tensor& zh, const Options& 
         logits_row(rz, n, o, sqz, r0 + i);
         if (pkx) std::copy(rx, rx + n, pkx + i * n);
         if (pkz) std::copy(rz, rz + n, pkz + i * n);
-        T* gxr = pwx ? pwx + i * n : nullptr;
-        T* gzr = pwz ? pwz + i * n : nullptr;
-        double loss = 0, gbar_x = 0, gbar_z = 0;
-        if (!js) {
-          // e = exp(s − max) in place; P = e / Σe. Q likewise.
-          T mx, mz;
-          double sumx, sumz;
-          exp_row(rx, rx, n, &mx, &sumx);
-          exp_row(rz, rz, n, &mz, &sumz);
-          const T ix = T(1.0 / sumx), iz = T(1.0 / sumz);
-          for (int64_t j = 0; j < n; ++j) {
-            const T p = rx[j] * ix, q = rz[j] * iz;
-            rx[j] = p;
-            rz[j] = q;
-            const Terms<T> t = structure_terms(p, q, eps);
-            loss += t.value;
-            if (gzr) {
-              const T qg = q * t.d_a;
-              gzr[j] = qg;
-              gbar_z += qg;
-            }
-            if (gxr) {
-              const T pg = p * t.d_o;
-              gxr[j] = pg;
-              gbar_x += pg;
-            }
-          }
-        } else {
-          // log P = s − lse, from the logits kept in place; P and Q overwrite them afterwards.
-          T mx, mz;
-          double sumx, sumz;
-          auto lse = [&](const T* s, T* mx_out, double* sum_out) {
-            T m = -std::numeric_limits<T>::infinity();
-            for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
-            if (!(m > -std::numeric_limits<T>::infinity())) m = T(0);
-            double sum = 0;
-            for (int64_t j = 0; j < n; ++j) sum += std::exp(s[j] - m);
-            *mx_out = m;
-            *sum_out = sum;
-          };
-          lse(rx, &mx, &sumx);
-          lse(rz, &mz, &sumz);
-          const T lsex = mx + T(std::log(sumx)), lsez = mz + T(std::log(sumz));
-          for (int64_t j = 0; j < n; ++j) {
-            T p, q;
-            const Terms<T> t = js_terms_from_logs(rx[j] - lsex, rz[j] - lsez, &p, &q);
-            rx[j] = p;
-            rz[j] = q;
-            loss += t.value;
-            if (gzr) {
-              const T qg = q * t.d_a;
-              gzr[j] = qg;
-              gbar_z += qg;
-            }
-            if (gxr) {
-              const T pg = p * t.d_o;
-              gxr[j] = pg;
-              gbar_x += pg;
-            }
-          }
-        }
-        row_loss[r0 + i] = loss;
-        // W = Q(g − ḡ)/N; the 1/τ (cosine) or 2γS (rbf) factor is applied when chaining.
-        if (gzr) {
-          const T gb = T(gbar_z);
-          for (int64_t j = 0; j < n; ++j) gzr[j] = (gzr[j] - rz[j] * gb) * inv_n;
-        }
-        if (gxr) {
-          const T gb = T(gbar_x);
-          for (int64_t j = 0; j < n; ++j) gxr[j] = (gxr[j] - rx[j] * gb) * inv_n;
-        }
+        // W is left as Q(g − ḡ)/N; the 1/τ (cosine) or 2γS (rbf) factor is applied when chaining.
+        row_loss[r0 + i] = row_fn(rx, rz, pwx ? pwx + i * n : nullptr, pwz ? pwz + i * n : nullptr, n, eps, inv_n);
       }
     });
 
@@ -301,9 +326,8 @@ void softmax_side(const at::Tensor& u, const Options& o, at::Tensor& s_keep, at:
       logits_row(r, n, o, sq, i);
       if (ps) std::copy(r, r + n, ps + i * n);
       if (pl) std::copy(r, r + n, pl + i * n);
-      T mx;
-      double sum;
-      exp_row(r, r, n, &mx, &sum);
+      const T mx = row_max(r, n);
+      const double sum = exp_row(r, r, n, mx);
       const T inv = T(1.0 / sum);
       for (int64_t j = 0; j < n; ++j) r[j] *= inv;
       if (pl) {
