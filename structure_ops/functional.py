@@ -65,22 +65,6 @@ def _check_number(name: str, value, *, positive: bool = False, nonnegative: bool
 # ---------------------------------------------------------------------------------------------------
 # STRUCTURE
 # ---------------------------------------------------------------------------------------------------
-def _center(u: torch.Tensor, centering: str) -> torch.Tensor:
-    if centering == "none":
-        return u
-    u = u - u.mean(dim=0, keepdim=True)
-    if centering == "standard":
-        u = u / u.std(dim=0, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
-    return u
-
-
-def _prepare(u: torch.Tensor, centering: str, center_first: bool) -> torch.Tensor:
-    """Row L2 normalization and batch centering (O(N·d), differentiated by autograd)."""
-    if center_first:
-        return F.normalize(_center(u, centering), dim=1, eps=1e-12)
-    return _center(F.normalize(u, dim=1, eps=1e-12), centering)
-
-
 def structure_loss(
     x: torch.Tensor,
     z: torch.Tensor,
@@ -145,8 +129,9 @@ def structure_loss(
             x, z, levels=levels, temperature=temperature, weighting=weighting, margin=margin, centering=centering,
             center_first=center_first, similarity=similarity, gamma=gamma, divergence=divergence, eps=eps,
         )  # fmt: skip
-    xh = _prepare(x, centering, center_first)
-    zh = _prepare(z, centering, center_first)
+    # Normalization and centering are O(N·d): every backend leaves them to PyTorch autograd.
+    xh = _reference.prepare(x, centering=centering, center_first=center_first)
+    zh = _reference.prepare(z, centering=centering, center_first=center_first)
     grad_on = torch.is_grad_enabled()
     loss, _, _ = torch.ops.structure_ops.structure_fwd(
         xh, zh, levels, temperature, w_code, margin, s_code, gamma, d_code, eps,

@@ -131,16 +131,8 @@ double fused_row(T* rx, T* rz, T* wx, T* wz, int64_t n, T eps, T inv_n) {
       rz[j] = q;
       const Terms<T> t = structure_terms(p, q, eps);
       loss += t.value;
-      if (GZ) {
-        const T qg = q * t.d_a;
-        wz[j] = qg;
-        gbz += qg;
-      }
-      if (GX) {
-        const T pg = p * t.d_o;
-        wx[j] = pg;
-        gbx += pg;
-      }
+      gbz += GZ ? (wz[j] = q * t.d_a) : T(0);  // Q∘g and its row sum ḡ
+      gbx += GX ? (wx[j] = p * t.d_o) : T(0);
     }
   } else {
     // log P = s − lse straight from the logits: the JS terms never underflow.
@@ -153,16 +145,8 @@ double fused_row(T* rx, T* rz, T* wx, T* wz, int64_t n, T eps, T inv_n) {
       rx[j] = p;
       rz[j] = q;
       loss += t.value;
-      if (GZ) {
-        const T qg = q * t.d_a;
-        wz[j] = qg;
-        gbz += qg;
-      }
-      if (GX) {
-        const T pg = p * t.d_o;
-        wx[j] = pg;
-        gbx += pg;
-      }
+      gbz += GZ ? (wz[j] = q * t.d_a) : T(0);  // Q∘g and its row sum ḡ
+      gbx += GX ? (wx[j] = p * t.d_o) : T(0);
     }
   }
   if (GZ) {
