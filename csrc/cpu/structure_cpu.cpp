@@ -30,6 +30,8 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -392,10 +394,21 @@ void side_backward(const std::vector<at::Tensor>& powers, std::vector<at::Tensor
   if (o.similarity == kRbf) finish_rbf<T>(grad, u, diag);
 }
 
+// Levels > 1 hold about 4L + 4 N × N matrices (P, Q, the powers, the per-level adjoints, scratch).
+// Refuse up front, with the estimate, rather than be killed by the OOM killer mid-way.
+void check_multilevel_memory(int64_t n, int64_t levels, int64_t elem) {
+  const double est = double(4 * levels + 4) * double(n) * double(n) * double(elem);
+  const double phys = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGESIZE));
+  TORCH_CHECK(!(phys > 0) || est < 0.8 * phys, "structure_loss (cpu) with levels=", levels, " materializes about ",
+              est / double(1 << 30), " GiB of N x N matrices at N=", n, ", more than 80% of this machine's ",
+              phys / double(1 << 30), " GiB of RAM; use levels=1 (row panels, bounded memory) or a smaller batch");
+}
+
 template <typename T>
 double multilevel(const at::Tensor& xh, const at::Tensor& zh, const Options& o, bool need_gx, bool need_gz,
                   at::Tensor& gx, at::Tensor& gz) {
   const int64_t n = xh.size(0), L = o.levels;
+  check_multilevel_memory(n, L, int64_t(sizeof(T)));
   const bool rbf = o.similarity == kRbf, js = o.divergence == kJS;
   auto opts = xh.options();
   at::Tensor px = at::empty({n, n}, opts), pz = at::empty({n, n}, opts);
