@@ -77,7 +77,18 @@ def _structure_setup(ctx, inputs, output):
     ctx.save_for_backward(gx, gz)
 
 
+def _no_double_backward(op: str) -> None:
+    # The saved gradients are constants to autograd: a second derivative through them would be
+    # silently zero, so refuse create_graph=True instead.
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: double backward (create_graph=True) is not supported by the compiled backends; "
+            "use backend='reference' for higher-order gradients"
+        )
+
+
 def _structure_backward(ctx, grad_loss, _grad_gx, _grad_gz):
+    _no_double_backward("structure_loss")
     gx, gz = ctx.saved_tensors
     want_x, want_z = ctx.want
     if (ctx.needs_input_grad[0] and not want_x) or (ctx.needs_input_grad[1] and not want_z):
@@ -100,6 +111,7 @@ def _clip_setup(ctx, inputs, output):
 
 
 def _clip_backward(ctx, grad_loss, _grad_r, _grad_c):
+    _no_double_backward("clip_loss")
     image, text, logit_scale, lse_row, lse_col = ctx.saved_tensors
     return torch.ops.structure_ops.clip_bwd(grad_loss, image, text, logit_scale, lse_row, lse_col)
 
