@@ -47,8 +47,9 @@ def _stat_dtype(t: torch.Tensor) -> torch.dtype:
 
 @torch.library.register_fake("structure_ops::structure_fwd")
 def _structure_fwd_fake(xh, zh, levels, temperature, weighting, margin, similarity, gamma, divergence, eps, grad_x, grad_z):
-    gx = torch.empty_like(xh) if grad_x else xh.new_empty((0,))
-    gz = torch.empty_like(zh) if grad_z else zh.new_empty((0,))
+    # The kernels return contiguous gradients whatever the input strides: new_empty, not empty_like.
+    gx = xh.new_empty(xh.shape) if grad_x else xh.new_empty((0,))
+    gz = zh.new_empty(zh.shape) if grad_z else zh.new_empty((0,))
     return xh.new_empty(()), gx, gz
 
 
@@ -60,7 +61,7 @@ def _clip_fwd_fake(image, text, logit_scale):
 
 @torch.library.register_fake("structure_ops::clip_bwd")
 def _clip_bwd_fake(grad, image, text, logit_scale, lse_row, lse_col):
-    return torch.empty_like(image), torch.empty_like(text), torch.empty_like(logit_scale)
+    return image.new_empty(image.shape), text.new_empty(text.shape), logit_scale.new_empty(logit_scale.shape)
 
 
 @torch.library.register_fake("structure_ops::knn")
@@ -149,6 +150,7 @@ def build_info() -> dict | None:
 _BUILD_CHECKED = False
 
 
+
 def _check_build_info() -> None:
     global _BUILD_CHECKED
     if _BUILD_CHECKED:
@@ -162,3 +164,8 @@ def _check_build_info() -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+# Register the CPU kernels now, so torch.ops.structure_ops.* work right after `import structure_ops`
+# (a missing build is reported by the registry and `python -m structure_ops.info`, not raised here).
+extension_error("_C")

@@ -240,8 +240,9 @@ def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int | str = "rice", *, backe
     k = resolve_k(k, a.shape[0])
     out_dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
     score = mutual_knn_from_indices(knn(a, k, backend=backend), knn(b, k, backend=backend)).to(out_dtype)
-    # 0·sum is NaN exactly when an input holds NaN/Inf: non-finite inputs propagate, with no host sync.
-    return score + 0.0 * (a.sum() + b.sum()).to(out_dtype).detach()
+    # Non-finite inputs give NaN, like torch losses, without a host sync.
+    finite = torch.isfinite(a).all() & torch.isfinite(b).all()
+    return torch.where(finite, score, torch.full_like(score, float("nan")))
 
 
 def cka(a: torch.Tensor, b: torch.Tensor, *, unbiased: bool = False) -> torch.Tensor:

@@ -52,10 +52,14 @@ __all__ = [
 def _center(u: torch.Tensor, centering: str) -> torch.Tensor:
     if centering == "none":
         return u
+    # The std floor is relative to the column's magnitude: a constant column leaves a rounding residual
+    # of ~eps·|u| after the mean is removed, which must map to ~1, not to 1e290 (then NaN).
+    finfo = torch.finfo(u.dtype)
+    scale = u.detach().abs().amax(dim=0, keepdim=True)
     u = u - u.mean(dim=0, keepdim=True)
     if centering == "standard":
-        # Unbiased (N-1) std as torch.std; a constant column is left at zero instead of 0/0.
-        u = u / u.std(dim=0, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+        # Unbiased (N-1) std as torch.std.
+        u = u / torch.maximum(u.std(dim=0, keepdim=True), (finfo.eps * scale).clamp_min(finfo.tiny))
     return u
 
 
@@ -270,12 +274,14 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
 # --------------------------------------------------------------------------------------------------
 def knn(a: torch.Tensor, k: int | str = "rice") -> torch.Tensor:
     """Indices (N, k) of each row's k nearest rows by inner product, diagonal excluded, best first;
-    ties go to the lower index (a stable sort on descending similarity)."""
+    ties go to the lower index (a stable sort on descending similarity); NaN similarities rank last."""
     n = a.shape[0]
     k = resolve_k(k, n)
-    sim = a @ a.T
-    sim.fill_diagonal_(float("-inf"))
-    return torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
+    sim = torch.nan_to_num(a @ a.T, nan=float("-inf"))
+    off = ~torch.eye(n, dtype=torch.bool, device=a.device)
+    cols = torch.arange(n, device=a.device).expand(n, n)[off].view(n, n - 1)  # column ids without j = i
+    order = torch.sort(sim[off].view(n, n - 1), dim=1, descending=True, stable=True).indices[:, :k]
+    return cols.gather(1, order)
 
 
 def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int | str = "rice") -> torch.Tensor:

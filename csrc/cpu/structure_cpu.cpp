@@ -435,7 +435,7 @@ double multilevel(const at::Tensor& xh, const at::Tensor& zh, const Options& o, 
     const double shifted = d - o.margin;
     const bool active = shifted > 0;  // relu gate, as torch.relu's backward
     total += w * (active || std::isnan(shifted) ? shifted : 0.0);  // NaN propagates like torch.relu
-    coef[l - 1] = active ? w / double(L) : 0.0;
+    coef[l - 1] = active || std::isnan(shifted) ? w / double(L) : 0.0;
     if (need_gz) gzs.push_back(ga);
     if (need_gx) gxs.push_back(go);
   }
@@ -470,7 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> structure_fwd_cpu(
       const double d = level1_panels<scalar_t>(xh, zh, o, grad_x, grad_z, gx, gz);
       const double shifted = d - margin;
       loss = shifted > 0 ? shifted : 0.0;
-      if (!(shifted > 0)) {  // relu gate closed: zero gradient (torch.relu semantics)
+      if (!(shifted > 0) && !std::isnan(shifted)) {  // relu gate closed: zero gradient (torch.relu semantics)
         if (grad_x) gx.zero_();
         if (grad_z) gz.zero_();
       }

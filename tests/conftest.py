@@ -1,0 +1,35 @@
+"""Fixtures shared by the CPU test-suite (helpers live in helpers.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import require_cpu_extension
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    """No test sees a backend override or a panel budget set by the environment or by another test."""
+    monkeypatch.delenv("STRUCTURE_OPS_BACKEND", raising=False)
+    monkeypatch.delenv("STRUCTURE_OPS_CPU_PANEL_MB", raising=False)
+    yield
+
+
+@pytest.fixture
+def cpu_ext():
+    require_cpu_extension()
+
+
+@pytest.fixture
+def tiny_panels(monkeypatch):
+    """A ~10 KB panel budget: the C++ kernels read it with getenv on every call, so every N × N pass
+    runs as many row panels of 1–16 rows with a ragged last panel."""
+    monkeypatch.setenv("STRUCTURE_OPS_CPU_PANEL_MB", "0.01")
+    yield
+
+
+@pytest.fixture
+def dynamo_reset():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -1,0 +1,72 @@
+"""Shared helpers for the CPU test-suite (imported by the test modules; fixtures live in conftest.py).
+
+Expected values come from SPEC.md's anchoring values or from the float64 oracle
+(``structure_ops.reference``); nothing here re-derives a backend's output from the backend itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import structure_ops
+
+F64 = torch.float64
+
+
+def G(n: int, d: int, f, a: float = 1.0, b: float = 0.0, dtype: torch.dtype = F64) -> torch.Tensor:
+    """SPEC.md's structured test matrix: G(N, D, f, a, b)[i][j] = f(a·(i·D + j) + b), built in float64."""
+    i = torch.arange(n, dtype=F64)[:, None]
+    j = torch.arange(d, dtype=F64)[None, :]
+    return f(a * (i * d + j) + b).to(dtype)
+
+
+def structured(n: int, dx: int, dz: int, seed: int = 0, rank: int = 3, noise: float = 0.05):
+    """A pair (x, z) in float64 with real neighbourhood structure at any width.
+
+    Both views are noisy linear images of a shared low-rank latent (z's latent is perturbed), so the
+    row softmax is far from the identity at τ ∈ [0.05, 0.5] and R_S(x, z) is O(0.1–2), not ~1e-6 as it
+    is for i.i.d. high-dimensional noise (SPEC.md §1, numerical facts).
+    """
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(n, rank, generator=g, dtype=F64)
+    x = lat @ torch.randn(rank, dx, generator=g, dtype=F64) + noise * torch.randn(n, dx, generator=g, dtype=F64)
+    lat_z = lat + 0.5 * torch.randn(n, rank, generator=g, dtype=F64)
+    z = lat_z @ torch.randn(rank, dz, generator=g, dtype=F64) + noise * torch.randn(n, dz, generator=g, dtype=F64)
+    return x, z
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (absolute error when ref is exactly zero)."""
+    out, ref = out.detach().to(F64), ref.detach().to(F64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    num = (out - ref).norm().item()
+    den = ref.norm().item()
+    return num / den if den > 0 else num
+
+
+def loss_and_grads(fn, x: torch.Tensor, z: torch.Tensor, *, grad_x: bool = True, scale: float = 1.7):
+    """Value of fn(x, z) and the gradients of scale·fn w.r.t. (x, z) (None where not requested).
+
+    x and z are detached copies, so the caller's tensors are never mutated; ``scale`` ≠ 1 checks that the
+    backward really multiplies by grad_output.
+    """
+    x = x.detach().clone().requires_grad_(grad_x)
+    z = z.detach().clone().requires_grad_(True)
+    loss = fn(x, z)
+    inputs = (x, z) if grad_x else (z,)
+    grads = torch.autograd.grad(scale * loss, inputs)
+    if not grad_x:
+        grads = (None, *grads)
+    return loss.detach(), grads[0], grads[1]
+
+
+def random_orthogonal(d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    return q * torch.sign(torch.diagonal(r))  # Haar-distributed, det ±1
+
+
+def require_cpu_extension() -> None:
+    """The CPU suite needs the C++ extension; a missing build is a failure here, never a skip."""
+    err = structure_ops._ops.extension_error("_C")
+    assert err is None, f"the C++ CPU extension must be built for the CPU test-suite: {err}"
