@@ -77,15 +77,30 @@ double clip_forward(const at::Tensor& a, const at::Tensor& b, double s, at::Tens
         r[r0 + i] = mx + T(std::log(sum));
       }
     });
-    at::parallel_for(0, n, 64, [&](int64_t jb, int64_t je) {  // column partial lse, merged
-      for (int64_t j = jb; j < je; ++j) {
-        T mx = c[j];
-        for (int64_t i = 0; i < bsz; ++i) mx = std::max(mx, p[i * n + j]);
-        if (!std::isfinite(mx)) mx = T(0);
-        double sum = std::exp(double(c[j]) - mx);
-        for (int64_t i = 0; i < bsz; ++i) sum += fexp(p[i * n + j] - mx);
-        c[j] = mx + T(std::log(sum));
+    // Column partial lse, merged into c with logaddexp. Each thread owns a block of columns and walks the
+    // panel's rows over it, so every inner loop is contiguous and vectorizes (a column-by-column walk
+    // with stride N was slower than eager PyTorch).
+    at::parallel_for(0, n, 2048, [&](int64_t jb, int64_t je) {
+      const int64_t w = je - jb;
+      std::vector<T> mx(c + jb, c + je);
+      std::vector<double> sum(w);
+      T* m = mx.data();
+      double* sm = sum.data();
+      for (int64_t i = 0; i < bsz; ++i) {
+        const T* row = p + i * n + jb;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) m[j] = row[j] > m[j] ? row[j] : m[j];
       }
+      for (int64_t j = 0; j < w; ++j) {
+        if (!std::isfinite(m[j])) m[j] = T(0);
+        sm[j] = std::exp(double(c[jb + j]) - m[j]);
+      }
+      for (int64_t i = 0; i < bsz; ++i) {
+        const T* row = p + i * n + jb;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) sm[j] += fexp(row[j] - m[j]);
+      }
+      for (int64_t j = 0; j < w; ++j) c[jb + j] = m[j] + T(std::log(sm[j]));
     });
   }
   const T* ap = a.const_data_ptr<T>();
