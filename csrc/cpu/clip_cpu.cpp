@@ -80,7 +80,7 @@ double clip_forward(const at::Tensor& a, const at::Tensor& b, double s, at::Tens
     // Column partial lse, merged into c with logaddexp. Each thread owns a block of columns and walks the
     // panel's rows over it, so every inner loop is contiguous and vectorizes (a column-by-column walk
     // with stride N was slower than eager PyTorch).
-    at::parallel_for(0, n, 2048, [&](int64_t jb, int64_t je) {
+    at::parallel_for(0, n, 256, [&](int64_t jb, int64_t je) {
       const int64_t w = je - jb;
       std::vector<T> mx(c + jb, c + je);
       std::vector<double> sum(w);
