@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="exactness check, a small alignment run and a speed check, on the CPU")
     demo.add_argument("--out", default="runs/demo", help="output directory (report.json)")
     demo.add_argument("--backend", default="auto", help="auto | reference | cpu | triton | cuda")
-    demo.add_argument("--quick", action="store_true", help="smaller sizes, one seed (about 20 s)")
+    demo.add_argument("--quick", action="store_true", help="smaller sizes, one seed, 60 steps (a few seconds)")
     demo.add_argument("--seeds", type=int, default=3, help="seeds of the alignment comparison")
     sub.add_parser("info", help="versions, devices, built extensions, which backend runs each op")
     args = parser.parse_args(argv)
