@@ -155,8 +155,7 @@ class StructureClipLoss(nn.Module):
         if lam_t == 0.0:
             zero = clip.new_zeros(())
             return StructureClipOutput(clip, clip, zero, zero, zero, 0.0)
-        # Temperature tie: when the CLIP temperature is learned, the public code keeps τ of R_S at its
-        # configured value; we do the same (StructureLoss holds a fixed τ).
+        # R_S keeps the fixed τ it was built with, also when the CLIP temperature is learned.
         xi, ai = self._rows(image_feats, image_emb, image_extra, "image_extra")
         xt, bt = self._rows(text_feats, text_emb, text_extra, "text_extra")
         r_img = self.structure(xi, ai)
