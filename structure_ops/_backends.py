@@ -21,10 +21,15 @@ OPS = ("structure_loss", "clip_loss", "knn")
 _COMPILED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_name(backend: str) -> None:
+    """ValueError unless ``backend`` is "auto" or a known backend name."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+
+
 def reasons(backend: str, op: str, devices: tuple[str, ...], dtypes: tuple[torch.dtype, ...]) -> list[str]:
     """Why ``backend`` cannot run ``op`` on tensors of these device types and dtypes; [] means it can."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+    check_name(backend)
     on = set(devices)
     out: list[str] = []
     if backend == "reference":

@@ -1,10 +1,11 @@
-"""The ops demo (``structure-ops demo``): exactness, an alignment run and a speed/memory check, on the CPU.
+"""The ops demo (``structure-ops demo``): exactness, an alignment run and a speed check, on the CPU.
 
 1. Exactness: the SPEC.md anchoring values recomputed by the selected backend in float64.
 2. Alignment: two linear heads align two synthetic "modalities" (nonlinear views of a shared latent)
    from few pairs, CLIP alone vs CLIP + λ·STRUCTURE, scored by held-out retrieval R@1. The data is
    synthetic and generated from a fixed seed; the real-encoder pipeline is the training layer's job.
-3. Speed and memory: the CPU backend vs the eager reference on one realistic shape.
+3. Speed: the selected backend vs the eager reference on one realistic shape (memory comparisons live in
+   benchmarks/, which measure each call in a fresh process).
 
 Writes ``<out>/report.json`` atomically and prints the tables.
 """

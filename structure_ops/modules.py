@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import functional as F_
-from ._backends import BACKENDS
+from ._backends import check_name as check_backend_name
 
 __all__ = ["StructureLoss", "ClipLoss", "StructureClipLoss", "StructureClipOutput"]
 
@@ -20,9 +20,7 @@ class StructureLoss(nn.Module):
     def __init__(self, **options) -> None:
         super().__init__()
         # Validate eagerly on a tiny input so a typo fails at construction, not at step 1000.
-        backend = options.get("backend", "auto")
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+        check_backend_name(options.get("backend", "auto"))
         probe = torch.eye(2, 3, dtype=torch.float64)
         F_.structure_loss(probe, probe, **{**options, "backend": "reference"})
         self.options = options
@@ -51,7 +49,7 @@ class ClipLoss(nn.Module):
         init = torch.tensor(math.log(1.0 / temperature), dtype=torch.float64)
         if learnable:
             self.log_logit_scale = nn.Parameter(init.float())
-        else:  # float64 so that s = 1/T exactly enough for float64 use (the loss casts s to the inputs' dtype)
+        else:  # float64, so that float64 inputs get s = 1/T to full precision (the loss casts s to their dtype)
             self.register_buffer("log_logit_scale", init)
         self.normalize, self.backend = normalize, backend
 

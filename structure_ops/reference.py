@@ -52,15 +52,15 @@ __all__ = [
 def _center(u: torch.Tensor, centering: str) -> torch.Tensor:
     if centering == "none":
         return u
-    # The std floor is relative to the column's magnitude: a constant column leaves a rounding residual
-    # of ~eps·|u| after the mean is removed, which must map to ~1, not to 1e290 (then NaN).
+    if centering == "mean":
+        return u - u.mean(dim=0, keepdim=True)
+    # "standard": divide by the unbiased (N-1) std, floored relative to the column's magnitude: a constant
+    # column leaves a rounding residual of ~eps·|u| after the mean is removed, which must map to ~1, not
+    # to 1e290 (then NaN).
     finfo = torch.finfo(u.dtype)
-    scale = u.detach().abs().amax(dim=0, keepdim=True)
+    floor = (finfo.eps * u.detach().abs().amax(dim=0, keepdim=True)).clamp_min(finfo.tiny)
     u = u - u.mean(dim=0, keepdim=True)
-    if centering == "standard":
-        # Unbiased (N-1) std as torch.std.
-        u = u / torch.maximum(u.std(dim=0, keepdim=True), (finfo.eps * scale).clamp_min(finfo.tiny))
-    return u
+    return u / torch.maximum(u.std(dim=0, keepdim=True), floor)
 
 
 def prepare(u: torch.Tensor, *, centering: str = "mean", center_first: bool = False) -> torch.Tensor:
