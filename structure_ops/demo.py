@@ -1,29 +1,34 @@
-"""The ops demo (``structure-ops demo``): exactness, an alignment run and a speed check, on the CPU.
+"""The embedded demo (``structure-ops demo``): the whole pipeline, offline, on real encoders and real images.
 
 1. Exactness: the SPEC.md anchoring values recomputed by the selected backend in float64.
-2. Alignment: two linear heads align two synthetic "modalities" (nonlinear views of a shared latent)
-   from few pairs, CLIP alone vs CLIP + λ·STRUCTURE, scored by held-out retrieval R@1. The data is
-   synthetic and generated from a fixed seed; the real-encoder pipeline is the training layer's job.
-3. Speed: the selected backend vs the eager reference on one realistic shape (memory comparisons live in
-   benchmarks/, which measure each call in a fresh process).
-
-Writes ``<out>/report.json`` atomically and prints the tables.
+2. Data: scikit-learn's handwritten digits as images, captions generated from the labels in varied templates
+   (with stroke weight and size), a low-data split (a few hundred training pairs), re-drawn for every seed.
+3. Encoders (installed from the package registry, run offline): EfficientNet-lite0 (ImageNet weights, every
+   block hooked) and all-MiniLM-L6-v2 (every hidden state, masked mean). Features cached in the run folder.
+4. For each seed: layer selection by mutual kNN on the training pairs, then four heads trained with
+   CLIP (+ λ·STRUCTURE): last layers (baseline), selected layers, last layers + STRUCTURE, both.
+5. Evaluation on held-out images: zero-shot digit classification (prompts unlike the training captions) and
+   image↔text retrieval; mean ± std over seeds. Writes report.json, summary.md, PNG plots; prints the table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
-import resource
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import functional as so
-from . import reference
-from .modules import StructureClipLoss
+from .train import data as D
+from .train.encoders import build_encoder
+from .train.features import atomic_write_text
+from .train.pipeline import aggregate, evaluate_heads, extract_run, run_features, split_by_image, train_heads
+from .train.plots import layer_heatmap, metric_bars, training_curves
+from .train.selection import score_layers
+from .train.trainer import TrainConfig
 
 _G = lambda n, d, f, a, b: torch.tensor(  # noqa: E731 - SPEC.md's structured test matrices
     [[f(a * (i * d + j) + b) for j in range(d)] for i in range(n)], dtype=torch.float64
@@ -50,116 +55,123 @@ def anchors(backend: str) -> list[dict]:
     return [{"quantity": q, "spec": s, "ours": float(v.detach()), "rel_err": abs(float(v.detach()) - s) / abs(s)} for q, s, v in rows]
 
 
-def _views(n: int, seed: int):
-    """Two nonlinear views (64-d and 48-d) of a shared clustered 16-d latent."""
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(10, 16, generator=g) * 2.0
-    latent = centers[torch.randint(0, 10, (n,), generator=g)] + 0.7 * torch.randn(n, 16, generator=g)
-    mix = torch.Generator().manual_seed(1234)  # the "encoders" are fixed across seeds
-    a, b = torch.randn(16, 64, generator=mix), torch.randn(16, 48, generator=mix)
-    img = torch.tanh(latent @ a / 4.0) + 0.1 * torch.randn(n, 64, generator=g)
-    txt = torch.sin(latent @ b / 4.0) + 0.1 * torch.randn(n, 48, generator=g)
-    return img, txt
+CONFIGS = {  # name: (layer rule, λ)
+    "last layers, CLIP": ("last", 0.0),
+    "selected layers, CLIP": ("best", 0.0),
+    "last layers, CLIP+STRUCTURE": ("last", 10.0),
+    "selected layers, CLIP+STRUCTURE": ("best", 10.0),
+}
+METRICS = ("zeroshot_top1", "zeroshot_top5", "i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5")
 
 
-def _recall_at_1(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> float:
-    sim = F.normalize(img_emb, dim=1) @ F.normalize(txt_emb, dim=1).T
-    target = torch.arange(sim.shape[0])
-    return 0.5 * float((sim.argmax(1) == target).float().mean() + (sim.argmax(0) == target).float().mean())
+@dataclasses.dataclass
+class DemoSize:
+    images: int | None  # None: all 1 797
+    image_size: int
+    train: int
+    val: int
+    epochs: int
+    patience: int
+    warmup: int
 
 
-def align(lam: float, seed: int, backend: str, steps: int = 300, n_train: int = 256, n_test: int = 1000) -> float:
-    torch.manual_seed(seed)
-    img, txt = _views(n_train + n_test, seed)
-    head_i, head_t = torch.nn.Linear(64, 32), torch.nn.Linear(48, 32)
-    params = list(head_i.parameters()) + list(head_t.parameters())
-    opt = torch.optim.AdamW(params, lr=3e-3, betas=(0.9, 0.95), weight_decay=1e-4)
-    loss_fn = StructureClipLoss(lam=lam, warmup=50, temperature=0.05, backend=backend)
-    xi, xt = img[:n_train], txt[:n_train]
-    for _ in range(steps):
-        out = loss_fn(head_i(xi), head_t(xt), xi, xt)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return _recall_at_1(head_i(img[n_train:]), head_t(txt[n_train:]))
+FULL = DemoSize(images=None, image_size=128, train=250, val=150, epochs=400, patience=100, warmup=50)
+QUICK = DemoSize(images=300, image_size=64, train=100, val=50, epochs=40, patience=20, warmup=10)
 
 
-def _timed(fn, repeats: int = 3) -> float:
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+def _table(results: dict[str, dict[str, object]]) -> str:
+    lines = ["| configuration | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for name, stats in results.items():
+        lines.append(f"| {name} | " + " | ".join(str(stats[m]) for m in METRICS) + " |")
+    return "\n".join(lines)
 
 
-def speed(n: int, backend: str) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 768, generator=g)
-    z = (x @ torch.randn(768, 512, generator=g) / 768**0.5 + 0.5 * torch.randn(n, 512, generator=g)).requires_grad_()
-
-    def run(fn):
-        def step():
-            fn(x, z).backward()
-            z.grad = None
-
-        return step
-
-    rows = []
-    for name, fn in (
-        ("reference (eager)", reference.structure_loss),
-        (f"structure_ops backend={backend}", lambda a, b: so.structure_loss(a, b, backend=backend)),
-    ):
-        rows.append({"provider": name, "N": n, "d_x": 768, "d_z": 512, "fwd+bwd_s": _timed(run(fn))})
-    return rows
-
-
-def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def run(out_dir: str = "runs/demo", backend: str = "auto", quick: bool = False, seeds: int = 3) -> dict:
+def run(out_dir: str = "runs/demo", backend: str = "auto", quick: bool = False, seeds: int = 3,
+        progress: bool = True) -> dict:
     t0 = time.perf_counter()
-    print(f"structure-ops demo (backend={backend}, threads={torch.get_num_threads()})\n")
-    rows = anchors(backend)
-    print("1. Exactness: SPEC.md anchoring values recomputed in float64")
-    print(f"   {'quantity':28s} {'SPEC':>14s} {'ours':>16s} {'rel. err':>9s}")
-    for r in rows:
-        print(f"   {r['quantity']:28s} {r['spec']:14.10f} {r['ours']:16.12f} {r['rel_err']:9.1e}")
-
-    steps = 60 if quick else 300
+    size = QUICK if quick else FULL
     seed_list = list(range(1 if quick else seeds))
-    print(f"\n2. Alignment from 256 synthetic pairs, {steps} steps, held-out retrieval R@1 over seeds {seed_list}")
-    results = {}
-    for name, lam in (("CLIP only", 0.0), ("CLIP + 10*STRUCTURE", 10.0)):
-        scores = [align(lam, s, backend, steps=steps) for s in seed_list]
-        results[name] = scores
-        mean = sum(scores) / len(scores)
-        print(f"   {name:22s} R@1 = {mean:.3f}  (per seed: {', '.join(f'{s:.3f}' for s in scores)})")
+    out = Path(out_dir)
+    print(f"structure-ops demo ({'quick' if quick else 'full'}; backend={backend}, threads={torch.get_num_threads()})\n")
 
-    n = 1024 if quick else 4096
-    print(f"\n3. Speed: STRUCTURE level 1, fwd+bwd, N={n}, d_x=768, d_z=512, fp32 (best of 3)")
-    timing = speed(n, backend)
-    base = timing[0]["fwd+bwd_s"]
-    for r in timing:
-        print(f"   {r['provider']:32s} {r['fwd+bwd_s']:7.3f} s   x{base / r['fwd+bwd_s']:.2f}")
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rows = anchors(backend)
+    worst = max(r["rel_err"] for r in rows)
+    print(f"1. Exactness: {len(rows)} SPEC.md anchoring values recomputed in float64, max rel. error {worst:.1e}")
+    if worst > 1e-8:
+        raise RuntimeError(f"anchors do not match SPEC.md (max rel. error {worst:.2e}): {rows}")
+
+    pairs = D.digits_pairs(limit=size.images, image_size=64)
+    n_test = len(pairs.images) - size.train - size.val
+    print(f"2. Data: {len(pairs)} digit images with generated captions, e.g. {pairs.captions[0]!r}; "
+          f"split per seed: {size.train} train / {size.val} val / {n_test} test pairs")
+
+    t = time.perf_counter()
+    image_enc = build_encoder("efficientnet-lite0", "image", image_size=size.image_size)
+    text_enc = build_encoder("minilm", "text")
+    splits0 = split_by_image(pairs, size.val, n_test, seed=0)
+    manifest = extract_run(out, pairs, image_enc, text_enc, splits=splits0,
+                           zero_shot_set=(pairs.images, pairs.labels, D.DIGIT_NAMES),
+                           templates=D.ZERO_SHOT_TEMPLATES, progress=progress)
+    img, txt = run_features(out, manifest, "image_features"), run_features(out, manifest, "text_features")
+    zi = run_features(out, manifest, "image_features", "zero_shot")
+    zt = run_features(out, manifest, "prompt_features", "zero_shot")
+    extract_s = time.perf_counter() - t
+    print(f"3. Features: {len(img)} image layers ({image_enc.name}, {size.image_size}px), {len(txt)} text layers "
+          f"(all-MiniLM-L6-v2), {extract_s:.0f} s (cached in {out / 'features'})")
+
+    per_seed, histories, selections = {name: [] for name in CONFIGS}, {}, []
+    labels = torch.tensor(pairs.labels)
+    for seed in seed_list:
+        splits = split_by_image(pairs, size.val, n_test, seed=seed)
+        train_rows = splits["train"]
+        scores = score_layers({k: v[train_rows] for k, v in img.items()}, {k: v[train_rows] for k, v in txt.items()},
+                              k="rice", subset=None, seed=seed, backend=backend)
+        if seed == seed_list[0]:
+            scores.save(out)
+            layer_heatmap(scores, out / "layer_scores.png")
+        best, last = scores.best(), scores.last()
+        selections.append({"seed": seed, "best": list(best), "best_score": float(scores.scores.max()),
+                           "last_score": float(scores.scores[-1, -1])})
+        print(f"   seed {seed}: layer selection (mutual kNN, k={scores.k}): best {best[0]} × {best[1]} "
+              f"({scores.scores.max():.3f}) vs last {last[0]} × {last[1]} ({scores.scores[-1, -1]:.3f})")
+        test_imgs = sorted({pairs.image_of[j] for j in splits["test"]})
+        zs = (*(({k: v[test_imgs] for k, v in zi.items()}), zt), labels[test_imgs], len(D.DIGIT_NAMES))
+        for name, (rule, lam) in CONFIGS.items():
+            layers = best if rule == "best" else last
+            cfg = TrainConfig(head="linear", dim=256, lam=lam, warmup=size.warmup, epochs=size.epochs,
+                              patience=size.patience, batch_size=4096, seed=seed, backend=backend, checkpoint_every=0)
+            res = train_heads(img, txt, pairs.image_of, splits, layers, cfg, None, progress=progress)
+            m = evaluate_heads(res.image_head, res.text_head, layers, img, txt, pairs.image_of, splits["test"], zs)
+            m.update(lr=res.lr, best_epoch=res.best_epoch)
+            per_seed[name].append(m)
+            if seed == seed_list[0]:
+                histories[name] = res.history
+            print(f"      {name:34s} zero-shot top-1 {m['zeroshot_top1']:.3f}  i2t R@1 {m['i2t_R@1']:.3f}  "
+                  f"t2i R@1 {m['t2i_R@1']:.3f}  (lr {res.lr:.2g}, best epoch {res.best_epoch})")
+
+    results = {name: {m: aggregate([r[m] for r in runs]) for m in METRICS} for name, runs in per_seed.items()}
+    training_curves(histories, out / "training_curves.png")
+    metric_bars({n: {m: (s.mean, s.std) for m, s in st.items() if m in METRICS[:4]} for n, st in results.items()},
+                out / "accuracy.png")
+    seconds = time.perf_counter() - t0
+    table = _table(results)
+    print(f"\n4. Held-out results, mean ± std over seeds {seed_list} ({n_test} test images each):\n")
+    print(table)
     report = {
-        "backend": backend,
-        "anchors": rows,
-        "alignment_r_at_1": results,
-        "speed": timing,
-        "peak_rss_mb": peak_rss_mb,
-        "seconds": time.perf_counter() - t0,
-        "torch": torch.__version__,
+        "mode": "quick" if quick else "full", "backend": backend, "seeds": seed_list, "anchors": rows,
+        "data": {"dataset": pairs.name, "pairs": len(pairs), "train": size.train, "val": size.val, "test": n_test},
+        "encoders": {"image": image_enc.describe(), "text": text_enc.describe()}, "layer_selection": selections,
+        "results": {n: {m: dataclasses.asdict(s) for m, s in st.items()} for n, st in results.items()},
+        "per_seed": per_seed, "extract_seconds": extract_s, "seconds": seconds, "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    path = os.path.join(out_dir, "report.json")
-    _write_json(path, report)
-    print(f"\nwrote {path} ({report['seconds']:.0f} s)")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    summary = (
+        f"# structure-ops demo ({report['mode']})\n\n{len(pairs)} sklearn digits with generated captions; "
+        f"{size.train} training pairs per seed; EfficientNet-lite0 × all-MiniLM-L6-v2; seeds {seed_list}; "
+        f"{seconds:.0f} s, {torch.get_num_threads()} threads.\n\n{table}\n\n"
+        "![layer scores](layer_scores.png)\n![accuracy](accuracy.png)\n![training curves](training_curves.png)\n"
+    )
+    atomic_write_text(out / "summary.md", summary)
+    print(f"\nwrote {out / 'report.json'}, summary.md and 3 PNG plots ({seconds:.0f} s)")
     return report

@@ -1,0 +1,198 @@
+"""Datasets of the training layer: image–caption pairs, class-labelled image folders, the embedded demo data.
+
+An image is a path or a PIL image; a :class:`Pairs` holds the images, their captions and, per caption, the
+index of its image (several captions may share one image: retrieval counts a hit on any of them).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_IMAGE_COLUMNS = ("image", "image_path", "file", "filename", "path")
+_CAPTION_COLUMNS = ("caption", "text", "sentence")
+
+
+@dataclass
+class Pairs:
+    """Paired data: ``images[image_of[j]]`` is the image of ``captions[j]``. ``labels`` per image, optional."""
+
+    images: list
+    captions: list[str]
+    image_of: list[int]
+    labels: list[int] | None = None
+    class_names: list[str] | None = None
+    name: str = "pairs"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.captions) != len(self.image_of):
+            raise ValueError(f"captions ({len(self.captions)}) and image_of ({len(self.image_of)}) differ in length")
+        if self.image_of and not 0 <= min(self.image_of) <= max(self.image_of) < len(self.images):
+            raise ValueError(f"image_of must index the {len(self.images)} images")
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def subset(self, caption_rows) -> Pairs:
+        """The pairs of the given caption rows (images renumbered, order kept)."""
+        rows = list(caption_rows)
+        keep = sorted({self.image_of[j] for j in rows})
+        new = {old: i for i, old in enumerate(keep)}
+        return Pairs(
+            images=[self.images[i] for i in keep],
+            captions=[self.captions[j] for j in rows],
+            image_of=[new[self.image_of[j]] for j in rows],
+            labels=None if self.labels is None else [self.labels[i] for i in keep],
+            class_names=self.class_names,
+            name=self.name,
+        )
+
+
+def _pick_column(found: list[str], wanted: tuple[str, ...], what: str, path) -> str:
+    lower = {c.lower().strip(): c for c in found}
+    for w in wanted:
+        if w in lower:
+            return lower[w]
+    raise ValueError(f"{path}: no {what} column; expected one of {list(wanted)}, found columns {found}")
+
+
+def load_captions(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Pairs:
+    """Read a captions file: CSV (header row) or JSONL, one (image path, caption) per row.
+
+    Image paths are relative to ``image_root`` (default: the file's folder). Rows with the same image share it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file not found: {path}")
+    root = Path(image_root) if image_root is not None else path.parent
+    if not root.is_dir():
+        raise FileNotFoundError(f"image root is not a folder: {root}")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        records = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+        columns = sorted({k for r in records for k in r}) if records else []
+    else:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            records, columns = list(reader), list(reader.fieldnames or [])
+    if not records:
+        raise ValueError(f"{path}: no rows")
+    icol = _pick_column(columns, _IMAGE_COLUMNS, "image", path)
+    ccol = _pick_column(columns, _CAPTION_COLUMNS, "caption", path)
+    images, index, captions, image_of, missing = [], {}, [], [], []
+    for n, r in enumerate(records, 1):
+        rel, cap = r.get(icol), r.get(ccol)
+        if not rel or not isinstance(cap, str) or not cap.strip():
+            raise ValueError(f"{path}: row {n} lacks an image path or a caption: {r}")
+        full = (root / str(rel)).resolve()
+        if full not in index:
+            if not full.is_file():
+                missing.append(str(full))
+            index[full] = len(images)
+            images.append(str(full))
+        captions.append(cap.strip())
+        image_of.append(index[full])
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) of {path} not found, e.g. {missing[:3]}")
+    return Pairs(images, captions, image_of, name=path.stem)
+
+
+def load_image_folder(root: str | os.PathLike) -> tuple[list[str], list[int], list[str]]:
+    """A class-labelled folder ``root/<class name>/<image>``: (paths, labels, class names; sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{root}: expected one sub-folder per class, found none")
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths += [str(p) for p in files]
+        labels += [c] * len(files)
+    if not paths:
+        raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
+    return paths, labels, [c.replace("_", " ") for c in classes]
+
+
+def fingerprint(items) -> str:
+    """A content hash of images (paths: file bytes; PIL images: pixels) or strings, in order."""
+    h = hashlib.sha256()
+    for it in items:
+        if isinstance(it, str) and os.path.isfile(it):
+            h.update(Path(it).read_bytes())
+        elif isinstance(it, str):
+            h.update(it.encode())
+        else:  # a PIL image
+            buf = io.BytesIO()
+            buf.write(repr((it.mode, it.size)).encode())
+            buf.write(it.tobytes())
+            h.update(buf.getvalue())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The embedded demo data: scikit-learn's handwritten digits, captioned from their labels.
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGIT_TEMPLATES = [
+    "a handwritten digit {name}.",
+    "the number {numeral}, written by hand.",
+    "a {stroke} handwritten {name}.",
+    "a small, blurry scan of the digit {name}.",
+    "a {stroke} {numeral} drawn with a pen.",
+    "a {size} image of the number {name}.",
+    "someone wrote the digit {numeral} in {stroke} strokes.",
+    "a low-resolution picture of a {name}.",
+]
+# Zero-shot prompts are deliberately not the training templates.
+ZERO_SHOT_TEMPLATES = ["a photo of the number {c}.", "a drawing of the digit {c}.", "{c}"]
+
+
+def _digit_caption(rng: np.random.Generator, label: int, pixels: np.ndarray, ink_cuts, size_cuts) -> str:
+    ink, extent = pixels.sum(), (pixels > 4).sum()
+    stroke = ["thin", "regular", "bold"][int(np.searchsorted(ink_cuts, ink))]
+    size = ["small", "medium-sized", "large"][int(np.searchsorted(size_cuts, extent))]
+    t = DIGIT_TEMPLATES[rng.integers(len(DIGIT_TEMPLATES))]
+    return t.format(name=DIGIT_NAMES[label], numeral=label, stroke=stroke, size=size)
+
+
+def digits_pairs(limit: int | None = None, image_size: int = 64, seed: int = 0) -> Pairs:
+    """scikit-learn's 1 797 handwritten digits (8×8, 10 classes) as RGB images with generated captions.
+
+    Each caption names the digit in one of several templates and describes the stroke weight and the size of
+    the figure (terciles of ink mass and extent), so a caption says more than the class.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    order = np.random.default_rng(seed).permutation(len(d.target))
+    if limit is not None:
+        order = order[:limit]
+    data, target = d.images, d.target
+    ink_cuts = np.quantile(data.reshape(len(data), -1).sum(1), [1 / 3, 2 / 3])
+    size_cuts = np.quantile((data > 4).reshape(len(data), -1).sum(1), [1 / 3, 2 / 3])
+    rng = np.random.default_rng(seed + 1)
+    images, captions, labels = [], [], []
+    for i in order:
+        gray = (255 - data[i] * (255 / 16)).astype(np.uint8)  # dark ink on white paper
+        images.append(Image.fromarray(gray, "L").resize((image_size, image_size), Image.BILINEAR).convert("RGB"))
+        captions.append(_digit_caption(rng, int(target[i]), data[i], ink_cuts, size_cuts))
+        labels.append(int(target[i]))
+    return Pairs(images, captions, list(range(len(images))), labels, DIGIT_NAMES, name="sklearn-digits")
