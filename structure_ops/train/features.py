@@ -71,7 +71,7 @@ def extract(encoder: Encoder, inputs: list, batch_size: int = 64, progress: bool
     for s in _progress(batches, len(batches), f"{encoder.modality} features ({encoder.name.split('/')[-1]})", progress):
         chunks.append(encoder.encode(inputs[s : s + batch_size]))
     layers = [torch.cat([c[i] for c in chunks]).float().contiguous() for i in range(len(encoder.layer_names))]
-    return dict(zip(encoder.layer_names, layers))
+    return dict(zip(encoder.layer_names, layers, strict=True))
 
 
 def cache_key(description: dict) -> str:

@@ -130,7 +130,7 @@ def load_heads(path) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     cfg = meta["config"]
     kw = {"rank": cfg["rank"]} if cfg["head"] == "mlp" else {}
     heads = []
-    for side, d in zip(("image", "text"), meta["d_in"]):
+    for side, d in zip(("image", "text"), meta["d_in"], strict=True):
         h = build_head(cfg["head"], d, cfg["dim"], **kw)
         h.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(side + ".")})
         heads.append(h.eval())

@@ -69,5 +69,5 @@ def metric_bars(table: dict[str, dict[str, tuple[float, float]]], path) -> None:
     ax.set_xticks(range(len(metrics)), metrics)
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     _save(fig, Path(path))

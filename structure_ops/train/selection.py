@@ -71,7 +71,7 @@ class LayerScores:
 
     @classmethod
     def from_json(cls, d: dict) -> LayerScores:
-        return cls(torch.tensor(d["scores"]), d["image_layers"], d["text_layers"], d["metric"], d["k"], d["n"])
+        return cls(torch.tensor(d["scores"], dtype=torch.float64), d["image_layers"], d["text_layers"], d["metric"], d["k"], d["n"])
 
 
 def score_layers(image_feats: dict[str, torch.Tensor], text_feats: dict[str, torch.Tensor], *,

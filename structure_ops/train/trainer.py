@@ -175,7 +175,10 @@ class Trainer:
         for h in heads:
             h.eval()
         step = max(self.cfg.warmup + 1, 1)  # full λ
-        out = objective(heads[0](self.vi), heads[1](self.vt), self.vi, self.vt, step=step)
+        a, b = heads[0](self.vi), heads[1](self.vt)
+        # Validation has no unimodal rows: with unimodal_only, R_S is measured on the validation pairs themselves.
+        kw = {"image_extra": (self.vi, a), "text_extra": (self.vt, b)} if self.cfg.unimodal_only else {}
+        out = objective(a, b, self.vi, self.vt, step=step, **kw)
         for h in heads:
             h.train()
         return float(out.loss)
@@ -197,8 +200,8 @@ class Trainer:
             curve, avg, best = [], 0.0, math.inf
             batches: list[torch.Tensor] = []
             for t, lr in enumerate(lrs, 1):
-                if not batches:
-                    batches = self._batches(gen)
+                if not batches:  # equal-size batches only: the loss level depends on the batch size
+                    batches = [b for b in self._batches(gen) if len(b) == min(self.cfg.batch_size, self.xi.shape[0])]
                 for g in opt.param_groups:
                     g["lr"] = lr
                 loss = self._loss(heads, objective, batches.pop(), (None, None), step=t).loss
@@ -211,10 +214,12 @@ class Trainer:
                     break
                 best = min(best, smooth)
                 curve.append((lr, smooth))
-        if len(curve) < 3:
+        # The first tenth of the curve is skipped: the smoothed loss is still warming up there (fastai does the same).
+        skip = max(1, steps // 10)
+        if len(curve) < skip + 3:
             raise RuntimeError(f"LR range test diverged after {len(curve)} steps; pass an explicit lr")
-        slopes = [(curve[i + 1][1] - curve[i][1]) / math.log(curve[i + 1][0] / curve[i][0]) for i in range(len(curve) - 1)]
-        steepest = min(range(len(slopes)), key=slopes.__getitem__)
+        slopes = [(curve[i + 1][1] - curve[i][1]) / math.log(curve[i + 1][0] / curve[i][0]) for i in range(skip, len(curve) - 1)]
+        steepest = skip + min(range(len(slopes)), key=slopes.__getitem__)
         return curve[steepest][0] / 5.0, curve
 
     # -- checkpointing -------------------------------------------------------------------------------------
@@ -267,7 +272,7 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         history, best_val, best_epoch, bad, best_state, epoch0 = [], math.inf, 0, 0, None, 0
         if state is not None:
-            for h, s in zip(heads, state["heads"]):
+            for h, s in zip(heads, state["heads"], strict=True):
                 h.load_state_dict(s)
             objective.load_state_dict(state["objective"])
             opt.load_state_dict(state["optimizer"])
@@ -337,7 +342,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         if best_state is not None:
-            for h, s in zip(heads, best_state):
+            for h, s in zip(heads, best_state, strict=True):
                 h.load_state_dict(s)
         for h in heads:
             h.eval()
