@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def _table(results: dict[str, dict[str, object]]) -> str:
 
 def run(out_dir: str = "runs/demo", backend: str = "auto", quick: bool = False, seeds: int = 3,
         progress: bool = True) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the demo loads is installed; never reach a hub
     t0 = time.perf_counter()
     size = QUICK if quick else FULL
     seed_list = list(range(1 if quick else seeds))
