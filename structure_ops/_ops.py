@@ -10,6 +10,10 @@ Ops (all inputs already normalized/centered by structure_ops.functional):
                 grad_x, grad_z) -> (loss, grad_x, grad_z)
       R_S and, when asked, ∂R_S/∂X̂ and ∂R_S/∂Ẑ computed in the same pass (KERNELS.md §2a). Backward
       scales the saved gradients by grad_output, which is exact because the loss is a scalar.
+  structure_rows_fwd(xh, zh, row_begin, row_end, temperature, similarity, gamma, divergence, eps,
+                     grad_x, grad_z) -> (partial, grad_x, grad_z)
+      Level 1 over the rows [row_begin, row_end) only: partial = (1/N) Σ_{i in range} ℓ_i (no margin) and
+      its gradient w.r.t. the full X̂, Ẑ; one torch.distributed rank's shard (structure_ops.distributed).
   clip_fwd(image, text, logit_scale) -> (loss, lse_row, lse_col)
   clip_bwd(grad, image, text, logit_scale, lse_row, lse_col) -> (grad_image, grad_text, grad_logit_scale)
   knn(a, k) -> indices (N, k) int64
@@ -32,6 +36,10 @@ _lib.define(
     "structure_fwd(Tensor xh, Tensor zh, int levels, float temperature, int weighting, float margin, "
     "int similarity, float gamma, int divergence, float eps, bool grad_x, bool grad_z) -> (Tensor, Tensor, Tensor)"
 )
+_lib.define(
+    "structure_rows_fwd(Tensor xh, Tensor zh, int row_begin, int row_end, float temperature, int similarity, "
+    "float gamma, int divergence, float eps, bool grad_x, bool grad_z) -> (Tensor, Tensor, Tensor)"
+)
 _lib.define("clip_fwd(Tensor image, Tensor text, Tensor logit_scale) -> (Tensor, Tensor, Tensor)")
 _lib.define(
     "clip_bwd(Tensor grad, Tensor image, Tensor text, Tensor logit_scale, Tensor lse_row, Tensor lse_col) "
@@ -51,6 +59,11 @@ def _structure_fwd_fake(xh, zh, levels, temperature, weighting, margin, similari
     gx = xh.new_empty(xh.shape) if grad_x else xh.new_empty((0,))
     gz = zh.new_empty(zh.shape) if grad_z else zh.new_empty((0,))
     return xh.new_empty(()), gx, gz
+
+
+@torch.library.register_fake("structure_ops::structure_rows_fwd")
+def _structure_rows_fwd_fake(xh, zh, row_begin, row_end, temperature, similarity, gamma, divergence, eps, grad_x, grad_z):
+    return _structure_fwd_fake(xh, zh, 1, temperature, 0, 0.0, similarity, gamma, divergence, eps, grad_x, grad_z)
 
 
 @torch.library.register_fake("structure_ops::clip_fwd")
@@ -73,8 +86,10 @@ def _knn_fake(a, k):
 # Autograd
 # ---------------------------------------------------------------------------------------------------
 def _structure_setup(ctx, inputs, output):
+    # Shared by structure_fwd and structure_rows_fwd: both end in (..., grad_x, grad_z).
     _, gx, gz = output
-    ctx.want = (inputs[10], inputs[11])
+    ctx.want = (inputs[-2], inputs[-1])
+    ctx.n_inputs = len(inputs)
     ctx.save_for_backward(gx, gz)
 
 
@@ -94,15 +109,16 @@ def _structure_backward(ctx, grad_loss, _grad_gx, _grad_gz):
     want_x, want_z = ctx.want
     if (ctx.needs_input_grad[0] and not want_x) or (ctx.needs_input_grad[1] and not want_z):
         raise RuntimeError(
-            "structure_fwd was called with grad_x/grad_z=False for an input that requires grad; "
+            "structure_fwd/structure_rows_fwd was called with grad_x/grad_z=False for an input that requires grad; "
             "call structure_ops.structure_loss, which sets these flags"
         )
     dx = grad_loss.to(gx.dtype) * gx if want_x else None
     dz = grad_loss.to(gz.dtype) * gz if want_z else None
-    return dx, dz, None, None, None, None, None, None, None, None, None, None
+    return (dx, dz) + (None,) * (ctx.n_inputs - 2)
 
 
 torch.library.register_autograd("structure_ops::structure_fwd", _structure_backward, setup_context=_structure_setup)
+torch.library.register_autograd("structure_ops::structure_rows_fwd", _structure_backward, setup_context=_structure_setup)
 
 
 def _clip_setup(ctx, inputs, output):

@@ -7,7 +7,8 @@ A real-data workflow works in one run folder:
     structure-ops train --run run --layers best --lam 10
     structure-ops evaluate --run run
 
-Multi-process training: ``torchrun --nproc_per_node=K -m structure_ops train --run run ...``.
+Multi-process training: ``torchrun --nproc_per_node=K --no-python -- structure-ops train --run run ...``
+(the ``--`` keeps torchrun from reading ``--run`` as its own ``--run-path``).
 """
 
 from __future__ import annotations

@@ -65,6 +65,24 @@ def _check_number(name: str, value, *, positive: bool = False, nonnegative: bool
 # ---------------------------------------------------------------------------------------------------
 # STRUCTURE
 # ---------------------------------------------------------------------------------------------------
+def _structure_options(levels, temperature, weighting, margin, centering, center_first, similarity, gamma, divergence, eps):
+    """Validate the options of structure_loss (also used by structure_ops.distributed);
+    returns (temperature, margin, gamma, eps) as floats and the weighting/similarity/divergence codes."""
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"levels must be an int >= 1, got {levels!r}")
+    temperature = _check_number("temperature", temperature, positive=True)
+    margin = _check_number("margin", margin, nonnegative=True)
+    gamma = _check_number("gamma", gamma, positive=True)
+    eps = _check_number("eps", eps, positive=True)
+    w_code = option_code("weighting", weighting, WEIGHTINGS)
+    option_code("centering", centering, CENTERINGS)
+    s_code = option_code("similarity", similarity, SIMILARITIES)
+    d_code = option_code("divergence", divergence, DIVERGENCES)
+    if not isinstance(center_first, bool):
+        raise TypeError(f"center_first must be a bool, got {center_first!r}")
+    return temperature, margin, gamma, eps, w_code, s_code, d_code
+
+
 def structure_loss(
     x: torch.Tensor,
     z: torch.Tensor,
@@ -110,18 +128,9 @@ def structure_loss(
     Equivalent to :func:`structure_ops.reference.structure_loss`.
     """
     _check_pair("x", x, "z", z)
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-        raise ValueError(f"levels must be an int >= 1, got {levels!r}")
-    temperature = _check_number("temperature", temperature, positive=True)
-    margin = _check_number("margin", margin, nonnegative=True)
-    gamma = _check_number("gamma", gamma, positive=True)
-    eps = _check_number("eps", eps, positive=True)
-    w_code = option_code("weighting", weighting, WEIGHTINGS)
-    option_code("centering", centering, CENTERINGS)
-    s_code = option_code("similarity", similarity, SIMILARITIES)
-    d_code = option_code("divergence", divergence, DIVERGENCES)
-    if not isinstance(center_first, bool):
-        raise TypeError(f"center_first must be a bool, got {center_first!r}")
+    temperature, margin, gamma, eps, w_code, s_code, d_code = _structure_options(
+        levels, temperature, weighting, margin, centering, center_first, similarity, gamma, divergence, eps
+    )
 
     name = _backends.select("structure_loss", backend, (x, z))
     if name == "reference":
@@ -143,6 +152,22 @@ def structure_loss(
 # ---------------------------------------------------------------------------------------------------
 # CLIP
 # ---------------------------------------------------------------------------------------------------
+def _clip_scale(logit_scale, image: torch.Tensor, normalize) -> torch.Tensor:
+    """Validate logit_scale and normalize (also used by structure_ops.distributed); returns s as a
+    one-element tensor in image's dtype and device (a number becomes a constant tensor)."""
+    if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
+        logit_scale = torch.tensor(float(logit_scale), dtype=image.dtype, device=image.device)
+    if not isinstance(logit_scale, torch.Tensor):
+        raise TypeError(f"logit_scale must be a one-element tensor or a number, got {type(logit_scale).__name__}")
+    if logit_scale.numel() != 1:
+        raise ValueError(f"logit_scale must be a scalar (one element), got {_desc(logit_scale)}")
+    if not logit_scale.is_floating_point():
+        raise TypeError(f"logit_scale must have a floating-point dtype, got {_desc(logit_scale)}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {normalize!r}")
+    return logit_scale.to(device=image.device, dtype=image.dtype)
+
+
 def clip_loss(
     image: torch.Tensor,
     text: torch.Tensor,
@@ -168,17 +193,7 @@ def clip_loss(
         0-dim tensor, dtype of the inputs. Equivalent to :func:`structure_ops.reference.clip_loss`.
     """
     _check_pair("image", image, "text", text, same_width=True)
-    if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
-        logit_scale = torch.tensor(float(logit_scale), dtype=image.dtype, device=image.device)
-    if not isinstance(logit_scale, torch.Tensor):
-        raise TypeError(f"logit_scale must be a one-element tensor or a number, got {type(logit_scale).__name__}")
-    if logit_scale.numel() != 1:
-        raise ValueError(f"logit_scale must be a scalar (one element), got {_desc(logit_scale)}")
-    if not logit_scale.is_floating_point():
-        raise TypeError(f"logit_scale must have a floating-point dtype, got {_desc(logit_scale)}")
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {normalize!r}")
-    scale = logit_scale.to(device=image.device, dtype=image.dtype)
+    scale = _clip_scale(logit_scale, image, normalize)
 
     name = _backends.select("clip_loss", backend, (image, text))
     if name == "reference":

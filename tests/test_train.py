@@ -395,3 +395,30 @@ def test_cli_precomputed_features_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["--help"])
     assert "select-layers" in capsys.readouterr().out
+
+
+def test_torchrun_training_matches_single_process(tmp_path):
+    """`torchrun … structure-ops train` on 2 gloo ranks (uneven shards) trains the same heads as one process."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    xi, xt = _toy(90)
+    save_file({"a": xi}, str(tmp_path / "i.safetensors"))
+    save_file({"t": xt}, str(tmp_path / "t.safetensors"))
+    assert cli(["extract", "--image-features", str(tmp_path / "i.safetensors"), "--text-features",
+                str(tmp_path / "t.safetensors"), "--out", str(tmp_path / "one")]) == 0
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    args = ["train", "--layers", "a,t", "--epochs", "4", "--dim", "8", "--lr", "1e-2", "--batch-size", "25", "--warmup", "2"]
+    assert cli([*args, "--run", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--no-python", "--",
+           sys.executable, "-m", "structure_ops", *args, "--run", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "train" / "heads.safetensors"))
+    two = load_file(str(tmp_path / "two" / "train" / "heads.safetensors"))
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)

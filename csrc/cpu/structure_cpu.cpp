@@ -230,13 +230,16 @@ void finish_rbf(at::Tensor& grad, const at::Tensor& u, const std::vector<double>
 // ------------------------------------------------------------------------------------------------
 // Level 1: row panels, gradient in forward.
 // ------------------------------------------------------------------------------------------------
+// Rows [row_begin, row_end) only (all N by default): the sum over those rows of ℓ_i, / N, and its gradient
+// w.r.t. all of X̂, Ẑ (the other rows enter as columns). A torch.distributed rank passes its own shard.
 template <typename T>
 double level1_panels(const at::Tensor& xh, const at::Tensor& zh, const Options& o, bool need_gx,
-                     bool need_gz, at::Tensor& gx, at::Tensor& gz) {
+                     bool need_gz, at::Tensor& gx, at::Tensor& gz, int64_t row_begin, int64_t row_end) {
   const int64_t n = xh.size(0);
   const bool rbf = o.similarity == kRbf, js = o.divergence == kJS;
   const int nbuf = 2 + int(need_gx) + int(need_gz) + (rbf ? int(need_gx) + int(need_gz) : 0);
-  const int64_t rows = panel_rows(n, int64_t(nbuf) * n * int64_t(sizeof(T)));
+  const int64_t rows = std::max<int64_t>(
+      1, std::min(panel_rows(n, int64_t(nbuf) * n * int64_t(sizeof(T))), row_end - row_begin));
   auto opts = xh.options();
   at::Tensor bx = at::empty({rows, n}, opts), bz = at::empty({rows, n}, opts);
   at::Tensor wx = need_gx ? at::empty({rows, n}, opts) : at::Tensor();
@@ -252,8 +255,8 @@ double level1_panels(const at::Tensor& xh, const at::Tensor& zh, const Options& 
   const T eps = T(o.eps), inv_n = T(1.0 / double(n));
   const RowFn<T> row_fn = pick_row_fn<T>(need_gx, need_gz, js);
 
-  for (int64_t r0 = 0; r0 < n; r0 += rows) {
-    const int64_t b = std::min(rows, n - r0);
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += rows) {
+    const int64_t b = std::min(rows, row_end - r0);
     auto sx = bx.narrow(0, 0, b), sz = bz.narrow(0, 0, b);
     at::mm_out(sx, xh.narrow(0, r0, b), xh.t());
     at::mm_out(sz, zh.narrow(0, r0, b), zh.t());
@@ -289,7 +292,7 @@ double level1_panels(const at::Tensor& xh, const at::Tensor& zh, const Options& 
   if (rbf && need_gz) finish_rbf<T>(gz, zh, diag_z);
   if (rbf && need_gx) finish_rbf<T>(gx, xh, diag_x);
   double total = 0;
-  for (int64_t i = 0; i < n; ++i) total += row_loss[i];  // fixed order: deterministic
+  for (int64_t i = row_begin; i < row_end; ++i) total += row_loss[i];  // fixed order: deterministic
   return total / double(n);
 }
 
@@ -467,7 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> structure_fwd_cpu(
   double loss = 0;
   AT_DISPATCH_FLOATING_TYPES(cdt, "structure_fwd_cpu", [&] {
     if (levels == 1) {
-      const double d = level1_panels<scalar_t>(xh, zh, o, grad_x, grad_z, gx, gz);
+      const double d = level1_panels<scalar_t>(xh, zh, o, grad_x, grad_z, gx, gz, 0, xh.size(0));
       const double shifted = d - margin;
       loss = shifted > 0 ? shifted : 0.0;
       if (!(shifted > 0) && !std::isnan(shifted)) {  // relu gate closed: zero gradient (torch.relu semantics)
@@ -484,8 +487,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> structure_fwd_cpu(
   return {out, gx.to(in_dtype), gz.to(in_dtype)};
 }
 
+// Level 1 restricted to rows [row_begin, row_end): partial = (1/N) Σ_{i in range} ℓ_i (no margin: the hinge
+// acts on the sum over all ranks, structure_ops/distributed.py) and its gradient w.r.t. the full X̂, Ẑ.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> structure_rows_fwd_cpu(
+    const at::Tensor& xh_in, const at::Tensor& zh_in, int64_t row_begin, int64_t row_end, double temperature,
+    int64_t similarity, double gamma, int64_t divergence, double eps, bool grad_x, bool grad_z) {
+  check_pair(xh_in, "x", zh_in, "z");
+  TORCH_CHECK(xh_in.device().is_cpu(), "structure_rows_fwd (cpu): x must be a CPU tensor, got ", xh_in.device());
+  TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= xh_in.size(0),
+              "structure_rows_fwd: need 0 <= row_begin <= row_end <= N = ", xh_in.size(0), ", got row_begin=",
+              row_begin, ", row_end=", row_end);
+  TORCH_CHECK(similarity == kRbf || temperature > 0, "temperature must be > 0, got ", temperature);
+  TORCH_CHECK(divergence == kJS || eps > 0, "eps must be > 0 for divergence='structure', got ", eps);
+  TORCH_CHECK(similarity == kCosine || similarity == kRbf, "unknown similarity code ", similarity);
+  TORCH_CHECK(divergence == kStructure || divergence == kJS, "unknown divergence code ", divergence);
+  const auto in_dtype = xh_in.scalar_type();
+  const auto cdt = in_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor xh = xh_in.to(cdt).contiguous(), zh = zh_in.to(cdt).contiguous();
+  const Options o{1, temperature, kWeightNone, 0.0, similarity, gamma, divergence, eps};
+  at::Tensor gx = grad_x ? at::zeros_like(xh) : at::empty({0}, xh.options());
+  at::Tensor gz = grad_z ? at::zeros_like(zh) : at::empty({0}, zh.options());
+  double partial = 0;
+  AT_DISPATCH_FLOATING_TYPES(cdt, "structure_rows_fwd_cpu", [&] {
+    partial = level1_panels<scalar_t>(xh, zh, o, grad_x, grad_z, gx, gz, row_begin, row_end);
+  });
+  at::Tensor out = at::empty({}, xh_in.options().dtype(in_dtype));
+  out.fill_(partial);
+  return {out, gx.to(in_dtype), gz.to(in_dtype)};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(structure_ops, CPU, m) { m.impl("structure_fwd", &structure_fwd_cpu); }
+TORCH_LIBRARY_IMPL(structure_ops, CPU, m) {
+  m.impl("structure_fwd", &structure_fwd_cpu);
+  m.impl("structure_rows_fwd", &structure_rows_fwd_cpu);
+}
 
 }  // namespace structure_ops

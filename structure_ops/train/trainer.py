@@ -174,6 +174,10 @@ class Trainer:
     def validation_loss(self, heads, objective) -> float:
         for h in heads:
             h.eval()
+        if self.world > 1:  # every rank holds the whole validation set: score it with the single-process loss
+            single = _objective(self.cfg, 1).to(self.device)
+            single.load_state_dict(objective.state_dict())
+            objective = single
         step = max(self.cfg.warmup + 1, 1)  # full λ
         a, b = heads[0](self.vi), heads[1](self.vt)
         # Validation has no unimodal rows: with unimodal_only, R_S is measured on the validation pairs themselves.

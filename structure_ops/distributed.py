@@ -1,0 +1,388 @@
+r"""Data-parallel (torch.distributed) STRUCTURE and CLIP losses: each rank passes its own rows.
+
+Every function here returns, on every rank, the value of the single-process op on the concatenation of
+all ranks' rows in rank order (the global batch of N = Σ_r n_r rows; shards may be uneven, even empty),
+and backpropagates the gradient of that global loss. Without an initialized process group, or with
+world size 1, each function *is* the single-process op.
+
+How the work is split (rank r holds rows [start_r, start_r + n_r) of the global batch):
+
+* ``structure_loss`` with ``levels=1``: the inputs are all-gathered (O(N·d)); row normalization and
+  batch centering run on the gathered batch, so their statistics are global; then rank r computes only
+  its own rows of the N × N problem, ``partial_r = (1/N) Σ_{i in shard r} Σ_j term(P_ij, Q_ij)``
+  (a row softmax needs only its own row), against all N columns. The CPU backend does this in the fused
+  row-panel kernel (``structure_rows_fwd``: B × N panels, B ≤ n_r); every other backend in plain PyTorch
+  on an n_r × N panel. R_S = relu(Σ_r partial_r − margin), summed with one scalar all-reduce.
+* ``structure_loss`` with ``levels > 1``: Pˡ couples every row with every other one, so each rank
+  computes the whole loss on the gathered batch (not sharded: same memory and time as one process)
+  and takes 1/world of its gradient, which the gather's backward sums back.
+* ``clip_loss``: rank r computes the image→text cross-entropy of its image rows against all gathered
+  texts and the text→image cross-entropy of its text rows against all gathered images (open_clip's
+  local-loss pattern, labels offset by start_r): two n_r × N logit panels per rank.
+
+Gradient contract (``grad_mode``). Backward is collective: every rank must call it (DDP does). Let
+L be the single-process loss of the global batch and K the world size.
+
+* ``grad_mode="ddp"`` (default): the gradient reaching this rank's inputs is K · ∂L/∂(its rows), and a
+  replicated tensor passed in (``logit_scale``) gets K · (this rank's share of ∂L/∂s). So every replicated
+  parameter — head weights upstream of x/z, ``logit_scale`` — holds K × its rank share, and the *mean*
+  over ranks, which is what DistributedDataParallel (and FSDP) computes, is exactly the single-process
+  gradient. This is open_clip's convention; it also holds for uneven shards. Wrap every module that
+  owns parameters feeding the loss in DDP (including a loss module with a learnable temperature).
+* ``grad_mode="exact"``: this rank's inputs get exactly ∂L/∂(its rows); replicated parameters hold
+  their rank share, so their gradients must be *summed* over ranks (all_reduce SUM) — under DDP,
+  multiply the loss by K or use the "ddp" mode.
+
+Inputs that are invalid on one rank raise the same error on every rank (one small all-gather of
+shapes, dtypes, requires_grad and an options checksum precedes the work), instead of leaving the other
+ranks blocked in a collective.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import _backends
+from . import functional as F_
+from . import modules as M
+from . import reference as _reference
+
+__all__ = [
+    "GRAD_MODES",
+    "world_size",
+    "gather_with_grad",
+    "structure_loss",
+    "clip_loss",
+    "StructureLoss",
+    "ClipLoss",
+    "StructureClipLoss",
+]
+
+GRAD_MODES = ("ddp", "exact")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def world_size(group=None) -> int:
+    """Number of ranks in ``group`` (the default group when None); 1 when torch.distributed is not initialized."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("a process group was given but torch.distributed is not initialized")
+        return 1
+    return dist.get_world_size(group)
+
+
+def _grad_scale(grad_mode: str, k: int) -> float:
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {list(GRAD_MODES)}, got {grad_mode!r}")
+    return float(k) if grad_mode == "ddp" else 1.0
+
+
+def _with_grad(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """``value`` exactly (s − s.detach() is exactly 0), with the gradient of ``surrogate``."""
+    return value.detach() + (surrogate - surrogate.detach())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metadata exchange: one small all-gather so that every rank sees every rank's shapes and errors.
+# ---------------------------------------------------------------------------------------------------
+def _meta_device(group, tensors) -> torch.device:
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    if dist.get_backend(group) == "nccl":  # NCCL only moves CUDA tensors
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _exchange(op: str, group, tensors: dict, error: Exception | None, options: tuple = ()) -> list[int]:
+    """All-gather (error flag, options checksum, and per tensor: rows, width, dtype, requires-grad) and
+    raise the same error on every rank if any rank's inputs are invalid or inconsistent with the others'.
+    Returns the row counts of the first tensor on every rank."""
+    vals = list(tensors.values())
+    row = [int(error is not None), zlib.crc32(repr(options).encode())]
+    for t in vals:
+        ok = error is None and isinstance(t, torch.Tensor)
+        row += [
+            t.shape[0] if ok else -1,
+            math.prod(t.shape[1:]) if ok else -1,  # width (the product of the trailing dims)
+            _DTYPES.index(t.dtype) if ok and t.dtype in _DTYPES else -1,
+            int(ok and t.requires_grad and torch.is_grad_enabled()),
+        ]
+    mine = torch.tensor(row, dtype=torch.int64, device=_meta_device(group, vals))
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, mine, group=group)
+    table = [r.tolist() for r in out]
+
+    if error is not None:
+        raise error
+    bad = [r for r, m in enumerate(table) if m[0]]
+    if bad:
+        raise ValueError(f"{op}: rank(s) {bad} of the process group rejected their inputs (see the error raised there)")
+    if len({m[1] for m in table}) > 1:
+        raise ValueError(f"{op}: the options differ across ranks; every rank must pass the same options ({options})")
+    for i, name in enumerate(tensors):
+        rows, width, dtype, grad = ([m[2 + 4 * i + j] for m in table] for j in range(4))
+        if len(set(width)) > 1:
+            raise ValueError(f"{op}: {name} must have the same width on every rank, got widths {width} (rows {rows})")
+        if len(set(dtype)) > 1:
+            names = [str(_DTYPES[d]) if d >= 0 else "other" for d in dtype]
+            raise TypeError(f"{op}: {name} must have the same dtype on every rank, got {names}")
+        if len(set(grad)) > 1:
+            raise ValueError(
+                f"{op}: {name} requires grad on some ranks only ({[bool(g) for g in grad]}); backward is "
+                "collective, so requires_grad and torch.is_grad_enabled() must agree on every rank"
+            )
+    sizes = [m[2] for m in table]
+    if sum(sizes) < 2:
+        raise ValueError(f"{op}: needs N >= 2 rows over all ranks, got per-rank row counts {sizes}")
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------------
+# All-gather with gradient
+# ---------------------------------------------------------------------------------------------------
+class _Gather(torch.autograd.Function):
+    """Forward: the rank-ordered concatenation of every rank's rows (uneven counts: pad to the largest,
+    gather, unpad). Backward: the sum over ranks of the incoming gradients, sliced to this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, t, sizes, rank, group):
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        m = max(sizes)
+        padded = t.new_zeros((m, *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        # all_reduce + slice = reduce-scatter semantics on every backend (gloo has no uneven reduce-scatter).
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None, None, None
+
+
+def _gather(t, sizes, group):
+    return _Gather.apply(t, sizes, dist.get_rank(group), group)
+
+
+def gather_with_grad(t: torch.Tensor, group=None) -> torch.Tensor:
+    """All-gather along dim 0 with gradient: returns every rank's ``t`` concatenated in rank order
+    (row counts may differ between ranks; trailing dims and dtype must agree). Backward sums the
+    gradients that all ranks pass for this rank's slice (torch.distributed.nn.functional.all_gather's
+    semantics), so every rank must run it. World size 1: returns ``t`` itself."""
+    if world_size(group) == 1:
+        return t
+    error = None
+    if not isinstance(t, torch.Tensor) or t.dim() < 1:
+        error = TypeError(f"gather_with_grad: t must be a tensor with at least one dim, got {t!r:.80}")
+    sizes = _exchange("gather_with_grad", group, {"t": t}, error)
+    return _gather(t, sizes, group)
+
+
+# ---------------------------------------------------------------------------------------------------
+# STRUCTURE
+# ---------------------------------------------------------------------------------------------------
+def _rows_logits(u: torch.Tensor, start: int, stop: int, similarity: str, temperature: float, gamma: float):
+    """Rows [start, stop) of the similarity logits (reference.similarity's formulas, an n_r × N panel)."""
+    gram = u[start:stop] @ u.T
+    if similarity == "cosine":
+        return gram / temperature
+    sq = (u * u).sum(dim=1)
+    return torch.exp(-gamma * (sq[start:stop, None] + sq[None, :] - 2.0 * gram))
+
+
+def _rows_partial_torch(xh, zh, start, stop, *, temperature, similarity, gamma, divergence, eps):
+    """(1/N) Σ_{i in [start, stop)} Σ_j term(P_ij, Q_ij) in plain PyTorch: reference.structure_core's level 1."""
+    lx = torch.log_softmax(_rows_logits(xh, start, stop, similarity, temperature, gamma), dim=1)
+    lz = torch.log_softmax(_rows_logits(zh, start, stop, similarity, temperature, gamma), dim=1)
+    if divergence == "js":
+        terms = _reference._js_terms_from_logs(lx, lz)
+    else:
+        terms = _reference._structure_terms(torch.exp(lx), torch.exp(lz), eps)
+    return terms.sum() / xh.shape[0]
+
+
+def structure_loss(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    *,
+    group=None,
+    grad_mode: str = "ddp",
+    levels: int = 1,
+    temperature: float = 0.05,
+    weighting: str = "none",
+    margin: float = 0.0,
+    centering: str = "mean",
+    center_first: bool = False,
+    similarity: str = "cosine",
+    gamma: float = 1.0,
+    divergence: str = "structure",
+    eps: float = 1e-12,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """R_S of :func:`structure_ops.structure_loss` on the global batch; x, z are this rank's rows.
+
+    Same options as the single-process op; ``group``: the process group (default: the world);
+    ``grad_mode``: "ddp" or "exact" (module docstring). Levels 1 are row-sharded; levels > 1 are
+    computed redundantly on every rank (not memory-sharded). Returns the same 0-dim value on every rank.
+    """
+    options = dict(
+        levels=levels, temperature=temperature, weighting=weighting, margin=margin, centering=centering,
+        center_first=center_first, similarity=similarity, gamma=gamma, divergence=divergence, eps=eps, backend=backend,
+    )  # fmt: skip
+    k = world_size(group)
+    if k == 1:
+        _grad_scale(grad_mode, 1)
+        return F_.structure_loss(x, z, **options)
+    error = None
+    try:
+        F_._check_pair("x", x, "z", z, min_rows=0)
+        temperature, margin, gamma, eps, _, s_code, d_code = F_._structure_options(
+            levels, temperature, weighting, margin, centering, center_first, similarity, gamma, divergence, eps
+        )
+        _backends.check_name(backend)
+        c = _grad_scale(grad_mode, k)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    sizes = _exchange("structure_loss", group, {"x": x, "z": z}, error, (tuple(options.items()), grad_mode))
+    xg, zg = _gather(x, sizes, group), _gather(z, sizes, group)
+
+    if levels > 1:
+        full = F_.structure_loss(xg, zg, **options)
+        return _with_grad(full, full * (c / k))
+
+    xh = _reference.prepare(xg, centering=centering, center_first=center_first)
+    zh = _reference.prepare(zg, centering=centering, center_first=center_first)
+    rank = dist.get_rank(group)
+    start = sum(sizes[:rank])
+    stop = start + sizes[rank]
+    if _backends.select("structure_loss", backend, (xh, zh)) == "cpu":
+        grad_on = torch.is_grad_enabled()
+        partial, _, _ = torch.ops.structure_ops.structure_rows_fwd(
+            xh, zh, start, stop, temperature, s_code, gamma, d_code, eps,
+            grad_on and xh.requires_grad, grad_on and zh.requires_grad,
+        )  # fmt: skip
+    else:
+        partial = _rows_partial_torch(
+            xh, zh, start, stop, temperature=temperature, similarity=similarity, gamma=gamma,
+            divergence=divergence, eps=eps,
+        )  # fmt: skip
+    total = partial.detach().clone()
+    dist.all_reduce(total, group=group)
+    shifted = total - margin
+    # The hinge acts on the global D_1: its gate multiplies every rank's partial gradient.
+    gate = (shifted > 0).to(partial.dtype)
+    return _with_grad(torch.relu(shifted), partial * (gate * c))
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLIP
+# ---------------------------------------------------------------------------------------------------
+def clip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    *,
+    group=None,
+    normalize: bool = True,
+    grad_mode: str = "ddp",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Symmetric InfoNCE of :func:`structure_ops.clip_loss` on the global batch; image, text are this
+    rank's rows (row i of each is a pair). ``logit_scale`` (the multiplier s) must be the same on every
+    rank. The sharded path is plain PyTorch on two n_r × N logit panels; ``backend`` is used by the
+    world-size-1 fallback only (and must be a valid name). Returns the same 0-dim value on every rank.
+    """
+    k = world_size(group)
+    if k == 1:
+        _grad_scale(grad_mode, 1)
+        return F_.clip_loss(image, text, logit_scale, normalize=normalize, backend=backend)
+    error = None
+    try:
+        F_._check_pair("image", image, "text", text, min_rows=0, same_width=True)
+        scale = F_._clip_scale(logit_scale, image, normalize).reshape(())
+        _backends.check_name(backend)
+        c = _grad_scale(grad_mode, k)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    sizes = _exchange("clip_loss", group, {"image": image, "text": text}, error, (normalize, grad_mode, backend))
+    if normalize:  # row-local: normalize before gathering
+        image = F.normalize(image, dim=1, eps=1e-12)
+        text = F.normalize(text, dim=1, eps=1e-12)
+    ig, tg = _gather(image, sizes, group), _gather(text, sizes, group)
+    rank = dist.get_rank(group)
+    start = sum(sizes[:rank])
+    labels = torch.arange(start, start + sizes[rank], device=image.device)
+    ce_img = F.cross_entropy((scale * image) @ tg.T, labels, reduction="sum")
+    ce_txt = F.cross_entropy((scale * text) @ ig.T, labels, reduction="sum")
+    partial = 0.5 * (ce_img + ce_txt) / sum(sizes)
+    total = partial.detach().clone()
+    dist.all_reduce(total, group=group)
+    return _with_grad(total, partial * c)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modules: the single-process modules with a sharded forward; same parameters, buffers and state_dict.
+# ---------------------------------------------------------------------------------------------------
+class StructureLoss(M.StructureLoss):
+    """:class:`structure_ops.StructureLoss` over a process group: ``forward(x, z)`` with this rank's rows."""
+
+    def __init__(self, *, process_group=None, grad_mode: str = "ddp", **options) -> None:
+        super().__init__(**options)
+        _grad_scale(grad_mode, 1)
+        self.process_group, self.grad_mode = process_group, grad_mode
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return structure_loss(x, z, group=self.process_group, grad_mode=self.grad_mode, **self.options)
+
+
+class ClipLoss(M.ClipLoss):
+    """:class:`structure_ops.ClipLoss` over a process group: ``forward(image, text, logit_scale=None)``."""
+
+    def __init__(self, temperature: float = 0.05, *, process_group=None, grad_mode: str = "ddp", **kwargs) -> None:
+        super().__init__(temperature, **kwargs)
+        _grad_scale(grad_mode, 1)
+        self.process_group, self.grad_mode = process_group, grad_mode
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | None = None) -> torch.Tensor:
+        scale = self.logit_scale if logit_scale is None else logit_scale
+        return clip_loss(
+            image, text, scale, group=self.process_group, normalize=self.normalize, grad_mode=self.grad_mode,
+            backend=self.backend,
+        )  # fmt: skip
+
+
+class StructureClipLoss(M.StructureClipLoss):
+    """:class:`structure_ops.StructureClipLoss` over a process group; same arguments plus ``process_group``
+    and ``grad_mode``, same :class:`StructureClipOutput`. ``forward`` takes this rank's rows (and its
+    ``*_extra`` rows); R_S is invariant under a common row permutation, so where the extra rows land in
+    the global batch does not change it. A learnable temperature is a replicated parameter: under the
+    "ddp" contract wrap this module (or a model containing it) in DDP so its gradient is averaged."""
+
+    def __init__(
+        self,
+        lam: float = 10.0,
+        warmup: int = 1000,
+        *,
+        process_group=None,
+        grad_mode: str = "ddp",
+        temperature: float = 0.05,
+        learnable_temperature: bool = False,
+        backend: str = "auto",
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            lam, warmup, temperature=temperature, learnable_temperature=learnable_temperature, backend=backend, **kwargs
+        )
+        # Same members, same parameter names (checkpoints are interchangeable), sharded forwards.
+        group = dict(process_group=process_group, grad_mode=grad_mode)
+        self.clip = ClipLoss(temperature, learnable=learnable_temperature, backend=backend, **group)
+        self.structure = StructureLoss(**group, **self.structure.options)
