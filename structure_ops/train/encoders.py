@@ -91,7 +91,9 @@ class Encoder:
 
     def describe(self) -> dict:
         """What identifies the features this encoder produces (part of the cache key)."""
-        return {"name": self.name, "modality": self.modality, "pooling": self.pooling, "layers": self.layer_names}
+        # dtype too: bf16 and fp32 features of one model differ and must not share a cache entry.
+        return {"name": self.name, "modality": self.modality, "pooling": self.pooling, "layers": self.layer_names,
+                "dtype": str(self.dtype).removeprefix("torch.")}
 
 
 class HFEncoder(Encoder):
