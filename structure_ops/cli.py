@@ -41,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = _p(sub, "demo", "the whole pipeline, offline, on real encoders and sklearn digits (~5 min on 2 cores)")
+    demo = _p(sub, "demo", "the whole pipeline, offline, on real encoders and sklearn digits (~1 min on 2 cores)")
     demo.add_argument("--out", default="runs/demo", help="run folder (report.json, summary.md, plots; default runs/demo)")
     demo.add_argument("--backend", default="auto", help="loss backend: auto | reference | cpu | triton | cuda")
-    demo.add_argument("--quick", action="store_true", help="300 images, 1 seed, 40 epochs (~15 s; what CI runs)")
+    demo.add_argument("--quick", action="store_true", help="300 images, 1 seed, 40 epochs (~10 s; what CI runs)")
     demo.add_argument("--seeds", type=int, default=3, help="seeds (splits and initialisations) to average over")
 
     ex = _p(sub, "extract", "extract and cache every layer of both encoders for a captions file",
