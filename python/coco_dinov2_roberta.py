@@ -48,13 +48,15 @@ from structure_ops.train.pipeline import (
     evaluate_heads,
     extract_run,
     load_heads,
+    pick_layers,
     read_manifest,
     run_features,
     save_heads,
     train_heads,
+    zero_shot_features,
 )
 from structure_ops.train.plots import layer_heatmap, training_curves
-from structure_ops.train.selection import LayerScores, score_layers
+from structure_ops.train.selection import score_layers
 from structure_ops.train.trainer import TrainConfig
 
 STAGES = ("extract", "select", "train", "evaluate")
@@ -236,19 +238,9 @@ def stage_select(a: argparse.Namespace) -> None:
           f"last {li} × {lt} = {scores.scores[-1, -1]:.4f}")
 
 
-def chosen_layers(run: Path, rule: str) -> tuple[str, str]:
-    if "," in rule:
-        image_layer, text_layer = (s.strip() for s in rule.split(",", 1))
-        return image_layer, text_layer
-    path = run / "layer_scores.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"--layers {rule} needs {path}: run the select stage first")
-    return LayerScores.from_json(json.loads(path.read_text())).pick(rule)
-
-
 def stage_train(a: argparse.Namespace) -> None:
     m, img, txt = load_run(a.out)
-    layers = chosen_layers(a.out, a.layers)
+    layers = pick_layers(a.out, a.layers)
     cfg = TrainConfig(head=a.head, dim=a.dim, lam=a.lam, warmup=a.warmup, levels=a.levels, weighting=a.weighting,
                       temperature=a.temperature, lr=a.lr, weight_decay=a.weight_decay, epochs=a.epochs,
                       batch_size=a.batch_size, patience=a.patience, seed=a.seed, backend=a.backend, device=a.device,
@@ -265,10 +257,8 @@ def stage_evaluate(a: argparse.Namespace) -> dict:
     m, img, txt = load_run(a.out)
     image_head, text_head, meta = load_heads(a.out / "train" / "heads.safetensors")
     layers, test = tuple(meta["layers"]), m["splits"]["test"]
-    zs, z = None, m.get("zero_shot")
-    if z:
-        zs = (run_features(a.out, m, "image_features", "zero_shot"), run_features(a.out, m, "prompt_features", "zero_shot"),
-              z["labels"], len(z["class_names"]))
+    z = m.get("zero_shot")
+    zs = zero_shot_features(a.out, m, layers)
     metrics = evaluate_heads(image_head, text_head, layers, img, txt, m["image_of"], test, zs)
     cfg = meta["config"]
     report = {

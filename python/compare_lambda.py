@@ -30,13 +30,14 @@ from structure_ops.train.pipeline import (
     aggregate,
     evaluate_heads,
     load_heads,
+    pick_layers,
     read_manifest,
     run_features,
     save_heads,
     train_heads,
+    zero_shot_features,
 )
 from structure_ops.train.plots import metric_bars, training_curves
-from structure_ops.train.selection import LayerScores
 from structure_ops.train.trainer import TrainConfig
 
 RETRIEVAL = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")
@@ -69,25 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def resolve_layers(run: Path, rule: str, img: dict, txt: dict) -> tuple[str, str]:
-    if "," in rule:
-        image_layer, text_layer = (s.strip() for s in rule.split(",", 1))
-        if image_layer not in img or text_layer not in txt:
-            raise ValueError(f"--layers {rule}: image layers are {list(img)}, text layers {list(txt)}")
-        return image_layer, text_layer
-    path = run / "layer_scores.json"
-    if path.is_file():
-        return LayerScores.from_json(json.loads(path.read_text())).pick(rule)
-    if rule == "last":
-        return list(img)[-1], list(txt)[-1]
-    raise FileNotFoundError(f"--layers {rule} needs {path}: run `structure-ops select-layers --run {run}` first")
-
-
 def configurations(a: argparse.Namespace, run: Path, img: dict, txt: dict) -> dict[str, tuple]:
     """{name: (layer rule, (image layer, text layer), λ, levels)} in sweep order; λ = 0 once per layer choice."""
     out = {}
     for rule in a.layers:
-        layers = resolve_layers(run, rule, img, txt)
+        layers = pick_layers(run, rule)
         for lam in a.lams:
             for levels in a.levels[:1] if lam == 0 else a.levels:
                 name = f"{rule} ({layers[0]} × {layers[1]}), λ={lam:g}" + (f", L={levels}" if lam > 0 and len(a.levels) > 1 else "")
@@ -104,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         m = read_manifest(a.run)
         img, txt = run_features(a.run, m, "image_features"), run_features(a.run, m, "text_features")
-        z = m.get("zero_shot")
-        zs = None
-        if z:
-            zs = (run_features(a.run, m, "image_features", "zero_shot"), run_features(a.run, m, "prompt_features", "zero_shot"),
-                  z["labels"], len(z["class_names"]))
+        zs = zero_shot_features(a.run, m)
         configs = configurations(a, a.run, img, txt)
     except (FileNotFoundError, ValueError) as e:
         print(f"{Path(__file__).name}: error: {e}", file=sys.stderr)

@@ -176,23 +176,6 @@ def _cmd_select(a) -> None:
           f"wrote {a.run}/layer_scores.{{json,csv,png}}")
 
 
-def _layers(run, rule: str) -> tuple[str, str]:
-    from .train.selection import LayerScores
-
-    if "," in rule:
-        li, lt = (s.strip() for s in rule.split(",", 1))
-        return li, lt
-    path = Path(run) / "layer_scores.json"
-    if rule == "last" and not path.is_file():
-        from .train.pipeline import read_manifest, run_features
-
-        m = read_manifest(run)
-        return list(run_features(run, m, "image_features"))[-1], list(run_features(run, m, "text_features"))[-1]
-    if not path.is_file():
-        raise CliError(f"--layers {rule} needs {path}: run `structure-ops select-layers --run {run}` first")
-    return LayerScores.from_json(json.loads(path.read_text())).pick(rule)
-
-
 def _init_distributed():
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the group (NCCL on GPUs, gloo on CPUs)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -208,13 +191,15 @@ def _init_distributed():
 
 
 def _cmd_train(a) -> None:
-    from .train.pipeline import save_heads, train_heads
+    from .train.pipeline import pick_layers, read_manifest, run_features, save_heads, train_heads
     from .train.plots import training_curves
     from .train.trainer import TrainConfig
 
     rank, device = _init_distributed()
-    m, img, txt = _load_run(a.run)
-    layers = _layers(a.run, a.layers)
+    m = read_manifest(a.run)
+    layers = pick_layers(a.run, a.layers, m)
+    img = run_features(a.run, m, "image_features", layers=[layers[0]])  # only the two layers it trains on
+    txt = run_features(a.run, m, "text_features", layers=[layers[1]])
     cfg = TrainConfig(head=a.head, dim=a.dim, lam=a.lam, warmup=a.warmup, levels=a.levels, temperature=a.temperature,
                       lr=a.lr, epochs=a.epochs, batch_size=a.batch_size, patience=a.patience, seed=a.seed,
                       backend=a.backend, device=device or a.device)
@@ -231,16 +216,15 @@ def _cmd_train(a) -> None:
 
 def _cmd_evaluate(a) -> None:
     from .train.features import atomic_write_text
-    from .train.pipeline import evaluate_heads, load_heads, run_features
+    from .train.pipeline import evaluate_heads, load_heads, read_manifest, run_features, zero_shot_features
 
-    m, img, txt = _load_run(a.run)
+    m = read_manifest(a.run)
     hi, ht, meta = load_heads(Path(a.run) / "train" / "heads.safetensors")
-    zs = None
-    if m.get("zero_shot"):
-        z = m["zero_shot"]
-        zs = (run_features(a.run, m, "image_features", "zero_shot"), run_features(a.run, m, "prompt_features", "zero_shot"),
-              z["labels"], len(z["class_names"]))
-    metrics = evaluate_heads(hi, ht, tuple(meta["layers"]), img, txt, m["image_of"], m["splits"][a.split], zs)
+    layers = tuple(meta["layers"])
+    img = run_features(a.run, m, "image_features", layers=[layers[0]])
+    txt = run_features(a.run, m, "text_features", layers=[layers[1]])
+    zs = zero_shot_features(a.run, m, layers)
+    metrics = evaluate_heads(hi, ht, layers, img, txt, m["image_of"], m["splits"][a.split], zs)
     atomic_write_text(Path(a.run) / "metrics.json", json.dumps({"split": a.split, "layers": meta["layers"], **metrics}, indent=1) + "\n")
     for k, v in metrics.items():
         print(f"{k:16s} {v:.4f}")

@@ -422,3 +422,28 @@ def test_torchrun_training_matches_single_process(tmp_path):
     assert one.keys() == two.keys()
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+
+
+def test_load_selected_layers_and_pick_layers(tmp_path):
+    from safetensors.torch import save_file
+
+    from structure_ops.train.pipeline import pick_layers, read_manifest
+
+    xi, xt = _toy(30)
+    save_file({"a": xi, "b": xi[:, :3].contiguous()}, str(tmp_path / "i.safetensors"))
+    save_file({"t": xt, "u": xt[:, :2].contiguous()}, str(tmp_path / "t.safetensors"))
+    only = load_features(tmp_path / "i.safetensors", ["b"])
+    assert list(only) == ["b"] and torch.equal(only["b"], xi[:, :3])
+    with pytest.raises(ValueError, match=r"unknown layers \['c'\]"):
+        load_features(tmp_path / "i.safetensors", ["c"])
+    run = tmp_path / "run"
+    assert cli(["extract", "--image-features", str(tmp_path / "i.safetensors"), "--text-features",
+                str(tmp_path / "t.safetensors"), "--out", str(run)]) == 0
+    assert pick_layers(run, "last") == ("b", "u")  # no layer_scores.json needed for "last"
+    assert pick_layers(run, " a , t") == ("a", "t")
+    with pytest.raises(FileNotFoundError, match="select-layers"):
+        pick_layers(run, "best")
+    with pytest.raises(ValueError, match="unknown text layer 'v'"):
+        pick_layers(run, "a,v", read_manifest(run))
+    with pytest.raises(ValueError, match="layer rule must be"):
+        pick_layers(run, "first")

@@ -114,8 +114,11 @@ def save_features(path: str | os.PathLike, features: dict[str, torch.Tensor], de
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
 
 
-def load_features(path: str | os.PathLike) -> LayerFeatures:
-    """Load a feature file written by :func:`save_features` (or any safetensors file of (n, d) tensors)."""
+def load_features(path: str | os.PathLike, layers: list[str] | None = None) -> LayerFeatures:
+    """Load a feature file written by :func:`save_features` (or any safetensors file of (n, d) tensors).
+
+    ``layers``: load only these (safetensors reads tensors one at a time; training needs two of dozens).
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -125,7 +128,12 @@ def load_features(path: str | os.PathLike) -> LayerFeatures:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("structure_ops", "{}"))
             names = meta.get("description", {}).get("encoder", {}).get("layers") or list(f.keys())
-            tensors = {k: f.get_tensor(k).float() for k in names}
+            unknown = sorted(set(layers or ()) - set(f.keys()))
+            if unknown:
+                raise KeyError(f"unknown layers {unknown}; layers: {names}")
+            tensors = {k: f.get_tensor(k).float() for k in names if layers is None or k in layers}
+    except KeyError as e:
+        raise ValueError(f"{path}: {e.args[0]}") from None
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors feature file: {type(e).__name__}: {e}") from None
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}

@@ -86,9 +86,56 @@ def extract_run(run: str | os.PathLike, pairs: Pairs, image_encoder: Encoder, te
     return manifest
 
 
-def run_features(run: str | os.PathLike, manifest: dict, key: str, section: str | None = None) -> LayerFeatures:
+def run_features(run: str | os.PathLike, manifest: dict, key: str, section: str | None = None,
+                 layers: list[str] | None = None) -> LayerFeatures:
+    """A feature file of the run (``key`` of the manifest, or of its ``section``), optionally only some layers."""
     entry = manifest[section] if section else manifest
-    return load_features(Path(run) / entry[key])
+    return load_features(Path(run) / entry[key], layers)
+
+
+def layer_names(run: str | os.PathLike, manifest: dict) -> tuple[list[str], list[str]]:
+    """(image layers, text layers) of a run, read from the feature files' headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    names = []
+    for key in ("image_features", "text_features"):
+        with safe_open(str(Path(run) / manifest[key]), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("structure_ops", "{}"))
+            names.append(meta.get("description", {}).get("encoder", {}).get("layers") or list(f.keys()))
+    return names[0], names[1]
+
+
+def pick_layers(run: str | os.PathLike, rule: str, manifest: dict | None = None) -> tuple[str, str]:
+    """The (image layer, text layer) for ``rule``: "best" or "last" from ``layer_scores.json`` (written by
+    layer selection; "last" also works without it), or an explicit "IMAGE_LAYER,TEXT_LAYER"."""
+    manifest = manifest if manifest is not None else read_manifest(run)
+    image_layers, text_layers = layer_names(run, manifest)
+    if "," in rule:
+        li, lt = (s.strip() for s in rule.split(",", 1))
+        for name, layer, known in (("image", li, image_layers), ("text", lt, text_layers)):
+            if layer not in known:
+                raise ValueError(f"unknown {name} layer {layer!r}; layers: {known}")
+        return li, lt
+    if rule not in ("best", "last"):
+        raise ValueError(f"layer rule must be 'best', 'last' or 'IMAGE_LAYER,TEXT_LAYER', got {rule!r}")
+    path = Path(run) / "layer_scores.json"
+    if path.is_file():
+        from .selection import LayerScores
+
+        return LayerScores.from_json(json.loads(path.read_text())).pick(rule)
+    if rule == "last":
+        return image_layers[-1], text_layers[-1]
+    raise FileNotFoundError(f"layers 'best' need {path}: run `structure-ops select-layers --run {run}` first")
+
+
+def zero_shot_features(run: str | os.PathLike, manifest: dict, layers: tuple[str, str] | None = None):
+    """(image features, prompt features, labels, number of classes) of the run's zero-shot set, or None."""
+    z = manifest.get("zero_shot")
+    if not z:
+        return None
+    li, lt = ([layers[0]], [layers[1]]) if layers else (None, None)
+    return (run_features(run, manifest, "image_features", "zero_shot", li),
+            run_features(run, manifest, "prompt_features", "zero_shot", lt), z["labels"], len(z["class_names"]))
 
 
 def paired_rows(img: dict, txt: dict, image_of, rows, layers: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
