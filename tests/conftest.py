@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import require_cpu_extension
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The flag is read when a
+# kernel is decorated, so it must be set before any structure_ops._triton module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
