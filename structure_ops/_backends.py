@@ -21,6 +21,34 @@ OPS = ("structure_loss", "clip_loss", "knn")
 _COMPILED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_ERROR: list[str | None] = []
+
+
+def triton_error() -> str | None:
+    """Import the Triton backend (registering its kernels); None if it loaded, else the reason."""
+    if not _TRITON_ERROR:
+        try:
+            importlib.import_module("structure_ops._triton.ops")
+            _TRITON_ERROR.append(None)
+        except Exception as exc:  # ImportError, or a triton too old for the kernels
+            _TRITON_ERROR.append(f"the Triton backend failed to load ({type(exc).__name__}: {exc})")
+    return _TRITON_ERROR[0]
+
+
+TRITON_PASSES = ("auto", "rows", "flash")
+
+
+@torch.compiler.assume_constant_result
+def triton_pass() -> str:
+    """Level-1 pass structure of the Triton structure_loss (KERNELS.md §2): STRUCTURE_OPS_TRITON_PASS =
+    "rows" (row panels, gradient in forward), "flash" (fused tiles, O(N) state) or "auto" (per shape)."""
+    mode = os.environ.get("STRUCTURE_OPS_TRITON_PASS", "auto") or "auto"
+    if mode not in TRITON_PASSES:
+        raise ValueError(f"STRUCTURE_OPS_TRITON_PASS must be one of {list(TRITON_PASSES)}, got {mode!r}")
+    return mode
+
+
 def check_name(backend: str) -> None:
     """ValueError unless ``backend`` is "auto" or a known backend name."""
     if backend != "auto" and backend not in BACKENDS:
@@ -44,11 +72,17 @@ def reasons(backend: str, op: str, devices: tuple[str, ...], dtypes: tuple[torch
             out.append(err)
         return out
     if backend == "triton":
-        out.append("not implemented in this release (the Triton kernels are a planned backend)")
         if importlib.util.find_spec("triton") is None:
             out.append("triton is not installed")
-        if on != {"cuda"}:
-            out.append(f"needs CUDA tensors, got device(s) {sorted(on)}")
+        interpreted = on == {"cpu"} and os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if on != {"cuda"} and not interpreted:
+            out.append(f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got device(s) {sorted(on)}")
+        if any(d not in TRITON_DTYPES for d in dtypes):
+            out.append(f"supports {[str(d) for d in TRITON_DTYPES]}")
+        if not out:  # only now import triton: the checks above are free
+            err = triton_error()
+            if err:
+                out.append(err)
         return out
     # cuda
     if on != {"cuda"}:
@@ -78,6 +112,8 @@ def _select(op: str, backend: str, devices: tuple[str, ...], dtypes: tuple[torch
         backend = os.environ.get("STRUCTURE_OPS_BACKEND", "auto") or "auto"
     if backend == "auto":
         for name in AUTO_ORDER:
+            if name == "triton" and "cuda" not in devices:
+                continue  # the interpreter is for tests: CPU tensors reach Triton only when asked for by name
             if not reasons(name, op, devices, dtypes):
                 return name
     if backend not in BACKENDS:

@@ -17,6 +17,10 @@ Ops (all inputs already normalized/centered by structure_ops.functional):
   clip_fwd(image, text, logit_scale) -> (loss, lse_row, lse_col)
   clip_bwd(grad, image, text, logit_scale, lse_row, lse_col) -> (grad_image, grad_text, grad_logit_scale)
   knn(a, k) -> indices (N, k) int64
+
+The Triton backend has its own ops with the same schemas (``triton_structure_fwd`` adds the level-1 pass
+structure ``mode`` = "auto" | "rows" | "flash"), implemented in structure_ops/_triton/ops.py, so a CUDA
+build of the C++ extension and the Triton kernels can both be present and be chosen per call.
 """
 
 from __future__ import annotations
@@ -46,6 +50,16 @@ _lib.define(
     "-> (Tensor, Tensor, Tensor)"
 )
 _lib.define("knn(Tensor a, int k) -> Tensor")
+_lib.define(
+    "triton_structure_fwd(Tensor xh, Tensor zh, int levels, float temperature, int weighting, float margin, "
+    "int similarity, float gamma, int divergence, float eps, str mode, bool grad_x, bool grad_z) -> (Tensor, Tensor, Tensor)"
+)
+_lib.define("triton_clip_fwd(Tensor image, Tensor text, Tensor logit_scale) -> (Tensor, Tensor, Tensor)")
+_lib.define(
+    "triton_clip_bwd(Tensor grad, Tensor image, Tensor text, Tensor logit_scale, Tensor lse_row, Tensor lse_col) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+_lib.define("triton_knn(Tensor a, int k) -> Tensor")
 
 
 def _stat_dtype(t: torch.Tensor) -> torch.dtype:
@@ -80,6 +94,18 @@ def _clip_bwd_fake(grad, image, text, logit_scale, lse_row, lse_col):
 @torch.library.register_fake("structure_ops::knn")
 def _knn_fake(a, k):
     return a.new_empty((a.shape[0], k), dtype=torch.long)
+
+
+@torch.library.register_fake("structure_ops::triton_structure_fwd")
+def _triton_structure_fwd_fake(xh, zh, levels, temperature, weighting, margin, similarity, gamma, divergence, eps,
+                               mode, grad_x, grad_z):
+    return _structure_fwd_fake(xh, zh, levels, temperature, weighting, margin, similarity, gamma, divergence, eps,
+                               grad_x, grad_z)
+
+
+torch.library.register_fake("structure_ops::triton_clip_fwd", _clip_fwd_fake)
+torch.library.register_fake("structure_ops::triton_clip_bwd", _clip_bwd_fake)
+torch.library.register_fake("structure_ops::triton_knn", _knn_fake)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,8 +143,8 @@ def _structure_backward(ctx, grad_loss, _grad_gx, _grad_gz):
     return (dx, dz) + (None,) * (ctx.n_inputs - 2)
 
 
-torch.library.register_autograd("structure_ops::structure_fwd", _structure_backward, setup_context=_structure_setup)
-torch.library.register_autograd("structure_ops::structure_rows_fwd", _structure_backward, setup_context=_structure_setup)
+for _op in ("structure_fwd", "structure_rows_fwd", "triton_structure_fwd"):
+    torch.library.register_autograd(f"structure_ops::{_op}", _structure_backward, setup_context=_structure_setup)
 
 
 def _clip_setup(ctx, inputs, output):
@@ -127,13 +153,19 @@ def _clip_setup(ctx, inputs, output):
     ctx.save_for_backward(image, text, logit_scale, lse_row, lse_col)
 
 
-def _clip_backward(ctx, grad_loss, _grad_r, _grad_c):
-    _no_double_backward("clip_loss")
-    image, text, logit_scale, lse_row, lse_col = ctx.saved_tensors
-    return torch.ops.structure_ops.clip_bwd(grad_loss, image, text, logit_scale, lse_row, lse_col)
+def _clip_backward_with(bwd_op: str):
+    def backward(ctx, grad_loss, _grad_r, _grad_c):
+        _no_double_backward("clip_loss")
+        image, text, logit_scale, lse_row, lse_col = ctx.saved_tensors
+        return getattr(torch.ops.structure_ops, bwd_op)(grad_loss, image, text, logit_scale, lse_row, lse_col)
+
+    return backward
 
 
-torch.library.register_autograd("structure_ops::clip_fwd", _clip_backward, setup_context=_clip_setup)
+torch.library.register_autograd("structure_ops::clip_fwd", _clip_backward_with("clip_bwd"), setup_context=_clip_setup)
+torch.library.register_autograd(
+    "structure_ops::triton_clip_fwd", _clip_backward_with("triton_clip_bwd"), setup_context=_clip_setup
+)
 
 
 # ---------------------------------------------------------------------------------------------------

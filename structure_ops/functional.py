@@ -142,9 +142,14 @@ def structure_loss(
     xh = _reference.prepare(x, centering=centering, center_first=center_first)
     zh = _reference.prepare(z, centering=centering, center_first=center_first)
     grad_on = torch.is_grad_enabled()
+    flags = (grad_on and xh.requires_grad, grad_on and zh.requires_grad)
+    if name == "triton":
+        loss, _, _ = torch.ops.structure_ops.triton_structure_fwd(
+            xh, zh, levels, temperature, w_code, margin, s_code, gamma, d_code, eps, _backends.triton_pass(), *flags
+        )  # fmt: skip
+        return loss
     loss, _, _ = torch.ops.structure_ops.structure_fwd(
-        xh, zh, levels, temperature, w_code, margin, s_code, gamma, d_code, eps,
-        grad_on and xh.requires_grad, grad_on and zh.requires_grad,
+        xh, zh, levels, temperature, w_code, margin, s_code, gamma, d_code, eps, *flags
     )  # fmt: skip
     return loss
 
@@ -201,7 +206,8 @@ def clip_loss(
     if normalize:
         image = F.normalize(image, dim=1, eps=1e-12)
         text = F.normalize(text, dim=1, eps=1e-12)
-    loss, _, _ = torch.ops.structure_ops.clip_fwd(image, text, scale)
+    clip_fwd = torch.ops.structure_ops.triton_clip_fwd if name == "triton" else torch.ops.structure_ops.clip_fwd
+    loss, _, _ = clip_fwd(image, text, scale)
     return loss
 
 
@@ -222,6 +228,8 @@ def knn(a: torch.Tensor, k: int | str = "rice", *, normalize: bool = True, backe
     name = _backends.select("knn", backend, (a,))
     if name == "reference":
         return _reference.knn(a, k)
+    if name == "triton":
+        return torch.ops.structure_ops.triton_knn(a, k)
     return torch.ops.structure_ops.knn(a, k)
 
 
