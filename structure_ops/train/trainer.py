@@ -309,6 +309,13 @@ class Trainer:
                 out = self._loss(train_heads, objective, rows, extra, step)
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
+                if self.world > 1:  # a learnable temperature lives outside DDP: average its gradient as DDP would
+                    import torch.distributed as dist
+
+                    for p in objective.parameters():
+                        if p.grad is not None:
+                            dist.all_reduce(p.grad)
+                            p.grad /= self.world
                 for h in heads:
                     nn.utils.clip_grad_norm_(h.parameters(), cfg.grad_clip)
                 opt.step()
