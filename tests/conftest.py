@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
-from helpers import require_cpu_extension
 
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The flag is read when a
-# kernel is decorated, so it must be set before any structure_ops._triton module is imported.
+# kernel is decorated, and also when triton builds its own library helpers (tl.sum, tl.max, ...), which
+# happens as soon as anything imports triton (torch._dynamo does): set it before any other import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from helpers import require_cpu_extension  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of every Triton kernel for real GPUs, on a machine without one.
 
 ``python -m structure_ops._triton.aot`` compiles each entry of the kernel modules' ``AOT_KERNELS`` lists
-(a kernel, its signature and constexprs: representative fp32 and bf16 configurations) for sm_80 (A100) and
+(a kernel, its signature, constexprs and optionally compile options such as num_warps; a module's
+``AOT_OPTIONS`` apply to all its entries: representative fp32 and bf16 configurations) for sm_80 (A100) and
 sm_90 (H100) with ``triton.compile(..., target=GPUTarget("cuda", cc, 32))``, then runs Triton's bundled
 ptxas with ``-v`` on the PTX to report registers and spills. Codegen errors that the interpreter cannot see
 (layouts, shared memory, dot shapes) surface here; CI fails on any of them, and on spills with --no-spills.
@@ -56,16 +57,20 @@ def compile_all(targets=TARGETS, modules=MODULES) -> list[dict]:
         except Exception as e:  # a module that does not import is a failure of every kernel in it
             rows.append({"module": mod_name, "kernel": "-", "cc": "-", "ok": False, "error": f"{type(e).__name__}: {e}"})
             continue
-        for kernel, signature, constexprs in entries:
+        module_options = getattr(mod, "AOT_OPTIONS", {})  # num_warps/num_stages the host launches use
+        for entry in entries:
+            kernel, signature, constexprs = entry[:3]
+            options = {**module_options, **(entry[3] if len(entry) > 3 else {})}
             fn = getattr(kernel, "fn", kernel)
             config = ",".join(f"{k}={v}" for k, v in constexprs.items())
             dtypes = sorted({v for v in signature.values() if v.startswith("*")})
             for cc in targets:
-                row = {"module": mod_name, "kernel": fn.__name__, "config": config, "pointers": dtypes, "cc": cc}
+                row = {"module": mod_name, "kernel": fn.__name__, "config": config, "pointers": dtypes, "cc": cc,
+                       "options": options}
                 t = time.perf_counter()
                 try:
                     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                              target=GPUTarget("cuda", cc, 32))
+                                              target=GPUTarget("cuda", cc, 32), options=options or None)
                     ptx = compiled.asm["ptx"]
                     row.update(ok=True, seconds=round(time.perf_counter() - t, 2), wgmma="wgmma" in ptx,
                                mma="mma" in ptx, **_ptxas_usage(ptx, cc))
