@@ -1,0 +1,825 @@
+r"""STRUCTURE regularizer, Triton backend: host entry ``structure_fwd`` and the row-panel kernels.
+
+Math (X̂ = xh: N × d_x, Ẑ = zh: N × d_z, already normalized and centered; csrc/cpu/structure_cpu.cpp computes
+the same thing, option codes as in structure_ops/_options.py):
+
+    S^U = Û Ûᵀ / τ   (cosine)   or   S^U_ij = exp(−γ (‖û_i‖² + ‖û_j‖² − 2 ⟨û_i, û_j⟩))   (rbf, no τ)
+    P = softmax_rows(S^X), Q = softmax_rows(S^Z) (diagonal kept),  O_l = Pˡ, A_l = Qˡ
+    D_l = (1/N) Σ_ij term(O_l,ij, A_l,ij)
+      "structure": term = ¼ (Õ + Ã) log1p((Õ − Ã)² / (4 Õ Ã)),  Õ = O + ε, Ã = A + ε
+                   (= ½ M̃ · (−log1p(−r²)), r = (Õ − Ã)/(Õ + Ã); evaluated as log1p((d/Õ)(d/Ã)/4), d = Õ − Ã, which
+                   has no cancellation and, unlike log1p(−r²), no log1p(−1) = −inf in fp32 when Õ/Ã ~ 1/ε)
+      "js":        term = ½ [O log(O/M) + A log(A/M)],  M = (O + A)/2 (level 1 from log-probabilities)
+    R_S = (1/L) Σ_l w_l · relu(D_l − margin),  w_l = 1 ("none") or 1/l ("inverse")
+
+Gradient (KERNELS.md §1, §3), computed in the forward call (the loss is a scalar: backward only scales it):
+    level 1:  g = ∂term/∂Q, ḡ_i = Σ_j Q_ij g_ij, dS^Z = W = Q∘(g − ḡ)/N     (dS^X: same with P, ∂term/∂P)
+    levels:   adj(A_L) = c_L G_L,  adj(A_{l−1}) = c_{l−1} G_{l−1} + adj(A_l) Qᵀ,  adj(Q) += A_{l−1}ᵀ adj(A_l),
+              G_l = ∂D_l/∂A_l, c_l = w_l/L when the margin gate is open (else 0);
+              dS^Z = Q∘(adj(Q) − rowsum(Q∘adj(Q))) + c_1 W_1
+    chain:    cosine dẐ = (dS + dSᵀ) Ẑ / τ;   rbf K = S∘dS, dẐ = 2γ [(K + Kᵀ) Ẑ − (K·1 + Kᵀ·1)∘Ẑ]
+
+Pass structures:
+  level 1, mode "rows" (KERNELS.md §2a): row panels I of B rows (B from the panel budget): the Gram panels
+    X̂_I X̂ᵀ, Ẑ_I Ẑᵀ by torch GEMMs, then ONE fused Triton row kernel (``_l1_rows_kernel``) per panel → ℓ_i and W_I
+    (rbf: S∘W_I and its row sums), then GEMMs dẐ_I += W_I Ẑ/τ, dẐ += W_Iᵀ Ẑ_I/τ. Memory: 2–4 B × N panels.
+  level 1, mode "flash" (KERNELS.md §2b): structure_flash.structure_level1_flash (O(N) memory); margin on top.
+  levels > 1 (KERNELS.md §3): the level-1 row kernel also writes P, Q (and W_1) into N × N buffers; powers by one
+    torch GEMM per level and side; ``_level_div_kernel`` is the fused divergence epilogue of each level (row
+    losses and G_l in one pass); the adjoint products by torch GEMMs; ``_softmax_bwd_kernel`` applies the softmax
+    Jacobian, adds c_1 W_1 and (rbf) multiplies by S.
+
+Precision: fp32 and bf16/fp16 inputs compute in fp32 (half inputs are upcast once, O(N·d), exactly as the C++ op
+does: a bf16 GEMM output would round logits by ~0.04 at 1/τ = 20); the torch GEMMs honour
+torch.get_float32_matmul_precision() ("high" → TF32). fp64 inputs compute in fp64 throughout (scalars reach the
+kernels through a small tensor in the compute dtype, so 1/τ, γ, ε, 1/N, ln 2 are not rounded to fp32). The
+tensor-core bf16 route is mode "flash". The kernels therefore only ever see fp32 or fp64 buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, compute_dtype, next_pow2, panel_rows
+
+log = logging.getLogger("structure_ops")
+
+__all__ = ["structure_fwd", "choose_mode", "multilevel_memory_estimate", "MODES", "AOT_KERNELS"]
+
+MODES = ("auto", "rows", "flash")
+_COSINE, _RBF = 0, 1
+_STRUCTURE, _JS = 0, 1
+_NONE, _INVERSE = 0, 1
+
+# Tiles of the row kernels: a program owns BLOCK_M rows and streams them in column blocks of BLOCK_N. On a GPU
+# a tile holds ≤ 2048 fp32 / 512 fp64 elements (16 / 4 per thread at 4 warps: the live temporaries of pass 2
+# fit in registers, ≤ 170 fp32 registers and no spills for sm_80/sm_90; accumulators are per row); under the interpreter a whole panel in one program is fastest (its
+# cost is per program and per op). Tests lower the caps to run the column loop and ragged row blocks.
+MAX_BLOCK_N = 4096 if INTERPRET else 1024
+MAX_BLOCK_M = 64 if INTERPRET else 8
+_TILE_BYTES = 1 << 30 if INTERPRET else 8192
+
+# Layout of the scalar-parameter tensor read by every kernel (compute dtype, so fp64 keeps full precision).
+_P_INV_TAU, _P_GAMMA, _P_EPS, _P_INV_N, _P_LN2, _P_TINY = range(6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Elementwise helpers (inlined into the kernels)
+# ---------------------------------------------------------------------------------------------------------------
+# Only core builtins inside the kernels (tl.full / tl.reduce, not tl.zeros / tl.sum / tl.max): those are @jit
+# functions of triton.language.standard, and when triton was imported before TRITON_INTERPRET=1 was set (torch
+# imports triton) the interpreter refuses to call them. Same code on the GPU.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _max2(a, b):
+    return tl.maximum(a, b)
+
+
+if INTERPRET:
+    # The interpreter reduces with numpy only for the standard combine functions (compared by identity, never
+    # called); with our own it runs a Python loop.
+    _add = getattr(tl.standard, "_sum_combine", _add)
+    _max2 = getattr(tl.standard, "_elementwise_max", _max2)
+
+
+@triton.jit
+def _row_sum(x):
+    return tl.reduce(x, 1, _add)
+
+
+@triton.jit
+def _row_max(x):
+    return tl.reduce(x, 1, _max2)
+
+
+@triton.jit
+def _log1p(x):
+    # No libdevice (portable subset): log1p(x) = log(u)·x/(u − 1), u = fl(1 + x) (Goldberg). u − 1 is exact, and
+    # the ratio x/(u − 1) restores what rounding 1 + x lost, so the result is within a few ulp for all x > −1.
+    # tl.log is libdevice-accurate on the GPU (not lg2.approx), which this identity needs near u = 1.
+    u = 1.0 + x
+    d = u - 1.0
+    r = tl.log(u) * (x / tl.where(d == 0.0, 1.0, d))
+    r = tl.where(d == 0.0, x, r)
+    return tl.where(u == float("inf"), u, r)
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + e^x) without overflow.
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _tile_logits(g_rows, sq_ptr, sq_i, offs, cmask, mask, inv_tau, gamma, RBF: tl.constexpr):
+    # A [BLOCK_M, BLOCK_N] tile of logits from Gram rows g_ij = ⟨û_i, û_j⟩ (g_rows: [BLOCK_M, 1] row pointers,
+    # offs/cmask: [1, BLOCK_N] columns, sq_i: [BLOCK_M, 1]). Padding gets −1e30, not −inf: its probability is
+    # still exactly 0 (every real row has a real logit in its first block), and padded lanes never evaluate
+    # −inf − (−inf) (NaN, and numpy warnings under the interpreter).
+    g = tl.load(g_rows + offs, mask=mask, other=0.0)
+    if RBF:
+        sq_j = tl.load(sq_ptr + offs, mask=cmask, other=0.0)
+        s = tl.exp(-gamma * (sq_i + sq_j - 2.0 * g))
+    else:
+        s = g * inv_tau
+    return tl.where(mask, s, -1e30)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel 1: the fused level-1 row kernel (one program per BLOCK_M panel rows)
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _l1_rows_kernel(
+    gx_ptr, gz_ptr, stride_g,        # Gram panels X̂_I X̂ᵀ, Ẑ_I Ẑᵀ (b × N), row stride stride_g
+    sqx_ptr, sqz_ptr,                # ‖x̂_j‖², ‖ẑ_j‖² (N; rbf only)
+    par_ptr,                         # [1/τ, γ, ε, 1/N, ln 2, tiny] in the compute dtype
+    row0, b, n,                      # global index of the panel's first row, rows in the panel, N
+    loss_ptr,                        # ℓ_i (N; written at the global row)
+    wx_ptr, wz_ptr, stride_w,        # out: W_X, W_Z panel rows (b × N, local rows); also scratch for P∘g_P, Q∘g_Q
+    ksx_ptr, ksz_ptr,                # out (RBF_K): Σ_j S_ij W_ij per global row (N)
+    p_ptr, q_ptr, stride_p,          # out (WRITE_PQ): rows of P, Q (N × N, global rows)
+    RBF: tl.constexpr, JS: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Z: tl.constexpr,
+    RBF_K: tl.constexpr, WRITE_PQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Rows i of the panel, a = S^X_i − lseX_i, b = S^Z_i − lseZ_i, P = e^a, Q = e^b:
+    #   pass 1  online (max, Σexp) per lane over column blocks → lseX_i, lseZ_i
+    #   pass 2  ℓ_i = Σ_j term(P_ij, Q_ij);  Q∘g, P∘g (stored as scratch in W) and their row sums ḡ
+    #           "structure": T = log1p((d/P̃)(d/Q̃)/4), d = P̃ − Q̃;  term = ¼(P̃ + Q̃)T;
+    #                        Q∘g = ¼QT − ¼P̃(Q/Q̃)  (the +¼ of ∂term/∂Q cancels against ḡ since Σ_j Q_ij = 1;
+    #                        P̃·(Q/Q̃) ≤ P̃ avoids the 1/ε-sized ratio P̃/Q̃)
+    #           "js": log(Q/M) = ln2 − softplus(a − b), log(P/M) = ln2 − softplus(b − a)  (no underflow, no ε);
+    #                 term = ½[P log(P/M) + Q log(Q/M)],  Q∘g = ½ Q log(Q/M)
+    #   pass 3  W = (Q∘g − Q ḡ)/N (Q recomputed from the Gram row; RBF_K: S∘W and its row sum)
+    # Per-row accumulators in the compute dtype (fp32 or fp64); each block is reduced before it is added.
+    pid = tl.program_id(0)
+    dt = gz_ptr.dtype.element_ty
+    inv_tau = tl.load(par_ptr + 0)
+    gamma = tl.load(par_ptr + 1)
+    eps = tl.load(par_ptr + 2)
+    inv_n = tl.load(par_ptr + 3)
+    ln2 = tl.load(par_ptr + 4)
+    loc = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # local row in the panel
+    rmask = loc < b
+    gi = row0 + loc  # global row
+    loc64 = loc.to(tl.int64)[:, None]
+    gx_rows = gx_ptr + loc64 * stride_g
+    gz_rows = gz_ptr + loc64 * stride_g
+    wx_rows = wx_ptr + loc64 * stride_w
+    wz_rows = wz_ptr + loc64 * stride_w
+    if RBF:
+        sqx_i = tl.load(sqx_ptr + gi, mask=rmask, other=0.0)[:, None]
+        sqz_i = tl.load(sqz_ptr + gi, mask=rmask, other=0.0)[:, None]
+    else:
+        sqx_i = inv_tau
+        sqz_i = inv_tau
+    cols = tl.arange(0, BLOCK_N)[None, :]
+
+    # pass 1: online log-sum-exp, one (max, Σexp) per row (padding: −1e30 logits, weight exp(−1e30 − max) = 0).
+    m_x = tl.full([BLOCK_M], -1e30, dt)
+    m_z = tl.full([BLOCK_M], -1e30, dt)
+    l_x = tl.full([BLOCK_M], 0.0, dt)
+    l_z = tl.full([BLOCK_M], 0.0, dt)
+    for start in range(0, n, BLOCK_N):
+        offs = start + cols
+        cmask = offs < n
+        mask = rmask[:, None] & cmask
+        sx = _tile_logits(gx_rows, sqx_ptr, sqx_i, offs, cmask, mask, inv_tau, gamma, RBF)
+        sz = _tile_logits(gz_rows, sqz_ptr, sqz_i, offs, cmask, mask, inv_tau, gamma, RBF)
+        mx_new = tl.maximum(m_x, _row_max(sx))
+        mz_new = tl.maximum(m_z, _row_max(sz))
+        l_x = l_x * tl.exp(m_x - mx_new) + _row_sum(tl.exp(sx - mx_new[:, None]))
+        l_z = l_z * tl.exp(m_z - mz_new) + _row_sum(tl.exp(sz - mz_new[:, None]))
+        m_x = mx_new
+        m_z = mz_new
+    lse_x = (m_x + tl.log(l_x))[:, None]
+    lse_z = (m_z + tl.log(l_z))[:, None]
+
+    # pass 2: divergence terms, row loss, Q∘g / P∘g and ḡ (row sums per block: no tile-sized accumulators).
+    acc = tl.full([BLOCK_M], 0.0, dt)
+    acc_gx = tl.full([BLOCK_M], 0.0, dt)
+    acc_gz = tl.full([BLOCK_M], 0.0, dt)
+    for start in range(0, n, BLOCK_N):
+        offs = start + cols
+        cmask = offs < n
+        mask = rmask[:, None] & cmask
+        a = _tile_logits(gx_rows, sqx_ptr, sqx_i, offs, cmask, mask, inv_tau, gamma, RBF) - lse_x
+        b_ = _tile_logits(gz_rows, sqz_ptr, sqz_i, offs, cmask, mask, inv_tau, gamma, RBF) - lse_z
+        p = tl.exp(a)
+        q = tl.exp(b_)
+        if JS:
+            delta = a - b_
+            sp = _softplus(delta)
+            log_qm = ln2 - sp
+            log_pm = ln2 - (sp - delta)
+            val = 0.5 * (p * log_pm + q * log_qm)
+            qg = 0.5 * q * log_qm
+            pg = 0.5 * p * log_pm
+        else:
+            pt = p + eps
+            qt = q + eps
+            d = pt - qt
+            t = _log1p((d / pt) * (d / qt) * 0.25)
+            val = 0.25 * (pt + qt) * t
+            qg = 0.25 * q * t - 0.25 * pt * (q / qt)
+            pg = 0.25 * p * t - 0.25 * qt * (p / pt)
+        acc += _row_sum(tl.where(mask, val, 0.0))
+        if GRAD_Z:
+            qg = tl.where(mask, qg, 0.0)
+            acc_gz += _row_sum(qg)
+            tl.store(wz_rows + offs, qg, mask=mask)
+        if GRAD_X:
+            pg = tl.where(mask, pg, 0.0)
+            acc_gx += _row_sum(pg)
+            tl.store(wx_rows + offs, pg, mask=mask)
+        if WRITE_PQ:
+            prow = gi.to(tl.int64)[:, None] * stride_p
+            tl.store(p_ptr + prow + offs, p, mask=mask)
+            tl.store(q_ptr + prow + offs, q, mask=mask)
+    tl.store(loss_ptr + gi, acc, mask=rmask)
+
+    # pass 3: W = (Q∘g − Q ḡ)/N in place of the scratch (each lane re-reads only what it wrote itself).
+    if GRAD_Z or GRAD_X:
+        gbar_z = acc_gz[:, None]
+        gbar_x = acc_gx[:, None]
+        ks_x = tl.full([BLOCK_M], 0.0, dt)
+        ks_z = tl.full([BLOCK_M], 0.0, dt)
+        for start in range(0, n, BLOCK_N):
+            offs = start + cols
+            cmask = offs < n
+            mask = rmask[:, None] & cmask
+            if GRAD_Z:
+                sz = _tile_logits(gz_rows, sqz_ptr, sqz_i, offs, cmask, mask, inv_tau, gamma, RBF)
+                q = tl.exp(sz - lse_z)
+                w = (tl.load(wz_rows + offs, mask=mask, other=0.0) - q * gbar_z) * inv_n
+                if RBF_K:
+                    w = tl.where(mask, sz * w, 0.0)
+                    ks_z += _row_sum(w)
+                tl.store(wz_rows + offs, w, mask=mask)
+            if GRAD_X:
+                sx = _tile_logits(gx_rows, sqx_ptr, sqx_i, offs, cmask, mask, inv_tau, gamma, RBF)
+                p = tl.exp(sx - lse_x)
+                w = (tl.load(wx_rows + offs, mask=mask, other=0.0) - p * gbar_x) * inv_n
+                if RBF_K:
+                    w = tl.where(mask, sx * w, 0.0)
+                    ks_x += _row_sum(w)
+                tl.store(wx_rows + offs, w, mask=mask)
+        if RBF_K:
+            if GRAD_Z:
+                tl.store(ksz_ptr + gi, ks_z, mask=rmask)
+            if GRAD_X:
+                tl.store(ksx_ptr + gi, ks_x, mask=rmask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel 2: divergence epilogue of one level > 1 (one program per BLOCK_M rows of the two powers)
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _level_div_kernel(
+    o_ptr, a_ptr, stride,            # O = Pˡ, A = Qˡ (N × N)
+    par_ptr, n,
+    loss_ptr,                        # Σ_j term per row (N)
+    go_ptr, ga_ptr,                  # out: ∂D/∂O, ∂D/∂A (N × N, same strides), already / N
+    JS: tl.constexpr, GRAD_O: tl.constexpr, GRAD_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # "structure": T = log1p((d/Õ)(d/Ã)/4), term = ¼(Õ + Ã)T, ∂term/∂A = ¼T − ¼Õ/Ã (+¼, dropped: a constant
+    #   adjoint is annihilated by the power chain and the softmax Jacobian because every row sums to 1).
+    # "js" on probabilities, clamped at the dtype's smallest normal number (as the C++ op and the reference):
+    #   log(O/M) = log1p(r), log(A/M) = log1p(−r), r = (O − A)/(O + A) where |r| < ½ (no cancellation of two
+    #   logs), log O − log M elsewhere; term = ½[O log(O/M) + A log(A/M)], ∂term/∂A = ½ log(A/M), zero where A
+    #   was clamped.
+    pid = tl.program_id(0)
+    dt = a_ptr.dtype.element_ty
+    eps = tl.load(par_ptr + 2)
+    inv_n = tl.load(par_ptr + 3)
+    tiny = tl.load(par_ptr + 5)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n
+    base = rows.to(tl.int64)[:, None] * stride
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    acc = tl.full([BLOCK_M], 0.0, dt)
+    for start in range(0, n, BLOCK_N):
+        offs = start + cols
+        cmask = offs < n
+        mask = rmask[:, None] & cmask
+        o = tl.load(o_ptr + base + offs, mask=mask, other=1.0)
+        a = tl.load(a_ptr + base + offs, mask=mask, other=1.0)
+        if JS:
+            oc = tl.maximum(o, tiny)
+            ac = tl.maximum(a, tiny)
+            # Near O ≈ A the two-log difference cancels: use log1p(±r) there; far apart r rounds to ±1 (log1p(−1)
+            # = −inf for O ≪ A), so use the logs there.
+            r = (oc - ac) / (oc + ac)
+            lm = tl.log(0.5 * (oc + ac))
+            near = tl.abs(r) < 0.5
+            rn = tl.where(near, r, 0.0)  # both branches are evaluated: keep log1p away from −1
+            lo = tl.where(near, _log1p(rn), tl.log(oc) - lm)
+            la = tl.where(near, _log1p(-rn), tl.log(ac) - lm)
+            val = 0.5 * (oc * lo + ac * la)
+            ga = tl.where(a >= tiny, 0.5 * la, 0.0)
+            go = tl.where(o >= tiny, 0.5 * lo, 0.0)
+        else:
+            ot = o + eps
+            at = a + eps
+            d = ot - at
+            t = _log1p((d / ot) * (d / at) * 0.25)
+            val = 0.25 * (ot + at) * t
+            ga = 0.25 * t - 0.25 * (ot / at)
+            go = 0.25 * t - 0.25 * (at / ot)
+        acc += _row_sum(tl.where(mask, val, 0.0))
+        if GRAD_A:
+            tl.store(ga_ptr + base + offs, ga * inv_n, mask=mask)
+        if GRAD_O:
+            tl.store(go_ptr + base + offs, go * inv_n, mask=mask)
+    tl.store(loss_ptr + rows, acc, mask=rmask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel 3: softmax Jacobian of the multilevel backward (+ level-1 term, + rbf factor)
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _softmax_bwd_kernel(
+    p_ptr, adj_ptr, w_ptr, stride,   # P (softmax), adj(P), W_1 (N × N, global rows); the result overwrites W_1
+    coef_ptr,                        # c_1 (device scalar: the level-1 gate·weight, no host sync)
+    g_ptr, stride_g, sq_ptr,         # rbf: Gram panel rows (local) and ‖û_j‖² (N)
+    par_ptr, row0, b, n,             # first global row, rows in this launch, N
+    ks_ptr,                          # out (rbf): Σ_j K_ij per global row (N)
+    RBF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # dS_ij = P_ij (adj_ij − Σ_k P_ik adj_ik) + c_1 W_1,ij;   rbf: K_ij = S_ij dS_ij (2γ applied by the caller).
+    pid = tl.program_id(0)
+    dt = p_ptr.dtype.element_ty
+    inv_tau = tl.load(par_ptr + 0)
+    gamma = tl.load(par_ptr + 1)
+    c1 = tl.load(coef_ptr)
+    loc = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = loc < b
+    gi = row0 + loc
+    base = gi.to(tl.int64)[:, None] * stride
+    g_rows = g_ptr + loc.to(tl.int64)[:, None] * stride_g
+    if RBF:
+        sq_i = tl.load(sq_ptr + gi, mask=rmask, other=0.0)[:, None]
+    else:
+        sq_i = inv_tau
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    dot = tl.full([BLOCK_M], 0.0, dt)
+    for start in range(0, n, BLOCK_N):
+        offs = start + cols
+        cmask = offs < n
+        mask = rmask[:, None] & cmask
+        p = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
+        adj = tl.load(adj_ptr + base + offs, mask=mask, other=0.0)
+        dot += _row_sum(p * adj)
+    rdot = dot[:, None]
+    ks = tl.full([BLOCK_M], 0.0, dt)
+    for start in range(0, n, BLOCK_N):
+        offs = start + cols
+        cmask = offs < n
+        mask = rmask[:, None] & cmask
+        p = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
+        adj = tl.load(adj_ptr + base + offs, mask=mask, other=0.0)
+        w1 = tl.load(w_ptr + base + offs, mask=mask, other=0.0)
+        ds = p * (adj - rdot) + c1 * w1
+        if RBF:
+            s = _tile_logits(g_rows, sq_ptr, sq_i, offs, cmask, mask, inv_tau, gamma, RBF)
+            ds = tl.where(mask, s * ds, 0.0)
+            ks += _row_sum(ds)
+        tl.store(w_ptr + base + offs, ds, mask=mask)
+    if RBF:
+        tl.store(ks_ptr + gi, ks, mask=rmask)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------------------------
+def choose_mode(n: int, dx: int, dz: int, dtype: torch.dtype) -> str:
+    """Level-1 pass for mode="auto": "rows" (pass a) or "flash" (pass b).
+
+    LEAD: fill from GPU measurements (benchmarks/bench_structure.py). Until then: always "rows". If this returns
+    "flash" and structure_flash is missing or raises NotImplementedError for the options, "auto" runs "rows".
+    """
+    return "rows"
+
+
+def _tiles(n: int, rows: int, esize: int) -> dict:
+    """Launch meta-parameters of the row kernels: rows of length n, launches of up to ``rows`` rows."""
+    cap = max(16, _TILE_BYTES // esize // (2 if esize == 8 else 1))  # fp64 math needs twice the registers
+    block_n = min(next_pow2(n), next_pow2(MAX_BLOCK_N), cap)
+    block_m = max(1, min(next_pow2(rows), next_pow2(MAX_BLOCK_M), cap // block_n))
+    if not INTERPRET:
+        # Memory-bound streaming: keep ≥ ~1024 programs in flight (a few per SM) before packing rows together.
+        while block_m > 1 and triton.cdiv(rows, block_m) < 1024:
+            block_m //= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+
+
+def _params(cdt: torch.dtype, device, n: int, temperature: float, gamma: float, eps: float) -> torch.Tensor:
+    # Built by fill_ (a kernel launch), not torch.tensor(list) (an H2D copy): safe under CUDA-graph capture.
+    par = torch.empty(6, dtype=cdt, device=device)
+    vals = (1.0 / temperature if temperature > 0 else 0.0, gamma, eps, 1.0 / n, math.log(2.0), torch.finfo(cdt).tiny)
+    for i, v in enumerate(vals):
+        par[i].fill_(v)
+    return par
+
+
+def _unavailable_reason(device: torch.device) -> str | None:
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and INTERPRET:
+        return None
+    return (f"structure_fwd (triton) needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before import), "
+            f"got {device}")
+
+
+def _check_inputs(xh, zh, levels, temperature, weighting, similarity, divergence, eps, mode) -> None:
+    # The checks of the C++ op (csrc/common/checks.h and structure_fwd_cpu), RuntimeError as TORCH_CHECK raises.
+    for name, t in (("x", xh), ("z", zh)):
+        if t.dim() != 2:
+            raise RuntimeError(f"{name} must be a 2-D (N, d) tensor, got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise RuntimeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.shape[0] < 2:
+            raise RuntimeError(f"{name} needs at least N = 2 rows, got shape {tuple(t.shape)}")
+        if t.shape[1] < 1:
+            raise RuntimeError(f"{name} needs at least one feature column, got shape {tuple(t.shape)}")
+    if xh.shape[0] != zh.shape[0]:
+        raise RuntimeError(f"x and z must have the same number of rows N, got {tuple(xh.shape)} and {tuple(zh.shape)}")
+    if xh.dtype != zh.dtype:
+        raise RuntimeError(f"x and z must have the same dtype, got {xh.dtype} and {zh.dtype}")
+    if xh.device != zh.device:
+        raise RuntimeError(f"x and z must be on the same device, got {xh.device} and {zh.device}")
+    if xh.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise RuntimeError(f"structure_fwd (triton) supports float16, bfloat16, float32 and float64, got {xh.dtype}")
+    if levels < 1:
+        raise RuntimeError(f"levels must be >= 1, got {levels}")
+    if similarity not in (_COSINE, _RBF):
+        raise RuntimeError(f"unknown similarity code {similarity}")
+    if divergence not in (_STRUCTURE, _JS):
+        raise RuntimeError(f"unknown divergence code {divergence}")
+    if weighting not in (_NONE, _INVERSE):
+        raise RuntimeError(f"unknown weighting code {weighting}")
+    if similarity != _RBF and not temperature > 0:
+        raise RuntimeError(f"temperature must be > 0, got {temperature}")
+    if divergence != _JS and not eps > 0:
+        raise RuntimeError(f"eps must be > 0 for divergence='structure', got {eps}")
+    if mode not in MODES:
+        raise RuntimeError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    reason = _unavailable_reason(xh.device)
+    if reason:
+        raise RuntimeError(reason)
+
+
+def _gate(d: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """relu(d − margin) with torch.relu's semantics, as the C++ op: (value, gate); NaN propagates with an open gate.
+    Device tensors only: no host sync."""
+    shifted = d - margin
+    gate = (shifted > 0) | torch.isnan(shifted)
+    return torch.where(gate, shifted, torch.zeros_like(shifted)), gate
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Level 1, pass (a): row panels
+# ---------------------------------------------------------------------------------------------------------------
+def _sq_norms(u: torch.Tensor) -> torch.Tensor:
+    return (u * u).sum(dim=1)
+
+
+def _level1_rows(x, z, par, temperature, gamma, rbf, js, grad_x, grad_z):
+    """D_1 (0-dim fp64 tensor) and ∂D_1/∂X̂, ∂D_1/∂Ẑ (compute dtype, or None) by row panels."""
+    n = x.shape[0]
+    dev, cdt = x.device, x.dtype
+    esize = x.element_size()
+    nbuf = 2 + int(grad_x) + int(grad_z)
+    rows = panel_rows(n, nbuf * n * esize)
+    gram_x = torch.empty(rows, n, dtype=cdt, device=dev)
+    gram_z = torch.empty(rows, n, dtype=cdt, device=dev)
+    wx = torch.empty(rows, n, dtype=cdt, device=dev) if grad_x else par
+    wz = torch.empty(rows, n, dtype=cdt, device=dev) if grad_z else par
+    sqx = _sq_norms(x) if rbf else par
+    sqz = _sq_norms(z) if rbf else par
+    ksx = torch.empty(n, dtype=cdt, device=dev) if rbf and grad_x else par
+    ksz = torch.empty(n, dtype=cdt, device=dev) if rbf and grad_z else par
+    colx = torch.zeros(n, dtype=cdt, device=dev) if rbf and grad_x else None
+    colz = torch.zeros(n, dtype=cdt, device=dev) if rbf and grad_z else None
+    gx = torch.zeros_like(x) if grad_x else None
+    gz = torch.zeros_like(z) if grad_z else None
+    row_loss = torch.empty(n, dtype=cdt, device=dev)
+    # cosine: dÛ = (W + Wᵀ) Û / τ;  rbf: the kernel emits K' = S∘W, dÛ = 2γ[(K' + K'ᵀ) Û − (K'1 + K'ᵀ1)∘Û].
+    alpha = 2.0 * gamma if rbf else 1.0 / temperature
+    meta = _tiles(n, rows, esize)
+    for r0 in range(0, n, rows):
+        b = min(rows, n - r0)
+        sx, sz = gram_x[:b], gram_z[:b]
+        torch.mm(x[r0 : r0 + b], x.T, out=sx)
+        torch.mm(z[r0 : r0 + b], z.T, out=sz)
+        _l1_rows_kernel[(triton.cdiv(b, meta["BLOCK_M"]),)](
+            sx, sz, n, sqx, sqz, par, r0, b, n, row_loss, wx, wz, n, ksx, ksz, par, par, 0,
+            RBF=rbf, JS=js, GRAD_X=grad_x, GRAD_Z=grad_z, RBF_K=rbf, WRITE_PQ=False, **meta,
+        )  # fmt: skip
+        for want, w, u, g, col in ((grad_z, wz, z, gz, colz), (grad_x, wx, x, gx, colx)):
+            if not want:
+                continue
+            wb = w[:b]
+            g[r0 : r0 + b].addmm_(wb, u, alpha=alpha)
+            g.addmm_(wb.T, u[r0 : r0 + b], alpha=alpha)
+            if rbf:
+                col += wb.sum(dim=0)
+    if rbf:
+        if grad_z:
+            gz.sub_((ksz + colz)[:, None] * z, alpha=alpha)
+        if grad_x:
+            gx.sub_((ksx + colx)[:, None] * x, alpha=alpha)
+    d = row_loss.sum(dtype=torch.float64) / n  # fixed reduction order: deterministic
+    return d, gx, gz
+
+
+def _flash(xh, zh, temperature, similarity, gamma, divergence, eps, grad_x, grad_z):
+    from .structure_flash import structure_level1_flash  # lazy: the module is optional
+
+    return structure_level1_flash(xh, zh, temperature, similarity, gamma, divergence, eps, grad_x, grad_z)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Levels > 1: materialized powers
+# ---------------------------------------------------------------------------------------------------------------
+def multilevel_memory_estimate(n: int, levels: int, element_size: int, grad_x: bool, grad_z: bool) -> int:
+    """Bytes of N × N buffers held at the peak of the levels > 1 path.
+
+    P and Q; per side with a gradient: the powers 2..L, G_2..G_L, W_1 and adj(P) (2L); per side without one: the
+    current and the next power (2); plus one transient product.
+    """
+    per_side = [2 * levels if g else 2 for g in (grad_x, grad_z)]
+    return (2 + sum(per_side) + 1) * n * n * element_size
+
+
+def _available_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes usable for new N × N buffers, description) — monkeypatched by the tests."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(0.9 * (free + cached)), f"90% of the {(free + cached) / 2**30:.2f} GiB free on {device}"
+    try:
+        phys = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62, "unknown RAM"
+    return int(0.8 * phys), f"80% of this machine's {phys / 2**30:.2f} GiB of RAM"
+
+
+def _check_multilevel_memory(n, levels, esize, grad_x, grad_z, device) -> None:
+    est = multilevel_memory_estimate(n, levels, esize, grad_x, grad_z)
+    avail, what = _available_memory(device)
+    if est > avail:
+        raise RuntimeError(
+            f"structure_loss (triton) with levels={levels} materializes about {est / 2**30:.2f} GiB of N x N matrices "
+            f"at N={n}, more than {what}; use levels=1 (row panels, bounded memory) or a smaller batch"
+        )
+
+
+def _multilevel(x, z, par, levels, temperature, weighting, margin, gamma, rbf, js, grad_x, grad_z):
+    n = x.shape[0]
+    dev, cdt = x.device, x.dtype
+    esize = x.element_size()
+    _check_multilevel_memory(n, levels, esize, grad_x, grad_z, dev)
+    nn = dict(dtype=cdt, device=dev)
+    p, q = torch.empty(n, n, **nn), torch.empty(n, n, **nn)
+    w1x = torch.empty(n, n, **nn) if grad_x else par
+    w1z = torch.empty(n, n, **nn) if grad_z else par
+    row_loss = torch.empty(levels, n, **nn)
+    sqx = _sq_norms(x) if rbf else par
+    sqz = _sq_norms(z) if rbf else par
+
+    # Level 1: Gram panels → the fused row kernel writes P, Q, W_1 (= ∂D_1/∂S, unscaled) and ℓ_i.
+    rows = panel_rows(n, 2 * n * esize)
+    gram_x, gram_z = torch.empty(rows, n, **nn), torch.empty(rows, n, **nn)
+    meta = _tiles(n, rows, esize)
+    for r0 in range(0, n, rows):
+        b = min(rows, n - r0)
+        sx, sz = gram_x[:b], gram_z[:b]
+        torch.mm(x[r0 : r0 + b], x.T, out=sx)
+        torch.mm(z[r0 : r0 + b], z.T, out=sz)
+        wx = w1x[r0 : r0 + b] if grad_x else par
+        wz = w1z[r0 : r0 + b] if grad_z else par
+        _l1_rows_kernel[(triton.cdiv(b, meta["BLOCK_M"]),)](
+            sx, sz, n, sqx, sqz, par, r0, b, n, row_loss[0], wx, wz, n, par, par, p, q, n,
+            RBF=rbf, JS=js, GRAD_X=grad_x, GRAD_Z=grad_z, RBF_K=False, WRITE_PQ=True, **meta,
+        )  # fmt: skip
+    del gram_x, gram_z, sx, sz
+
+    # Levels 2..L: one product per side and level, then the fused divergence epilogue.
+    meta = _tiles(n, n, esize)
+    powers_x, powers_z = [p], [q]
+    gs_x, gs_z = [None], [None]
+    for level in range(2, levels + 1):
+        nx = torch.mm(powers_x[-1], p)
+        nz = torch.mm(powers_z[-1], q)
+        go = torch.empty(n, n, **nn) if grad_x else par
+        ga = torch.empty(n, n, **nn) if grad_z else par
+        _level_div_kernel[(triton.cdiv(n, meta["BLOCK_M"]),)](
+            nx, nz, n, par, n, row_loss[level - 1], go, ga, JS=js, GRAD_O=grad_x, GRAD_A=grad_z, **meta
+        )
+        # Keep every power (and G_l) of a side that needs a gradient; otherwise only P and the current power.
+        powers_x = powers_x + [nx] if grad_x else [p, nx]
+        powers_z = powers_z + [nz] if grad_z else [q, nz]
+        if grad_x:
+            gs_x.append(go)
+        if grad_z:
+            gs_z.append(ga)
+
+    # Margin gate and weights per level, on the device (no host sync).
+    d = row_loss.sum(dim=1, dtype=torch.float64) / n
+    lv = torch.arange(1, levels + 1, dtype=torch.float64, device=dev)
+    w = 1.0 / lv if weighting == _INVERSE else torch.ones_like(lv)
+    value, gate = _gate(d, margin)
+    loss = (w * value).sum() / levels
+    coef = torch.where(gate, w / levels, torch.zeros_like(w)).to(cdt)
+
+    grads = []
+    for want, powers, gs, w1, u, sq in ((grad_x, powers_x, gs_x, w1x, x, sqx), (grad_z, powers_z, gs_z, w1z, z, sqz)):
+        if not want:
+            grads.append(None)
+            continue
+        grads.append(_side_backward(powers, gs, coef, w1, u, sq, par, temperature, gamma, rbf))
+        powers.clear()
+        gs.clear()
+    return loss, grads[0], grads[1]
+
+
+def _side_backward(powers, gs, coef, w1, u, sq, par, temperature, gamma, rbf):
+    """Adjoint of the power chain of one side, the softmax Jacobian (+ c_1 W_1) and the chain to Û."""
+    levels = len(powers)
+    p = powers[0]
+    n = p.shape[0]
+    adj = gs[levels - 1].mul_(coef[levels - 1])  # adj(R_L) = c_L G_L
+    gs[levels - 1] = None
+    adj_p = torch.zeros_like(p)
+    for level in range(levels, 1, -1):
+        adj_p.addmm_(powers[level - 2].T, adj)  # adj(P) += R_{l−1}ᵀ adj(R_l)
+        if level - 1 >= 2:
+            prev = gs[level - 2].mul_(coef[level - 2])  # adj(R_{l−1}) = c_{l−1} G_{l−1} + adj(R_l) Pᵀ
+            gs[level - 2] = None
+            prev.addmm_(adj, p.T)
+            adj = prev
+        else:
+            adj_p.addmm_(adj, p.T)  # R_1 = P: its adjoint joins adj(P) directly (level 1 itself is c_1 W_1)
+        powers[level - 1] = None
+    del adj
+    # dS = P∘(adj(P) − rowsum(P∘adj(P))) + c_1 W_1, written over W_1 (rbf: times S, per Gram panel).
+    ks = torch.empty(n, dtype=p.dtype, device=p.device) if rbf else par
+    if rbf:
+        rows = panel_rows(n, n * p.element_size())
+        gram = torch.empty(rows, n, dtype=p.dtype, device=p.device)
+        meta = _tiles(n, rows, p.element_size())
+        for r0 in range(0, n, rows):
+            b = min(rows, n - r0)
+            g = gram[:b]
+            torch.mm(u[r0 : r0 + b], u.T, out=g)
+            _softmax_bwd_kernel[(triton.cdiv(b, meta["BLOCK_M"]),)](
+                p, adj_p, w1, n, coef, g, n, sq, par, r0, b, n, ks, RBF=True, **meta
+            )
+        del gram
+    else:
+        meta = _tiles(n, n, p.element_size())
+        _softmax_bwd_kernel[(triton.cdiv(n, meta["BLOCK_M"]),)](
+            p, adj_p, w1, n, coef, par, 0, par, par, 0, n, n, par, RBF=False, **meta
+        )
+    del adj_p
+    alpha = 2.0 * gamma if rbf else 1.0 / temperature
+    grad = torch.mm(w1, u).mul_(alpha)
+    grad.addmm_(w1.T, u, alpha=alpha)
+    if rbf:
+        grad.sub_((ks + w1.sum(dim=0))[:, None] * u, alpha=alpha)
+    return grad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------
+def structure_fwd(
+    xh: torch.Tensor,
+    zh: torch.Tensor,
+    levels: int,
+    temperature: float,
+    weighting: int,
+    margin: float,
+    similarity: int,
+    gamma: float,
+    divergence: int,
+    eps: float,
+    grad_x: bool,
+    grad_z: bool,
+    mode: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""R_S on normalized-and-centered inputs and, when asked, ∂R_S/∂X̂, ∂R_S/∂Ẑ: torch.ops.structure_ops.structure_fwd's
+    contract, on the Triton kernels.
+
+    Args:
+        xh: X̂, (N, d_x). zh: Ẑ, (N, d_z); same N, dtype and device (CUDA, or CPU under TRITON_INTERPRET=1).
+        levels: L ≥ 1. temperature: τ > 0 (cosine). weighting: 0 "none", 1 "inverse". margin: per-level hinge.
+        similarity: 0 "cosine", 1 "rbf". gamma: γ of rbf. divergence: 0 "structure", 1 "js". eps: ε > 0 of
+        "structure". grad_x, grad_z: compute the gradient w.r.t. X̂ / Ẑ in the same call.
+        mode: level-1 pass: "rows" (row panels), "flash" (structure_flash, O(N) memory) or "auto"
+        (:func:`choose_mode`; "rows" when flash is unavailable for the inputs). Levels > 1 always materialize P, Q.
+    Returns:
+        (loss, gx, gz): loss a 0-dim tensor in the input dtype; gx (N, d_x), gz (N, d_z) contiguous in the input
+        dtype, or empty (0,) tensors when not requested.
+    Shape:
+        xh (N, d_x), zh (N, d_z) with N ≥ 2.
+    Supported: float32, bfloat16, float16 (fp32 math) and float64 (fp64 math; mode "flash" has no fp64).
+
+    Equivalent to ``structure_ops.reference.structure_core`` (value) and its autograd gradients.
+    """
+    _check_inputs(xh, zh, levels, temperature, weighting, similarity, divergence, eps, mode)
+    in_dtype, dev = xh.dtype, xh.device
+    cdt = compute_dtype(in_dtype)
+    n = xh.shape[0]
+    rbf, js = similarity == _RBF, divergence == _JS
+    with torch.no_grad():
+        gx = gz = None
+        if levels == 1:
+            use = mode
+            if mode == "auto":
+                use = choose_mode(n, xh.shape[1], zh.shape[1], in_dtype)
+            result = None
+            if use == "flash":
+                try:
+                    result = _flash(xh, zh, temperature, similarity, gamma, divergence, eps, grad_x, grad_z)
+                except (ImportError, NotImplementedError) as exc:
+                    if mode == "flash":
+                        raise RuntimeError(
+                            f"structure_fwd (triton): mode='flash' is unavailable for {tuple(xh.shape)} "
+                            f"{in_dtype} on {dev}: {type(exc).__name__}: {exc}; use mode='rows' or 'auto'"
+                        ) from exc
+                    log.debug("structure_fwd (triton): flash unavailable (%s), using rows", exc)
+            if result is not None:
+                d, gx, gz = result
+                d = d.to(torch.float64)
+                gx = gx if grad_x else None
+                gz = gz if grad_z else None
+            else:
+                x = xh.to(cdt).contiguous()
+                z = zh.to(cdt).contiguous()
+                par = _params(cdt, dev, n, temperature, gamma, eps)
+                d, gx, gz = _level1_rows(x, z, par, temperature, gamma, rbf, js, grad_x, grad_z)
+            loss, gate = _gate(d, margin)
+            # A closed gate zeroes the gradient (torch.relu's backward); where, not a product, so NaN·0 stays 0.
+            gx = None if gx is None else torch.where(gate, gx, torch.zeros((), dtype=gx.dtype, device=dev))
+            gz = None if gz is None else torch.where(gate, gz, torch.zeros((), dtype=gz.dtype, device=dev))
+        else:
+            x = xh.to(cdt).contiguous()
+            z = zh.to(cdt).contiguous()
+            par = _params(cdt, dev, n, temperature, gamma, eps)
+            loss, gx, gz = _multilevel(x, z, par, levels, temperature, weighting, margin, gamma, rbf, js, grad_x, grad_z)
+        out = loss.to(in_dtype)
+        gx = gx.to(in_dtype).contiguous() if grad_x else xh.new_empty((0,))
+        gz = gz.to(in_dtype).contiguous() if grad_z else zh.new_empty((0,))
+    return out, gx, gz
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation entries (structure_ops/_triton/aot.py compiles them for sm_80 and sm_90)
+# ---------------------------------------------------------------------------------------------------------------
+def _aot_entries() -> list[tuple[object, dict[str, str], dict[str, object]]]:
+    # The kernels only see fp32 buffers for fp32, bf16 and fp16 inputs (half inputs are upcast before the GEMMs),
+    # so the fp32 entries are also the bf16/fp16 configurations; fp64 entries cover the fp64 path. Tiles as
+    # _tiles picks them on a GPU: N ≥ 1024 → (2, 1024) fp32 / (1, 512) fp64; small N → more rows per program.
+    entries = []
+    for ptr, bm, bn in (("*fp32", 2, 1024), ("*fp64", 1, 512)):
+        for rbf, js, gx, gz, rbf_k, pq, block_m, block_n in (
+            (False, False, False, True, False, False, bm, bn),
+            (False, True, True, True, False, False, bm, bn),
+            (True, False, True, True, True, False, bm, bn),
+            (False, False, True, True, False, True, bm, bn),
+            (True, True, False, True, False, True, 4 * bm, 256 // bm),
+            (False, False, False, False, False, False, bm, bn),
+        ):
+            sig = {k: ptr for k in ("gx_ptr", "gz_ptr", "sqx_ptr", "sqz_ptr", "par_ptr", "loss_ptr", "wx_ptr",
+                                    "wz_ptr", "ksx_ptr", "ksz_ptr", "p_ptr", "q_ptr")}
+            sig.update(stride_g="i32", row0="i32", b="i32", n="i32", stride_w="i32", stride_p="i32")
+            const = dict(RBF=rbf, JS=js, GRAD_X=gx, GRAD_Z=gz, RBF_K=rbf_k, WRITE_PQ=pq, BLOCK_M=block_m,
+                         BLOCK_N=block_n)
+            sig.update({k: "constexpr" for k in const})
+            entries.append((_l1_rows_kernel, sig, const))
+        for js, go, ga in ((False, False, True), (True, True, True)):
+            sig = {k: ptr for k in ("o_ptr", "a_ptr", "par_ptr", "loss_ptr", "go_ptr", "ga_ptr")}
+            sig.update(stride="i32", n="i32")
+            const = dict(JS=js, GRAD_O=go, GRAD_A=ga, BLOCK_M=bm, BLOCK_N=bn)
+            sig.update({k: "constexpr" for k in const})
+            entries.append((_level_div_kernel, sig, const))
+        for rbf in (False, True):
+            sig = {k: ptr for k in ("p_ptr", "adj_ptr", "w_ptr", "coef_ptr", "g_ptr", "sq_ptr", "par_ptr", "ks_ptr")}
+            sig.update(stride="i32", stride_g="i32", row0="i32", b="i32", n="i32")
+            const = dict(RBF=rbf, BLOCK_M=bm, BLOCK_N=bn)
+            sig.update({k: "constexpr" for k in const})
+            entries.append((_softmax_bwd_kernel, sig, const))
+    return entries
+
+
+AOT_KERNELS = _aot_entries()

@@ -1,0 +1,388 @@
+"""Triton STRUCTURE kernels (structure_ops/_triton/structure.py) against the float64 oracle.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by conftest.py),
+which is slow per program and per op: small awkward shapes (N = 7, 13, 37; d = 3, 5, 17), with the panel height
+and the tile caps forced small so that every path runs several ragged row panels, ragged row blocks and a
+column-block loop with a ragged last block. Expected values come from structure_ops.reference (float64, autograd
+gradients) evaluated on the same rounded inputs, and from the C++ op for the return conventions.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from helpers import rel_err, structured  # noqa: E402
+
+from structure_ops import reference  # noqa: E402
+from structure_ops._options import DIVERGENCES, SIMILARITIES, WEIGHTINGS  # noqa: E402
+from structure_ops._triton import structure as S  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DEFAULTS = dict(levels=1, temperature=0.05, weighting=0, margin=0.0, similarity=0, gamma=1.0, divergence=0, eps=1e-12)
+FLASH_MOD = "structure_ops._triton.structure_flash"
+
+
+def inputs(n, dx, dz, dtype=torch.float32, seed=0, device=DEV):
+    """Normalized-and-centered X̂, Ẑ (prepared in float64, then rounded to ``dtype``)."""
+    x, z = structured(n, dx, dz, seed=seed)
+    xh, zh = reference.prepare(x), reference.prepare(z)
+    return xh.to(device=device, dtype=dtype), zh.to(device=device, dtype=dtype)
+
+
+def opts(**kw):
+    o = dict(DEFAULTS)
+    o.update(kw)
+    return o
+
+
+def run(xh, zh, o, grad_x=True, grad_z=True, mode="rows"):
+    return S.structure_fwd(
+        xh, zh, o["levels"], o["temperature"], o["weighting"], o["margin"], o["similarity"], o["gamma"],
+        o["divergence"], o["eps"], grad_x, grad_z, mode=mode,
+    )  # fmt: skip
+
+
+def oracle(xh, zh, o):
+    """reference.structure_core in float64 on the (rounded) inputs, with its autograd gradients."""
+    x = xh.detach().double().requires_grad_(True)
+    z = zh.detach().double().requires_grad_(True)
+    with torch.enable_grad():  # also when called from inside structure_fwd (the flash stub)
+        loss = reference.structure_core(
+            x, z, levels=o["levels"], temperature=o["temperature"], weighting=WEIGHTINGS[o["weighting"]],
+            margin=o["margin"], similarity_kind=SIMILARITIES[o["similarity"]], gamma=o["gamma"],
+            divergence=DIVERGENCES[o["divergence"]], eps=o["eps"],
+        )  # fmt: skip
+        gx, gz = torch.autograd.grad(loss, (x, z))
+    return loss.detach(), gx, gz
+
+
+def level_values(xh, zh, o):
+    """D_1 … D_L (no margin, no weights) from the oracle: D_l = l·R(l) − (l−1)·R(l−1) with w = 1, margin 0."""
+    r = [0.0]
+    for level in range(1, o["levels"] + 1):
+        r.append(oracle(xh, zh, opts(**{**o, "levels": level, "weighting": 0, "margin": 0.0}))[0].item())
+    return [level * r[level] - (level - 1) * r[level - 1] for level in range(1, o["levels"] + 1)]
+
+
+def check(out, ref, tol, xh, zh, grad_x=True):
+    loss, gx, gz = out
+    rl, rgx, rgz = ref
+    assert loss.shape == () and loss.dtype == xh.dtype and loss.device == xh.device
+    assert gz.shape == zh.shape and gz.dtype == zh.dtype and gz.is_contiguous()
+    errs = {"loss": rel_err(loss, rl), "gz": rel_err(gz, rgz)}
+    if grad_x:
+        assert gx.shape == xh.shape and gx.dtype == xh.dtype and gx.is_contiguous()
+        errs["gx"] = rel_err(gx, rgx)
+    else:
+        assert gx.shape == (0,) and gx.dtype == xh.dtype
+    assert all(e <= tol for e in errs.values()), errs
+    return errs
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Row panels of 5 rows, row blocks of 4 and column blocks of 16 (N = 37: 8 panels, the last of 2 rows;
+    3 column blocks, the last of 5 columns)."""
+    monkeypatch.setattr(S, "panel_rows", lambda n, bytes_per_row, budget_mb=None: min(n, 5))
+    monkeypatch.setattr(S, "MAX_BLOCK_M", 4)
+    monkeypatch.setattr(S, "MAX_BLOCK_N", 16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Level 1, row panels
+# ---------------------------------------------------------------------------------------------------------------
+L1_CASES = [
+    dict(n=37, dx=17, dz=5, grad_x=True, o=opts()),
+    dict(n=13, dx=3, dz=5, grad_x=False, o=opts(divergence=1, temperature=0.1)),
+    dict(n=7, dx=5, dz=3, grad_x=True, o=opts(similarity=1, gamma=2.0, eps=1e-3)),
+    dict(n=37, dx=5, dz=17, grad_x=True, o=opts(similarity=1, divergence=1, gamma=0.5)),
+    dict(n=13, dx=17, dz=3, grad_x=True, o=opts(eps=1e-3, temperature=0.2)),
+]
+
+
+@pytest.mark.parametrize("case", L1_CASES, ids=lambda c: f"n{c['n']}-s{c['o']['similarity']}-d{c['o']['divergence']}")
+def test_level1_fp32(case, small_tiles):
+    xh, zh = inputs(case["n"], case["dx"], case["dz"])
+    o = case["o"]
+    check(run(xh, zh, o, case["grad_x"]), oracle(xh, zh, o), 1e-5, xh, zh, case["grad_x"])
+    # An active margin: the value shifts, the gradient is unchanged.
+    d1 = level_values(xh, zh, o)[0]
+    om = opts(**{**o, "margin": 0.5 * d1})
+    check(run(xh, zh, om, case["grad_x"]), oracle(xh, zh, om), 1e-5, xh, zh, case["grad_x"])
+
+
+def test_level1_one_block_default_tiles():
+    """The default tiles (whole row per block, whole panel per program under the interpreter)."""
+    xh, zh = inputs(37, 5, 17, seed=3)
+    o = opts(temperature=0.1)
+    check(run(xh, zh, o), oracle(xh, zh, o), 1e-5, xh, zh)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Levels > 1
+# ---------------------------------------------------------------------------------------------------------------
+ML_CASES = [
+    dict(n=13, dx=5, dz=3, grad_x=True, margin="mid", o=opts(levels=2)),
+    dict(n=37, dx=3, dz=17, grad_x=False, margin="mid", o=opts(levels=3, weighting=1, divergence=1, temperature=0.1)),
+    dict(n=7, dx=17, dz=5, grad_x=True, margin=None, o=opts(levels=3, weighting=1, similarity=1, eps=1e-3)),
+    dict(n=13, dx=5, dz=5, grad_x=True, margin="low", o=opts(levels=2, weighting=1, similarity=1, divergence=1)),
+]
+
+
+def pick_margin(xh, zh, o, how):
+    if how is None:
+        return o
+    d = level_values(xh, zh, o)
+    if how == "low":  # every level active
+        return opts(**{**o, "margin": 0.5 * min(d)})
+    # between the two smallest level values: at least one level clipped, at least one active
+    lo, hi = sorted(d)[:2]
+    margin = 0.5 * (lo + hi)
+    assert any(v > margin for v in d) and any(v < margin for v in d)
+    return opts(**{**o, "margin": margin})
+
+
+@pytest.mark.parametrize(
+    "case", ML_CASES, ids=lambda c: f"L{c['o']['levels']}-n{c['n']}-s{c['o']['similarity']}-d{c['o']['divergence']}"
+)
+def test_levels_fp32(case, small_tiles):
+    xh, zh = inputs(case["n"], case["dx"], case["dz"], seed=1)
+    o = pick_margin(xh, zh, case["o"], case["margin"])
+    check(run(xh, zh, o, case["grad_x"]), oracle(xh, zh, o), 1e-5, xh, zh, case["grad_x"])
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_margin_clips_everything(levels):
+    """A margin above every level's value: loss 0 and gradients exactly 0 (torch.relu's backward)."""
+    xh, zh = inputs(13, 5, 3, seed=2)
+    o = opts(levels=levels, weighting=1)
+    o["margin"] = 2.0 * max(level_values(xh, zh, o))
+    loss, gx, gz = run(xh, zh, o)
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(gx) == 0 and torch.count_nonzero(gz) == 0
+    assert gx.shape == xh.shape and gz.shape == zh.shape
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Half and double precision
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "dtype,o",
+    [
+        (torch.bfloat16, opts()),
+        (torch.bfloat16, opts(levels=2, weighting=1, divergence=1, temperature=0.1, margin=0.01)),
+        (torch.float16, opts(similarity=1, eps=1e-3)),
+    ],
+    ids=["bf16-L1", "bf16-L2-js", "fp16-L1-rbf"],
+)
+def test_half_inputs(dtype, o, small_tiles):
+    """fp32 math on exactly representable half inputs: the error is the rounding of the outputs to the dtype."""
+    xh, zh = inputs(13, 17, 5, dtype=dtype, seed=4)
+    check(run(xh, zh, o), oracle(xh, zh, o), 1e-2, xh, zh)
+
+
+@pytest.mark.parametrize(
+    "o",
+    [opts(eps=1e-3), opts(levels=3, weighting=1, similarity=1, divergence=1, margin="mid")],
+    ids=["L1", "L3-rbf-js"],
+)
+def test_fp64(o, small_tiles):
+    xh, zh = inputs(37, 5, 17, dtype=torch.float64, seed=5)
+    if o["margin"] == "mid":
+        o = pick_margin(xh, zh, opts(**{**o, "margin": 0.0}), "mid")
+    check(run(xh, zh, o), oracle(xh, zh, o), 1e-10, xh, zh)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The C++ op's contract
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "dtype,o,flags",
+    [
+        (torch.float64, opts(levels=2, weighting=1, margin=0.05, divergence=1), (True, True)),
+        (torch.float32, opts(similarity=1), (False, True)),
+        (torch.float32, opts(levels=2), (True, False)),
+        (torch.bfloat16, opts(), (False, False)),
+    ],
+    ids=["f64-L2", "f32-rbf-gz", "f32-L2-gx", "bf16-none"],
+)
+def test_matches_cpu_op(dtype, o, flags, cpu_ext):
+    """Same dtypes, shapes, empty (0,) tensors for gradients not asked for, and values as torch.ops.structure_fwd."""
+    xh, zh = inputs(13, 5, 3, dtype=dtype, seed=6)
+    args = (o["levels"], o["temperature"], o["weighting"], o["margin"], o["similarity"], o["gamma"],
+            o["divergence"], o["eps"], *flags)  # fmt: skip
+    ours = S.structure_fwd(xh, zh, *args)
+    ref = torch.ops.structure_ops.structure_fwd(xh.cpu(), zh.cpu(), *args)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for a, b in zip(ours, ref, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert rel_err(a.cpu(), b) <= tol
+
+
+def test_noncontiguous_inputs_and_no_grads():
+    xh, zh = inputs(13, 5, 3, seed=7)
+    o = opts(levels=2)
+    ref = run(xh, zh, o)
+    xt, zt = xh.T.contiguous().T, zh.T.contiguous().T  # same values, column-major
+    assert not xt.is_contiguous()
+    out = run(xt, zt, o)
+    for a, b in zip(out, ref, strict=True):
+        assert torch.equal(a, b)
+    loss, gx, gz = run(xh, zh, o, grad_x=False, grad_z=False)
+    assert gx.shape == (0,) and gz.shape == (0,)
+    assert rel_err(loss, ref[0]) <= 1e-6
+
+
+def test_nan_propagates():
+    xh, zh = inputs(7, 3, 3, seed=8)
+    zh[2, 1] = float("nan")
+    for levels in (1, 2):
+        loss, _, gz = run(xh, zh, opts(levels=levels, margin=0.1))
+        assert torch.isnan(loss) and torch.isnan(gz).any()
+
+
+def test_input_checks():
+    xh, zh = inputs(7, 3, 3)
+    with pytest.raises(RuntimeError, match="levels must be >= 1"):
+        run(xh, zh, opts(levels=0))
+    with pytest.raises(RuntimeError, match="mode must be one of"):
+        run(xh, zh, opts(), mode="tiles")
+    with pytest.raises(RuntimeError, match="same dtype"):
+        run(xh, zh.double(), opts())
+    with pytest.raises(RuntimeError, match="same number of rows"):
+        run(xh, zh[:5], opts())
+    with pytest.raises(RuntimeError, match="eps must be > 0"):
+        run(xh, zh, opts(eps=0.0))
+    with pytest.raises(RuntimeError, match="unknown divergence code"):
+        run(xh, zh, opts(divergence=2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Levels > 1: the memory estimate
+# ---------------------------------------------------------------------------------------------------------------
+def test_multilevel_memory_error(monkeypatch):
+    xh, zh = inputs(13, 5, 3)
+    monkeypatch.setattr(S, "_available_memory", lambda device: (1000, "the test's 1000 bytes"))
+    with pytest.raises(RuntimeError, match=r"levels=2 materializes about 0\.00 GiB .* N=13, more than the test's 1000"):
+        run(xh, zh, opts(levels=2))
+    loss, _, _ = run(xh, zh, opts(levels=1))  # level 1 is row panels: not limited
+    assert torch.isfinite(loss)
+    # P, Q, 2L per side with a gradient, 2 per side without, one transient.
+    assert S.multilevel_memory_estimate(1000, 3, 4, False, True) == (2 + 2 + 6 + 1) * 1000 * 1000 * 4
+    assert S.multilevel_memory_estimate(1000, 3, 8, True, True) == (2 + 6 + 6 + 1) * 1000 * 1000 * 8
+    monkeypatch.undo()
+    avail, what = S._available_memory(xh.device)  # the real probe
+    assert avail > 0 and "GiB" in what
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mode="flash" / "auto": structure_flash's contract, the margin applied on top
+# ---------------------------------------------------------------------------------------------------------------
+def _flash_stub(calls):
+    mod = types.ModuleType(FLASH_MOD)
+
+    def structure_level1_flash(xh, zh, temperature, similarity, gamma, divergence, eps, grad_x, grad_z):
+        calls.append((temperature, similarity, gamma, divergence, eps, grad_x, grad_z))
+        d, gx, gz = oracle(xh, zh, opts(temperature=temperature, similarity=similarity, gamma=gamma,
+                                        divergence=divergence, eps=eps))  # fmt: skip
+        empty = xh.new_empty((0,))
+        return (d.float(), gx.to(xh.dtype) if grad_x else empty, gz.to(zh.dtype) if grad_z else empty)
+
+    mod.structure_level1_flash = structure_level1_flash
+    return mod
+
+
+def _raising_stub():
+    mod = types.ModuleType(FLASH_MOD)
+
+    def structure_level1_flash(*args, **kwargs):
+        raise NotImplementedError("stub: not for these options")
+
+    mod.structure_level1_flash = structure_level1_flash
+    return mod
+
+
+def test_flash_mode_applies_margin(monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, FLASH_MOD, _flash_stub(calls))
+    xh, zh = inputs(13, 5, 3, seed=9)
+    o = opts(temperature=0.1, similarity=1, gamma=0.7, divergence=1, eps=1e-6)
+    d1 = level_values(xh, zh, o)[0]
+    om = opts(**{**o, "margin": 0.5 * d1})
+    check(run(xh, zh, om, grad_x=False, mode="flash"), oracle(xh, zh, om), 1e-6, xh, zh, grad_x=False)
+    assert calls[-1] == (0.1, 1, 0.7, 1, 1e-6, False, True)
+    oc = opts(**{**o, "margin": 2.0 * d1})
+    loss, gx, gz = run(xh, zh, oc, mode="flash")
+    assert loss.item() == 0.0 and torch.count_nonzero(gx) == 0 and torch.count_nonzero(gz) == 0
+
+
+@pytest.mark.parametrize("stub", ["raises", "missing"])
+def test_flash_unavailable(monkeypatch, stub):
+    monkeypatch.setitem(sys.modules, FLASH_MOD, _raising_stub() if stub == "raises" else None)
+    xh, zh = inputs(13, 5, 3, seed=10)
+    o = opts(margin=0.01)
+    with pytest.raises(RuntimeError, match="mode='flash' is unavailable"):
+        run(xh, zh, o, mode="flash")
+    monkeypatch.setattr(S, "choose_mode", lambda n, dx, dz, dtype: "flash")
+    out = run(xh, zh, o, mode="auto")  # falls back to rows
+    for a, b in zip(out, run(xh, zh, o, mode="rows"), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_flash_real_matches_rows():
+    """The real structure_flash module (pass b) under the same margin gate, when it is present."""
+    try:
+        from structure_ops._triton.structure_flash import structure_level1_flash  # noqa: F401
+    except ImportError:
+        pytest.skip("structure_flash is not available")
+    xh, zh = inputs(13, 5, 3, seed=11)
+    o = opts(temperature=0.1, margin=0.05)
+    check(run(xh, zh, o, mode="flash"), oracle(xh, zh, o), 1e-5, xh, zh)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: realistic sizes against the float64 oracle
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+class TestCUDA:
+    @pytest.fixture(autouse=True)
+    def _ieee_fp32(self):
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        yield
+        torch.set_float32_matmul_precision(old)
+
+    @pytest.mark.parametrize(
+        "dtype,o,tol",
+        [
+            (torch.float32, opts(), 1e-4),
+            (torch.float32, opts(divergence=1, margin=0.01), 1e-4),
+            (torch.float32, opts(similarity=1, gamma=2.0), 1e-4),
+            (torch.bfloat16, opts(temperature=0.1), 2e-2),
+        ],
+        ids=["f32-structure", "f32-js", "f32-rbf", "bf16"],
+    )
+    def test_level1_n4096(self, dtype, o, tol):
+        xh, zh = inputs(4096, 768, 512, dtype=dtype, seed=12, device="cuda")
+        check(run(xh, zh, o), oracle(xh, zh, o), tol, xh, zh)
+
+    def test_levels_n4096(self):
+        xh, zh = inputs(4096, 768, 512, seed=13, device="cuda")
+        o = opts(levels=3, weighting=1, temperature=0.1)
+        check(run(xh, zh, o), oracle(xh, zh, o), 1e-4, xh, zh)
+
+    def test_panels_n4096(self, monkeypatch):
+        """Several row panels at a realistic size (a 16 MiB budget → 256-row panels)."""
+        monkeypatch.setenv("STRUCTURE_OPS_TRITON_PANEL_MB", "16")
+        xh, zh = inputs(4096, 512, 768, seed=14, device="cuda")
+        o = opts(margin=0.01)
+        check(run(xh, zh, o), oracle(xh, zh, o), 1e-4, xh, zh)
