@@ -21,7 +21,7 @@ OPS = ("structure_loss", "clip_loss", "knn")
 _COMPILED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_ERROR: list[str | None] = []
 
 

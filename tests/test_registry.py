@@ -24,7 +24,8 @@ def test_backend_tables():
 
 @pytest.mark.parametrize("op", ["structure_loss", "clip_loss", "knn"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_auto_picks_cpu_for_cpu_tensors(op, dtype):
+def test_auto_picks_cpu_for_cpu_tensors(op, dtype, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as outside the test-suite: Triton needs CUDA tensors
     x = torch.ones(4, 3, dtype=dtype)
     assert _backends.select(op, "auto", (x, x)) == "cpu"
     available = _backends.availability(op, (x, x))
@@ -85,6 +86,7 @@ def test_env_override_cpu_and_empty(monkeypatch):
 
 @pytest.mark.parametrize("requested", ["cuda", "triton"])
 def test_env_override_unavailable_backend_raises(monkeypatch, requested):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("STRUCTURE_OPS_BACKEND", requested)
     with pytest.raises(RuntimeError) as info:
         structure_ops.structure_loss(*_xz())

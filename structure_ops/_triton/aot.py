@@ -58,9 +58,11 @@ def compile_all(targets=TARGETS, modules=MODULES) -> list[dict]:
             rows.append({"module": mod_name, "kernel": "-", "cc": "-", "ok": False, "error": f"{type(e).__name__}: {e}"})
             continue
         module_options = getattr(mod, "AOT_OPTIONS", {})  # num_warps/num_stages the host launches use
-        for entry in entries:
+        warps = getattr(mod, "AOT_NUM_WARPS", None)  # or one num_warps per entry
+        for i, entry in enumerate(entries):
             kernel, signature, constexprs = entry[:3]
-            options = {**module_options, **(entry[3] if len(entry) > 3 else {})}
+            options = {**module_options, **({"num_warps": warps[i]} if warps else {}),
+                       **(entry[3] if len(entry) > 3 else {})}
             fn = getattr(kernel, "fn", kernel)
             config = ",".join(f"{k}={v}" for k, v in constexprs.items())
             dtypes = sorted({v for v in signature.values() if v.startswith("*")})
