@@ -6,6 +6,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -41,3 +42,48 @@ def panel_rows(n: int, bytes_per_row: int, budget_mb: float | None = None) -> in
 def next_pow2(x: int) -> int:
     return triton.next_power_of_2(max(1, int(x)))
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Elementwise and row helpers shared by the kernels (inlined by @triton.jit)
+# ---------------------------------------------------------------------------------------------------------------
+# Only core builtins inside the kernels (tl.full / tl.reduce, not tl.zeros / tl.sum / tl.max): those are @jit
+# functions of triton.language.standard, and when triton was imported before TRITON_INTERPRET=1 was set (torch
+# imports triton) the interpreter refuses to call them. Same code on the GPU.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _max2(a, b):
+    return tl.maximum(a, b)
+
+
+if INTERPRET:
+    # The interpreter reduces with numpy only for the standard combine functions (compared by identity, never
+    # called); with our own it runs a Python loop (~3x slower).
+    _add = getattr(tl.standard, "_sum_combine", _add)
+    _max2 = getattr(tl.standard, "_elementwise_max", _max2)
+
+
+@triton.jit
+def row_sum(x):
+    return tl.reduce(x, 1, _add)
+
+
+@triton.jit
+def row_max(x):
+    return tl.reduce(x, 1, _max2)
+
+
+@triton.jit
+def log1p(x):
+    # No libdevice (portable subset): log1p(x) = log(u)·x/(u − 1), u = fl(1 + x) (Goldberg). u − 1 is exact, and
+    # the ratio x/(u − 1) restores what rounding 1 + x lost, so the result is within a few ulp for all x > −1.
+    # tl.log is libdevice-accurate on the GPU (not lg2.approx), which this identity needs near u = 1.
+    u = 1.0 + x
+    d = u - 1.0
+    r = tl.log(u) * (x / tl.where(d == 0.0, 1.0, d))
+    r = tl.where(d == 0.0, x, r)
+    return tl.where(u == float("inf"), u, r)

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, compute_dtype, next_pow2, panel_rows
+from ._common import INTERPRET, compute_dtype, log1p, next_pow2, panel_rows, row_max, row_sum
 
 log = logging.getLogger("structure_ops")
 
@@ -72,52 +72,13 @@ _P_INV_TAU, _P_GAMMA, _P_EPS, _P_INV_N, _P_LN2, _P_TINY = range(6)
 # ---------------------------------------------------------------------------------------------------------------
 # Elementwise helpers (inlined into the kernels)
 # ---------------------------------------------------------------------------------------------------------------
-# Only core builtins inside the kernels (tl.full / tl.reduce, not tl.zeros / tl.sum / tl.max): those are @jit
-# functions of triton.language.standard, and when triton was imported before TRITON_INTERPRET=1 was set (torch
-# imports triton) the interpreter refuses to call them. Same code on the GPU.
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _max2(a, b):
-    return tl.maximum(a, b)
-
-
-if INTERPRET:
-    # The interpreter reduces with numpy only for the standard combine functions (compared by identity, never
-    # called); with our own it runs a Python loop.
-    _add = getattr(tl.standard, "_sum_combine", _add)
-    _max2 = getattr(tl.standard, "_elementwise_max", _max2)
-
-
-@triton.jit
-def _row_sum(x):
-    return tl.reduce(x, 1, _add)
-
-
-@triton.jit
-def _row_max(x):
-    return tl.reduce(x, 1, _max2)
-
-
-@triton.jit
-def _log1p(x):
-    # No libdevice (portable subset): log1p(x) = log(u)·x/(u − 1), u = fl(1 + x) (Goldberg). u − 1 is exact, and
-    # the ratio x/(u − 1) restores what rounding 1 + x lost, so the result is within a few ulp for all x > −1.
-    # tl.log is libdevice-accurate on the GPU (not lg2.approx), which this identity needs near u = 1.
-    u = 1.0 + x
-    d = u - 1.0
-    r = tl.log(u) * (x / tl.where(d == 0.0, 1.0, d))
-    r = tl.where(d == 0.0, x, r)
-    return tl.where(u == float("inf"), u, r)
+# Row reductions and log1p: structure_ops/_triton/_common.py (shared by every kernel).
 
 
 @triton.jit
 def _softplus(x):
     # log(1 + e^x) without overflow.
-    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+    return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))
 
 
 @triton.jit
@@ -195,10 +156,10 @@ def _l1_rows_kernel(
         mask = rmask[:, None] & cmask
         sx = _tile_logits(gx_rows, sqx_ptr, sqx_i, offs, cmask, mask, inv_tau, gamma, RBF)
         sz = _tile_logits(gz_rows, sqz_ptr, sqz_i, offs, cmask, mask, inv_tau, gamma, RBF)
-        mx_new = tl.maximum(m_x, _row_max(sx))
-        mz_new = tl.maximum(m_z, _row_max(sz))
-        l_x = l_x * tl.exp(m_x - mx_new) + _row_sum(tl.exp(sx - mx_new[:, None]))
-        l_z = l_z * tl.exp(m_z - mz_new) + _row_sum(tl.exp(sz - mz_new[:, None]))
+        mx_new = tl.maximum(m_x, row_max(sx))
+        mz_new = tl.maximum(m_z, row_max(sz))
+        l_x = l_x * tl.exp(m_x - mx_new) + row_sum(tl.exp(sx - mx_new[:, None]))
+        l_z = l_z * tl.exp(m_z - mz_new) + row_sum(tl.exp(sz - mz_new[:, None]))
         m_x = mx_new
         m_z = mz_new
     lse_x = (m_x + tl.log(l_x))[:, None]
@@ -228,18 +189,18 @@ def _l1_rows_kernel(
             pt = p + eps
             qt = q + eps
             d = pt - qt
-            t = _log1p((d / pt) * (d / qt) * 0.25)
+            t = log1p((d / pt) * (d / qt) * 0.25)
             val = 0.25 * (pt + qt) * t
             qg = 0.25 * q * t - 0.25 * pt * (q / qt)
             pg = 0.25 * p * t - 0.25 * qt * (p / pt)
-        acc += _row_sum(tl.where(mask, val, 0.0))
+        acc += row_sum(tl.where(mask, val, 0.0))
         if GRAD_Z:
             qg = tl.where(mask, qg, 0.0)
-            acc_gz += _row_sum(qg)
+            acc_gz += row_sum(qg)
             tl.store(wz_rows + offs, qg, mask=mask)
         if GRAD_X:
             pg = tl.where(mask, pg, 0.0)
-            acc_gx += _row_sum(pg)
+            acc_gx += row_sum(pg)
             tl.store(wx_rows + offs, pg, mask=mask)
         if WRITE_PQ:
             prow = gi.to(tl.int64)[:, None] * stride_p
@@ -263,7 +224,7 @@ def _l1_rows_kernel(
                 w = (tl.load(wz_rows + offs, mask=mask, other=0.0) - q * gbar_z) * inv_n
                 if RBF_K:
                     w = tl.where(mask, sz * w, 0.0)
-                    ks_z += _row_sum(w)
+                    ks_z += row_sum(w)
                 tl.store(wz_rows + offs, w, mask=mask)
             if GRAD_X:
                 sx = _tile_logits(gx_rows, sqx_ptr, sqx_i, offs, cmask, mask, inv_tau, gamma, RBF)
@@ -271,7 +232,7 @@ def _l1_rows_kernel(
                 w = (tl.load(wx_rows + offs, mask=mask, other=0.0) - p * gbar_x) * inv_n
                 if RBF_K:
                     w = tl.where(mask, sx * w, 0.0)
-                    ks_x += _row_sum(w)
+                    ks_x += row_sum(w)
                 tl.store(wx_rows + offs, w, mask=mask)
         if RBF_K:
             if GRAD_Z:
@@ -322,8 +283,8 @@ def _level_div_kernel(
             lm = tl.log(0.5 * (oc + ac))
             near = tl.abs(r) < 0.5
             rn = tl.where(near, r, 0.0)  # both branches are evaluated: keep log1p away from −1
-            lo = tl.where(near, _log1p(rn), tl.log(oc) - lm)
-            la = tl.where(near, _log1p(-rn), tl.log(ac) - lm)
+            lo = tl.where(near, log1p(rn), tl.log(oc) - lm)
+            la = tl.where(near, log1p(-rn), tl.log(ac) - lm)
             val = 0.5 * (oc * lo + ac * la)
             ga = tl.where(a >= tiny, 0.5 * la, 0.0)
             go = tl.where(o >= tiny, 0.5 * lo, 0.0)
@@ -331,11 +292,11 @@ def _level_div_kernel(
             ot = o + eps
             at = a + eps
             d = ot - at
-            t = _log1p((d / ot) * (d / at) * 0.25)
+            t = log1p((d / ot) * (d / at) * 0.25)
             val = 0.25 * (ot + at) * t
             ga = 0.25 * t - 0.25 * (ot / at)
             go = 0.25 * t - 0.25 * (at / ot)
-        acc += _row_sum(tl.where(mask, val, 0.0))
+        acc += row_sum(tl.where(mask, val, 0.0))
         if GRAD_A:
             tl.store(ga_ptr + base + offs, ga * inv_n, mask=mask)
         if GRAD_O:
@@ -378,7 +339,7 @@ def _softmax_bwd_kernel(
         mask = rmask[:, None] & cmask
         p = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
         adj = tl.load(adj_ptr + base + offs, mask=mask, other=0.0)
-        dot += _row_sum(p * adj)
+        dot += row_sum(p * adj)
     rdot = dot[:, None]
     ks = tl.full([BLOCK_M], 0.0, dt)
     for start in range(0, n, BLOCK_N):
@@ -392,7 +353,7 @@ def _softmax_bwd_kernel(
         if RBF:
             s = _tile_logits(g_rows, sq_ptr, sq_i, offs, cmask, mask, inv_tau, gamma, RBF)
             ds = tl.where(mask, s * ds, 0.0)
-            ks += _row_sum(ds)
+            ks += row_sum(ds)
         tl.store(w_ptr + base + offs, ds, mask=mask)
     if RBF:
         tl.store(ks_ptr + gi, ks, mask=rmask)

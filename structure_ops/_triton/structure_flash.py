@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_precision, next_pow2
+from ._common import INTERPRET, dot_precision, log1p, next_pow2, row_max, row_sum
 
 __all__ = ["structure_level1_flash", "flash_flops", "AOT_KERNELS", "AOT_OPTIONS"]
 
@@ -73,44 +73,7 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 # --------------------------------------------------------------------------------------------------
 # Device helpers
 # --------------------------------------------------------------------------------------------------
-# Only core builtins inside the kernels (tl.full / tl.reduce rather than tl.zeros / tl.sum / tl.max): those three
-# are @jit functions of triton.language.standard, and when triton was imported before TRITON_INTERPRET=1 was set
-# (torch._dynamo imports triton) the interpreter refuses to call them. Same code on the GPU.
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _max2(a, b):
-    return tl.maximum(a, b)
-
-
-if INTERPRET:
-    # The interpreter reduces with numpy only when it recognises the standard combine functions (it compares
-    # them by identity and never calls them); with our own it runs a Python loop, ~3x slower overall.
-    _add = getattr(tl.standard, "_sum_combine", _add)
-    _max2 = getattr(tl.standard, "_elementwise_max", _max2)
-
-
-@triton.jit
-def _row_sum(x):
-    return tl.reduce(x, 1, _add)
-
-
-@triton.jit
-def _row_max(x):
-    return tl.reduce(x, 1, _max2)
-
-
-@triton.jit
-def _log1p(x):
-    # Triton's core has no log1p (libdevice is off-limits). Goldberg's trick: u = 1 + x rounds, but
-    # log(u)·x/(u − 1) cancels that rounding error, so the result is accurate to a few ulps for all x > −1.
-    u = 1.0 + x
-    du = u - 1.0
-    small = du == 0.0
-    return tl.where(small, x, tl.log(u) * (x / tl.where(small, 1.0, du)))
+# Row reductions and log1p: structure_ops/_triton/_common.py (shared by every kernel).
 
 
 @triton.jit
@@ -169,7 +132,7 @@ def _terms(a, b, eps, DIV: tl.constexpr):
         d = pt - qt
         ro = 1.0 / pt
         ra = 1.0 / qt
-        t = _log1p((d * ro) * (d * ra) * 0.25)
+        t = log1p((d * ro) * (d * ra) * 0.25)
         term = 0.25 * (pt + qt) * t
         # Q·P̃/Q̃ as P̃·(Q/Q̃) ≤ P̃: no 1/ε-sized intermediate.
         qg = 0.25 * q * t - 0.25 * pt * (q * ra)
@@ -177,7 +140,7 @@ def _terms(a, b, eps, DIV: tl.constexpr):
     else:
         # log(Q/M) = ln2 − softplus(a − b), log(P/M) = ln2 − softplus(b − a): no ε, never underflows.
         delta = a - b
-        sp = tl.maximum(delta, 0.0) + _log1p(tl.exp(-tl.abs(delta)))
+        sp = tl.maximum(delta, 0.0) + log1p(tl.exp(-tl.abs(delta)))
         log_q_m = 0.6931471805599453 - sp
         log_p_m = 0.6931471805599453 - (sp - delta)
         term = 0.5 * (p * log_p_m + q * log_q_m)
@@ -230,8 +193,8 @@ def _lse_kernel(
         )  # fmt: skip
         s = tl.where(cmask[None, :], s, float("-inf"))
         # Column block 0 always holds a valid column, so m_new is finite from the first block on.
-        m_new = tl.maximum(m_i, _row_max(s))
-        l_i = l_i * tl.exp(m_i - m_new) + _row_sum(tl.exp(s - m_new[:, None]))
+        m_new = tl.maximum(m_i, row_max(s))
+        l_i = l_i * tl.exp(m_i - m_new) + row_sum(tl.exp(s - m_new[:, None]))
         m_i = m_new
     tl.store(lse_ptr + rows, m_i + tl.log(l_i), mask=rmask)
 
@@ -303,11 +266,11 @@ def _loss_kernel(
         )  # fmt: skip
         p, q, term, qg, pg = _terms(sx - lx[:, None], sz - lz[:, None], eps, DIV)
         valid = rmask[:, None] & cmask[None, :]
-        acc_l += _row_sum(tl.where(valid, term, 0.0))
+        acc_l += row_sum(tl.where(valid, term, 0.0))
         if GRAD_Z:
-            acc_gz += _row_sum(tl.where(valid, qg, 0.0))
+            acc_gz += row_sum(tl.where(valid, qg, 0.0))
         if GRAD_X:
-            acc_gx += _row_sum(tl.where(valid, pg, 0.0))
+            acc_gx += row_sum(tl.where(valid, pg, 0.0))
     tl.store(loss_ptr + rows, acc_l, mask=rmask)
     if GRAD_Z:
         tl.store(gbz_ptr + rows, acc_gz, mask=rmask)
@@ -405,7 +368,7 @@ def _grad_kernel(
             w = tl.where(valid, w, 0.0)
             if SIM == 1:
                 w = w * sz
-                rs_z += _row_sum(w)
+                rs_z += row_sum(w)
             zl = tl.load(
                 z_ptr + cols.to(tl.int64)[:, None] * stride_z + dcols[None, :],
                 mask=cmask[:, None] & (dcols[None, :] < DZ),
@@ -423,7 +386,7 @@ def _grad_kernel(
             wx = tl.where(valid, wx, 0.0)
             if SIM == 1:
                 wx = wx * sx
-                rs_x += _row_sum(wx)
+                rs_x += row_sum(wx)
             xl = tl.load(
                 x_ptr + cols.to(tl.int64)[:, None] * stride_x + dcols[None, :],
                 mask=cmask[:, None] & (dcols[None, :] < DX),
