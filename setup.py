@@ -5,7 +5,7 @@ CUDA extension ``structure_ops._C_cuda`` from csrc/cuda when torch has CUDA and 
 
 Knobs (environment):
   STRUCTURE_OPS_BUILD_CUDA = auto | 1 | 0   auto: CUDA iff torch.version.cuda and CUDA_HOME; 1: required
-  TORCH_CUDA_ARCH_LIST                      e.g. "8.0;9.0a" (torch's own knob)
+  TORCH_CUDA_ARCH_LIST                      CUDA architectures (torch's own knob; default here "8.0;9.0a")
   MAX_JOBS                                  parallel compile jobs (torch's own knob)
   STRUCTURE_OPS_DEBUG = 0 | 1               -O0 -g, no -DNDEBUG
 Install with ``pip install --no-build-isolation -e .`` so the extension is built against the torch you run.
@@ -58,12 +58,17 @@ torch_has_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is n
 if CUDA_KNOB == "1" and not torch_has_cuda:
     sys.exit("STRUCTURE_OPS_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found (CUDA_HOME unset)")
 build_cuda = CUDA_KNOB != "0" and torch_has_cuda and bool(cuda_sources)
+DEFAULT_CUDA_ARCHS = "8.0;9.0a"  # A100 and H100 (9.0a: the Hopper-specific instructions)
 if build_cuda:
+    # torch reads TORCH_CUDA_ARCH_LIST; without it, it would target only the GPUs of the build machine.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     ext_modules.append(
         cpp_extension.CUDAExtension(
             "structure_ops._C_cuda",
             cuda_sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": (["-O0", "-G"] if DEBUG else ["-O3"]) + ["-Xptxas=-v"]},
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            # -Xptxas=-v prints registers and spills of every kernel in the build log; no fast-math (exactness).
+            extra_compile_args={"cxx": cxx_flags, "nvcc": (["-O0", "-G"] if DEBUG else ["-O3", "-lineinfo"]) + ["-Xptxas=-v"]},
         )
     )
 
