@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["train", "val", "test"])
 
     bench = _p(sub, "bench", "run the op benchmarks (benchmarks/ of a source checkout); extra args go to the script")
-    bench.add_argument("op", choices=["structure", "clip", "knn"])
+    bench.add_argument("op", choices=["structure", "clip", "knn", "gpu"],
+                       help="a CPU op benchmark, or gpu: the GPU suite (all ops, all GPU backends and baselines)")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on, e.g. --n 1024,4096 (see --help of the script)")
 
     _p(sub, "info", "versions, devices, built extensions, which backend runs each op")
@@ -231,7 +232,8 @@ def _cmd_evaluate(a) -> None:
 
 
 def _cmd_bench(a) -> None:
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"bench_{a.op}.py"
+    name = "gpu_suite.py" if a.op == "gpu" else f"bench_{a.op}.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
     if not script.is_file():
         raise CliError(f"{script} not found: `bench` runs the benchmarks of a source checkout (pip install -e .)")
     raise SystemExit(subprocess.call([sys.executable, str(script), *a.args]))

@@ -15,6 +15,7 @@
 // derivative is zero where clamped (matching torch.clamp_min in the reference).
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <limits>
 
@@ -78,7 +79,9 @@ SO_HD Terms<T> js_terms_from_logs(T la, T lb, T* o_out, T* a_out) {
 // "js" form on probabilities (levels ≥ 2).
 template <typename T>
 SO_HD Terms<T> js_terms_from_probs(T o, T a) {
-  const T tiny = std::numeric_limits<T>::min();
+  // FLT_MIN / DBL_MIN (= numeric_limits<T>::min(), which nvcc treats as host-only without
+  // --expt-relaxed-constexpr).
+  const T tiny = sizeof(T) == sizeof(float) ? T(FLT_MIN) : T(DBL_MIN);
   const T oc = o >= tiny ? o : tiny, ac = a >= tiny ? a : tiny;
   const T lm = std::log(T(0.5) * (oc + ac));
   const T lo = std::log(oc) - lm, la = std::log(ac) - lm;
