@@ -49,7 +49,20 @@ def _demangle(names: list[str]) -> dict[str, str]:
     if not filt or not names:
         return {n: n for n in names}
     out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    return {n: (d.split("(")[0] if d else n) for n, d in zip(names, out, strict=False)}
+    return {n: (_short(d) if d else n) for n, d in zip(names, out, strict=False)}
+
+
+def _short(demangled: str) -> str:
+    """'void ns::(anonymous namespace)::kern<float, 4>(float*, int)' -> 'ns::kern<float, 4>'."""
+    text = demangled.removeprefix("void ")
+    if text.endswith(")"):  # drop the parameter list: the last balanced (...) group
+        depth = 0
+        for i in range(len(text) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(text[i], 0)
+            if depth == 0:
+                text = text[:i]
+                break
+    return text.replace("(anonymous namespace)::", "")
 
 
 def parse_ptxas(text: str) -> list[dict]:
