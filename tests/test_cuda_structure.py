@@ -1,0 +1,874 @@
+"""CUDA STRUCTURE kernels (csrc/cuda/structure_cuda.cu: structure_fwd, structure_rows_fwd) against the float64 oracle.
+
+Three groups:
+
+* GPU tests (classes marked ``cuda``): they skip unless a CUDA GPU is present and ``structure_ops._C_cuda``
+  loads (with STRUCTURE_OPS_BUILD_CUDA=1, the build knob that makes CUDA required, a missing extension fails
+  instead). Awkward shapes (N = 7, 13, 37; d = 3, 5, 17) with the level-1 panel height forced small through
+  STRUCTURE_OPS_CUDA_PANEL_MB (ragged last panels), realistic shapes (N = 4096, d = 768/512), every option
+  (cosine/rbf, structure/js, ε, levels 1–3, weighting, margin active/inactive/between levels, grad_x on/off),
+  fp32/fp64/bf16/fp16, the row-range op, the public API with backend="cuda", opcheck, torch.compile(fullgraph),
+  determinism, streams, the memory estimate. Expected values come from structure_ops.reference in float64
+  (autograd gradients) on the same rounded inputs, and from the C++ CPU op for the return conventions.
+  The module is not marked ``cuda`` as a whole (``pytestmark``) because the two groups below run without a GPU.
+* ``test_nvcc_compiles_sm90a`` (slow, no GPU needed): nvcc compiles the .cu for sm_90a against the torch
+  headers, and ptxas reports no register spills.
+* ``TestEmulated`` (slow, no GPU needed): the .cu file itself (kernels and host code, textually unchanged except
+  for the launch syntax, the CUDA runtime calls and the registration) is compiled as a CPU extension over a
+  small emulation layer (one OS thread per CUDA thread, blocks run one after another, __syncthreads and
+  __shfl_xor_sync as barriers) and checked against the oracle on CPU tensors. It verifies the kernels' math,
+  their reductions and the host orchestration (panels, GEMM chain, margin gates, flags, row ranges); it cannot
+  see what only a GPU shows (memory-model races, cuBLAS/TF32, streams, performance).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sysconfig
+
+import pytest
+import torch
+from helpers import loss_and_grads, rel_err, structured
+
+import structure_ops
+from structure_ops import reference
+from structure_ops._ops import extension_error
+from structure_ops._options import DIVERGENCES, SIMILARITIES, WEIGHTINGS
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CU_FILE = ROOT / "csrc" / "cuda" / "structure_cuda.cu"
+COMMON_CUH = ROOT / "csrc" / "cuda" / "common.cuh"
+ENV_KNOBS = ("STRUCTURE_OPS_CUDA_PANEL_MB", "STRUCTURE_OPS_CUDA_MEM_LIMIT_MB")
+DEFAULTS = dict(levels=1, temperature=0.05, weighting=0, margin=0.0, similarity=0, gamma=1.0, divergence=0, eps=1e-12)
+GRAD_SCALE = 1.7
+
+
+@pytest.fixture(autouse=True)
+def _clean_cuda_env(monkeypatch):
+    for name in ENV_KNOBS:
+        monkeypatch.delenv(name, raising=False)
+    yield
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    """Skip (never at import time) unless a GPU is present and structure_ops._C_cuda loads."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    err = extension_error("_C_cuda")
+    if err:
+        if os.environ.get("STRUCTURE_OPS_BUILD_CUDA") == "1":
+            pytest.fail(f"STRUCTURE_OPS_BUILD_CUDA=1 but the CUDA extension is missing: {err}")
+        pytest.skip(err)
+    return torch.device("cuda")
+
+
+@pytest.fixture
+def ieee_fp32():
+    """IEEE fp32 GEMMs (no TF32) for the fp32 tolerances against the oracle."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(old)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------
+def ops():
+    return torch.ops.structure_ops
+
+
+def opts(**kw):
+    o = dict(DEFAULTS)
+    o.update(kw)
+    return o
+
+
+def prepared(n, dx, dz, dtype=torch.float32, seed=0, device="cuda"):
+    """Normalized-and-centered X̂, Ẑ (prepared in float64, then rounded to ``dtype``)."""
+    x, z = structured(n, dx, dz, seed=seed)
+    xh, zh = reference.prepare(x), reference.prepare(z)
+    return xh.to(device=device, dtype=dtype), zh.to(device=device, dtype=dtype)
+
+
+def call(op, xh, zh, o, grad_x=True, grad_z=True):
+    return op(
+        xh, zh, o["levels"], o["temperature"], o["weighting"], o["margin"], o["similarity"], o["gamma"],
+        o["divergence"], o["eps"], grad_x, grad_z,
+    )  # fmt: skip
+
+
+def rows_call(op, xh, zh, begin, end, o, grad_x=True, grad_z=True):
+    return op(
+        xh, zh, begin, end, o["temperature"], o["similarity"], o["gamma"], o["divergence"], o["eps"], grad_x, grad_z
+    )
+
+
+def oracle(xh, zh, o):
+    """reference.structure_core in float64 on the (rounded) inputs, with its autograd gradients."""
+    x = xh.detach().double().requires_grad_(True)
+    z = zh.detach().double().requires_grad_(True)
+    with torch.enable_grad():
+        loss = reference.structure_core(
+            x, z, levels=o["levels"], temperature=o["temperature"], weighting=WEIGHTINGS[o["weighting"]],
+            margin=o["margin"], similarity_kind=SIMILARITIES[o["similarity"]], gamma=o["gamma"],
+            divergence=DIVERGENCES[o["divergence"]], eps=o["eps"],
+        )  # fmt: skip
+        gx, gz = torch.autograd.grad(loss, (x, z))
+    return loss.detach(), gx, gz
+
+
+def level_values(xh, zh, o):
+    """D_1 … D_L (no margin, no weights) from the oracle: D_l = l·R(l) − (l−1)·R(l−1) with w = 1, margin 0."""
+    r = [0.0]
+    for level in range(1, o["levels"] + 1):
+        r.append(oracle(xh, zh, opts(**{**o, "levels": level, "weighting": 0, "margin": 0.0}))[0].item())
+    return [level * r[level] - (level - 1) * r[level - 1] for level in range(1, o["levels"] + 1)]
+
+
+def pick_margin(xh, zh, o, how):
+    if how is None:
+        return o
+    d = level_values(xh, zh, o)
+    if how == "low":  # every level active
+        return opts(**{**o, "margin": 0.5 * min(d)})
+    lo, hi = sorted(d)[:2]  # between the two smallest level values: some levels clipped, some active
+    margin = 0.5 * (lo + hi)
+    assert any(v > margin for v in d) and any(v < margin for v in d)
+    return opts(**{**o, "margin": margin})
+
+
+def check(out, ref, tol, xh, zh, grad_x=True, grad_z=True):
+    loss, gx, gz = out
+    rl, rgx, rgz = ref
+    assert loss.shape == () and loss.dtype == xh.dtype and loss.device == xh.device
+    errs = {"loss": rel_err(loss, rl)}
+    for name, want, g, u, rg in (("gx", grad_x, gx, xh, rgx), ("gz", grad_z, gz, zh, rgz)):
+        assert g.dtype == u.dtype and g.device == u.device
+        if want:
+            assert g.shape == u.shape and g.is_contiguous()
+            errs[name] = rel_err(g, rg)
+        else:
+            assert g.shape == (0,)
+    assert all(e <= tol for e in errs.values()), errs
+    return errs
+
+
+def force_panel_rows(monkeypatch, rows, n, grad_x, grad_z, dtype):
+    """STRUCTURE_OPS_CUDA_PANEL_MB such that the level-1 panels hold exactly ``rows`` rows (< 64)."""
+    esize = 8 if dtype == torch.float64 else 4
+    bytes_per_row = (2 + int(grad_x) + int(grad_z)) * n * esize
+    monkeypatch.setenv("STRUCTURE_OPS_CUDA_PANEL_MB", repr((rows + 0.5) * bytes_per_row / 2**20))
+
+
+L1_CASES = [
+    dict(n=37, dx=17, dz=5, grad_x=True, o=opts()),
+    dict(n=13, dx=3, dz=5, grad_x=False, o=opts(divergence=1, temperature=0.1)),
+    dict(n=7, dx=5, dz=3, grad_x=True, o=opts(similarity=1, gamma=2.0, eps=1e-3)),
+    dict(n=37, dx=5, dz=17, grad_x=True, o=opts(similarity=1, divergence=1, gamma=0.5)),
+    dict(n=13, dx=17, dz=3, grad_x=True, o=opts(eps=1e-3, temperature=0.2)),
+]
+ML_CASES = [
+    dict(n=13, dx=5, dz=3, grad_x=True, margin="mid", o=opts(levels=2)),
+    dict(n=37, dx=3, dz=17, grad_x=False, margin="mid", o=opts(levels=3, weighting=1, divergence=1, temperature=0.1)),
+    dict(n=7, dx=17, dz=5, grad_x=True, margin=None, o=opts(levels=3, weighting=1, similarity=1, eps=1e-3)),
+    dict(n=13, dx=5, dz=5, grad_x=True, margin="low", o=opts(levels=2, weighting=1, similarity=1, divergence=1)),
+    dict(n=37, dx=17, dz=5, grad_x=True, margin=None, o=opts(levels=3, temperature=0.1)),
+]
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+def _l1_id(c):
+    return f"n{c['n']}-s{c['o']['similarity']}-d{c['o']['divergence']}-gx{int(c['grad_x'])}"
+
+
+def _ml_id(c):
+    return f"L{c['o']['levels']}-n{c['n']}-s{c['o']['similarity']}-d{c['o']['divergence']}-m{c['margin']}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: awkward shapes, every option
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.usefixtures("gpu", "ieee_fp32")
+class TestSmallShapes:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+    @pytest.mark.parametrize("case", L1_CASES, ids=_l1_id)
+    def test_level1(self, case, dtype, monkeypatch):
+        xh, zh = prepared(case["n"], case["dx"], case["dz"], dtype=dtype)
+        o, gxf = case["o"], case["grad_x"]
+        force_panel_rows(monkeypatch, 5, case["n"], gxf, True, dtype)
+        check(call(ops().structure_fwd, xh, zh, o, gxf), oracle(xh, zh, o), TOL[dtype], xh, zh, gxf)
+        # An active margin: the value shifts, the gradient is unchanged.
+        om = opts(**{**o, "margin": 0.5 * level_values(xh, zh, o)[0]})
+        check(call(ops().structure_fwd, xh, zh, om, gxf), oracle(xh, zh, om), TOL[dtype], xh, zh, gxf)
+
+    def test_level1_default_panels_and_budget_invariance(self, monkeypatch):
+        """One panel (default budget) vs one row per panel: same values to rounding."""
+        xh, zh = prepared(37, 5, 17, dtype=torch.float64, seed=3)
+        o = opts(temperature=0.1)
+        one = call(ops().structure_fwd, xh, zh, o)
+        check(one, oracle(xh, zh, o), 1e-10, xh, zh)
+        monkeypatch.setenv("STRUCTURE_OPS_CUDA_PANEL_MB", "1e-6")  # → 1 row per panel
+        many = call(ops().structure_fwd, xh, zh, o)
+        for a, b in zip(one, many, strict=True):
+            assert rel_err(a, b) < 1e-13
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+    @pytest.mark.parametrize("case", ML_CASES, ids=_ml_id)
+    def test_levels(self, case, dtype):
+        xh, zh = prepared(case["n"], case["dx"], case["dz"], dtype=dtype, seed=1)
+        o = pick_margin(xh, zh, case["o"], case["margin"])
+        check(
+            call(ops().structure_fwd, xh, zh, o, case["grad_x"]), oracle(xh, zh, o), TOL[dtype], xh, zh, case["grad_x"]
+        )
+
+    @pytest.mark.parametrize("levels", [1, 2, 3])
+    def test_margin_clips_everything(self, levels):
+        """A margin above every level's value: loss 0 and gradients exactly 0 (torch.relu's backward)."""
+        xh, zh = prepared(13, 5, 3, seed=2)
+        o = opts(levels=levels, weighting=1)
+        o["margin"] = 2.0 * max(level_values(xh, zh, o))
+        loss, gx, gz = call(ops().structure_fwd, xh, zh, o)
+        assert loss.item() == 0.0
+        assert torch.count_nonzero(gx) == 0 and torch.count_nonzero(gz) == 0
+        assert gx.shape == xh.shape and gz.shape == zh.shape
+
+    @pytest.mark.parametrize(
+        "dtype,o",
+        [
+            (torch.bfloat16, opts()),
+            (torch.bfloat16, opts(levels=2, weighting=1, divergence=1, temperature=0.1, margin=0.01)),
+            (torch.float16, opts(similarity=1, eps=1e-3)),
+            (torch.float16, opts(levels=3, temperature=0.1)),
+        ],
+        ids=["bf16-L1", "bf16-L2-js", "fp16-L1-rbf", "fp16-L3"],
+    )
+    def test_half_inputs(self, dtype, o, monkeypatch):
+        """fp32 math on exactly representable half inputs: the error is the rounding of the outputs to the dtype."""
+        xh, zh = prepared(13, 17, 5, dtype=dtype, seed=4)
+        force_panel_rows(monkeypatch, 5, 13, True, True, torch.float32)
+        check(call(ops().structure_fwd, xh, zh, o), oracle(xh, zh, o), 1e-2, xh, zh)
+
+    @pytest.mark.parametrize(
+        "dtype,o,flags",
+        [
+            (torch.float64, opts(levels=2, weighting=1, margin=0.05, divergence=1), (True, True)),
+            (torch.float32, opts(similarity=1), (False, True)),
+            (torch.float32, opts(levels=2), (True, False)),
+            (torch.bfloat16, opts(), (False, False)),
+            (torch.float64, opts(levels=3, similarity=1, divergence=1), (False, False)),
+        ],
+        ids=["f64-L2", "f32-rbf-gz", "f32-L2-gx", "bf16-none", "f64-L3-none"],
+    )
+    def test_matches_cpu_op(self, dtype, o, flags, cpu_ext):
+        """Same dtypes, shapes, empty (0,) tensors for gradients not asked for, and values as the CPU op."""
+        xh, zh = prepared(13, 5, 3, dtype=dtype, seed=6)
+        ours = call(ops().structure_fwd, xh, zh, o, *flags)
+        ref = call(ops().structure_fwd, xh.cpu(), zh.cpu(), o, *flags)
+        tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 1e-2}[dtype]
+        for a, b in zip(ours, ref, strict=True):
+            assert a.device.type == "cuda" and a.dtype == b.dtype and a.shape == b.shape
+            assert rel_err(a.cpu(), b) <= tol
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+    @pytest.mark.parametrize(("similarity", "divergence"), [(0, 0), (1, 1), (1, 0)])
+    def test_rows_fwd(self, dtype, similarity, divergence, monkeypatch, cpu_ext):
+        """Row shards (one rank's rows each, several panels) sum to the full level-1 loss and gradient."""
+        n = 37
+        xh, zh = prepared(n, 5, 17, dtype=dtype, seed=7)
+        o = opts(temperature=0.1, similarity=similarity, divergence=divergence, gamma=1.5)
+        force_panel_rows(monkeypatch, 4, n, True, True, dtype)
+        shards = [(0, 10), (10, 10), (10, 11), (11, n)]
+        parts = [rows_call(ops().structure_rows_fwd, xh, zh, a, b, o) for a, b in shards]
+        ref = oracle(xh, zh, o)
+        tol = TOL[dtype]
+        assert rel_err(sum(p[0] for p in parts), ref[0]) <= tol
+        assert rel_err(sum(p[1] for p in parts), ref[1]) <= tol
+        assert rel_err(sum(p[2] for p in parts), ref[2]) <= tol
+        empty = parts[1]
+        assert empty[0].item() == 0.0 and torch.count_nonzero(empty[1]) == 0 and torch.count_nonzero(empty[2]) == 0
+        # the CPU op's conventions: dtype, shapes, values; flags off → (0,) tensors
+        for (a, b), part in zip(shards, parts, strict=True):
+            cpu = rows_call(ops().structure_rows_fwd, xh.cpu(), zh.cpu(), a, b, o)
+            for u, v in zip(part, cpu, strict=True):
+                assert u.dtype == v.dtype and u.shape == v.shape
+                assert (u.cpu() - v).abs().max().item() <= tol * max(1.0, v.abs().max().item())
+        p, gx, gz = rows_call(ops().structure_rows_fwd, xh, zh, 3, 30, o, False, False)
+        assert gx.shape == (0,) and gz.shape == (0,) and p.dtype == dtype
+        with pytest.raises(RuntimeError, match="row_begin <= row_end <= N = 37"):
+            rows_call(ops().structure_rows_fwd, xh, zh, 4, 38, o)
+
+    def test_nan_propagates(self):
+        xh, zh = prepared(7, 3, 3, seed=8)
+        zh[2, 1] = float("nan")
+        for levels in (1, 2):
+            loss, _, gz = call(ops().structure_fwd, xh, zh, opts(levels=levels, margin=0.1))
+            assert torch.isnan(loss) and torch.isnan(gz).any()
+
+    def test_input_checks(self):
+        xh, zh = prepared(7, 3, 3)
+        f = ops().structure_fwd
+        with pytest.raises(RuntimeError, match="levels must be >= 1"):
+            call(f, xh, zh, opts(levels=0))
+        with pytest.raises(RuntimeError, match="same dtype"):
+            call(f, xh, zh.double(), opts())
+        with pytest.raises(RuntimeError, match="same number of rows"):
+            call(f, xh, zh[:5], opts())
+        with pytest.raises(RuntimeError, match="same device"):
+            call(f, xh, zh.cpu(), opts())
+        with pytest.raises(RuntimeError, match="eps must be > 0"):
+            call(f, xh, zh, opts(eps=0.0))
+        with pytest.raises(RuntimeError, match="temperature must be > 0"):
+            call(f, xh, zh, opts(temperature=0.0))
+        with pytest.raises(RuntimeError, match="unknown divergence code"):
+            call(f, xh, zh, opts(divergence=2))
+        with pytest.raises(RuntimeError, match="unknown weighting code"):
+            call(f, xh, zh, opts(weighting=5))
+        with pytest.raises(RuntimeError, match="unknown similarity code"):
+            call(f, xh, zh, opts(similarity=2))
+        with pytest.raises(RuntimeError, match="2-D"):
+            call(f, xh[0], zh, opts())
+
+    def test_memory_limit_error(self, monkeypatch):
+        xh, zh = prepared(13, 5, 3)
+        monkeypatch.setenv("STRUCTURE_OPS_CUDA_MEM_LIMIT_MB", "0.001")
+        with pytest.raises(
+            RuntimeError, match=r"levels=2 materializes about 0\.00 GiB .* N=13, more than STRUCTURE_OPS"
+        ):
+            call(ops().structure_fwd, xh, zh, opts(levels=2))
+        loss, _, _ = call(ops().structure_fwd, xh, zh, opts(levels=1))  # level 1 is row panels: not limited
+        assert torch.isfinite(loss)
+        monkeypatch.delenv("STRUCTURE_OPS_CUDA_MEM_LIMIT_MB")
+        # the real probe: N = 400 000 needs terabytes; refused before any N × N allocation
+        big = torch.randn(400_000, 3, device="cuda")
+        with pytest.raises(RuntimeError, match=r"levels=2 materializes about [0-9.]+ GiB .* GiB free on cuda"):
+            call(ops().structure_fwd, big, big, opts(levels=2), False, True)
+
+    @pytest.mark.parametrize(
+        "o", [opts(), opts(levels=3, weighting=1, similarity=1, divergence=1, margin=0.01)], ids=["L1", "L3-rbf-js"]
+    )
+    def test_deterministic(self, o, monkeypatch):
+        xh, zh = prepared(600, 17, 5, seed=9)
+        force_panel_rows(monkeypatch, 37, 600, True, True, torch.float32)
+        a = call(ops().structure_fwd, xh, zh, o)
+        b = call(ops().structure_fwd, xh, zh, o)
+        for u, v in zip(a, b, strict=True):
+            assert torch.equal(u, v)
+        check(a, oracle(xh, zh, o), 1e-4, xh, zh)
+
+    def test_side_stream_and_device_guard(self):
+        xh, zh = prepared(37, 5, 17, seed=10)
+        o = opts(levels=2)
+        ref = call(ops().structure_fwd, xh, zh, o)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = call(ops().structure_fwd, xh, zh, o)
+        torch.cuda.current_stream().wait_stream(side)
+        for u, v in zip(out, ref, strict=True):
+            assert rel_err(u, v) <= 1e-6
+        if torch.cuda.device_count() > 1:
+            x1, z1 = xh.to("cuda:1"), zh.to("cuda:1")
+            with torch.cuda.device(0):
+                out1 = call(ops().structure_fwd, x1, z1, o)
+            for u, v in zip(out1, ref, strict=True):
+                assert u.device == torch.device("cuda:1")
+                assert rel_err(u.cpu(), v.cpu()) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: the public API, opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------------------------
+API_OPTIONS = [
+    dict(temperature=0.1),
+    dict(temperature=0.05, margin=0.1),
+    dict(temperature=0.1, levels=3, weighting="inverse", margin=0.05),
+    dict(similarity="rbf", gamma=2.5),
+    dict(temperature=0.1, divergence="js", levels=2),
+    dict(temperature=0.1, centering="standard", center_first=True, eps=1e-6),
+]
+
+
+def _opt_id(o):
+    return ",".join(f"{k}={v}" for k, v in o.items())
+
+
+@pytest.mark.cuda
+@pytest.mark.usefixtures("gpu", "ieee_fp32")
+class TestAPI:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+    @pytest.mark.parametrize("grad_x", [False, True])
+    @pytest.mark.parametrize("options", API_OPTIONS, ids=_opt_id)
+    def test_structure_loss_backend_cuda(self, options, grad_x, dtype):
+        x, z = structured(129, 17, 5, seed=11)
+        x, z = x.cuda(), z.cuda()  # the float64 oracle on the GPU: outputs compare on one device
+        ref = loss_and_grads(
+            lambda a, b: reference.structure_loss(a, b, **options), x, z, grad_x=grad_x, scale=GRAD_SCALE
+        )
+        out = loss_and_grads(
+            lambda a, b: structure_ops.structure_loss(a, b, backend="cuda", **options),
+            x.to("cuda", dtype), z.to("cuda", dtype), grad_x=grad_x, scale=GRAD_SCALE,
+        )  # fmt: skip
+        tol = TOL[dtype]
+        assert out[0].dtype == dtype and out[0].device.type == "cuda"
+        assert rel_err(out[0], ref[0]) <= tol
+        assert rel_err(out[2], ref[2]) <= tol
+        if grad_x:
+            assert rel_err(out[1], ref[1]) <= tol
+
+    def test_non_contiguous_and_no_grad(self):
+        n, dx, dz = 129, 64, 3
+        x, z = structured(n, dx, dz, seed=12)
+        o = dict(temperature=0.1, levels=2)
+        x, z = x.cuda(), z.cuda()
+        ref_l, ref_gx, ref_gz = loss_and_grads(lambda a, b: reference.structure_loss(a, b, **o), x, z, scale=GRAD_SCALE)
+        x_buf = torch.zeros(n, 2 * dx, dtype=torch.float64, device="cuda")
+        x_buf[:, ::2] = x
+        x_buf.requires_grad_()
+        zt = z.T.contiguous().requires_grad_()
+        xv, zv = x_buf[:, ::2], zt.T
+        assert not xv.is_contiguous() and not zv.is_contiguous()
+        loss = structure_ops.structure_loss(xv, zv, backend="cuda", **o)
+        gbuf, gzt = torch.autograd.grad(GRAD_SCALE * loss, (x_buf, zt))
+        assert rel_err(loss, ref_l) <= 1e-10
+        assert rel_err(gbuf[:, ::2], ref_gx) <= 1e-10 and gbuf[:, 1::2].abs().max().item() == 0.0
+        assert rel_err(gzt.T, ref_gz) <= 1e-10
+        with torch.no_grad():
+            value = structure_ops.structure_loss(xv, zv, backend="cuda", **o)
+        assert not value.requires_grad and rel_err(value, ref_l) <= 1e-10
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    @pytest.mark.parametrize(("grad_x", "grad_z"), [(True, True), (False, True), (True, False), (False, False)])
+    @pytest.mark.parametrize(("levels", "similarity", "divergence"), [(1, 0, 0), (2, 1, 1)], ids=["l1", "l2-rbf-js"])
+    def test_opcheck_structure_fwd(self, dtype, grad_x, grad_z, levels, similarity, divergence):
+        xh, zh = prepared(9, 4, 3, dtype=dtype, seed=5)
+        xh.requires_grad_(grad_x)
+        zh.requires_grad_(grad_z)
+        args = (xh, zh, levels, 0.1, 1, 0.0, similarity, 1.5, divergence, 1e-12, grad_x, grad_z)
+        torch.library.opcheck(ops().structure_fwd, args)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_opcheck_structure_rows_fwd(self, dtype):
+        xh, zh = prepared(9, 4, 3, dtype=dtype, seed=5)
+        xh.requires_grad_()
+        zh.requires_grad_()
+        torch.library.opcheck(ops().structure_rows_fwd, (xh, zh, 2, 7, 0.1, 0, 1.0, 0, 1e-12, True, True))
+
+    def test_opcheck_non_contiguous(self):
+        xh, zh = prepared(9, 4, 3, dtype=torch.float64, seed=5)
+        xh = xh.T.contiguous().T.requires_grad_()
+        zh = zh.T.contiguous().T.requires_grad_()
+        assert not xh.is_contiguous()
+        torch.library.opcheck(ops().structure_fwd, (xh, zh, 1, 0.1, 0, 0.0, 0, 1.0, 0, 1e-12, True, True))
+
+    @pytest.mark.parametrize(
+        "options", [dict(temperature=0.1), dict(levels=2, weighting="inverse", similarity="rbf")], ids=["l1", "l2-rbf"]
+    )
+    def test_compile_fullgraph(self, options, dynamo_reset):
+        x, z = structured(33, 5, 4, seed=6)
+        x, z = x.cuda(), z.cuda()
+
+        def fn(a, b):
+            return structure_ops.structure_loss(a, b, backend="cuda", **options)
+
+        results = []
+        for f in (fn, torch.compile(fn, fullgraph=True)):
+            xx, zz = x.clone().requires_grad_(), z.clone().requires_grad_()
+            loss = f(xx, zz)
+            results.append((loss.detach(), *torch.autograd.grad(GRAD_SCALE * loss, (xx, zz))))
+        ref = reference.structure_loss(x, z, **options)
+        assert rel_err(results[0][0], ref) < 1e-10
+        for eager, compiled in zip(*results, strict=True):
+            assert rel_err(compiled, eager) < 1e-10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: realistic sizes
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.usefixtures("gpu", "ieee_fp32")
+class TestRealistic:
+    @pytest.mark.parametrize(
+        "dtype,o,tol",
+        [
+            (torch.float32, opts(), 1e-4),
+            (torch.float32, opts(divergence=1, margin=0.01), 1e-4),
+            (torch.float32, opts(similarity=1, gamma=2.0), 1e-4),
+            (torch.float64, opts(temperature=0.1), 1e-9),
+            (torch.bfloat16, opts(temperature=0.1), 2e-2),
+        ],
+        ids=["f32-structure", "f32-js", "f32-rbf", "f64", "bf16"],
+    )
+    def test_level1_n4096(self, dtype, o, tol):
+        xh, zh = prepared(4096, 768, 512, dtype=dtype, seed=12)
+        check(call(ops().structure_fwd, xh, zh, o), oracle(xh, zh, o), tol, xh, zh)
+
+    @pytest.mark.parametrize("grad_x", [False, True])
+    def test_levels_n4096(self, grad_x):
+        xh, zh = prepared(4096, 768, 512, seed=13)
+        o = opts(levels=3, weighting=1, temperature=0.1)
+        check(call(ops().structure_fwd, xh, zh, o, grad_x), oracle(xh, zh, o), 1e-4, xh, zh, grad_x)
+
+    def test_panels_n4096(self, monkeypatch):
+        """Several row panels at a realistic size (a 16 MiB budget → 256-row panels), margin active."""
+        monkeypatch.setenv("STRUCTURE_OPS_CUDA_PANEL_MB", "16")
+        xh, zh = prepared(4096, 512, 768, seed=14)
+        o = opts(margin=0.01)
+        check(call(ops().structure_fwd, xh, zh, o), oracle(xh, zh, o), 1e-4, xh, zh)
+
+    def test_api_frozen_x_n4096(self):
+        x, z = structured(4096, 768, 512, seed=15)
+        ref = loss_and_grads(lambda a, b: reference.structure_loss(a, b), x.cuda(), z.cuda(), grad_x=False)
+        out = loss_and_grads(lambda a, b: structure_ops.structure_loss(a, b, backend="cuda"), x.float().cuda(),
+                             z.float().cuda(), grad_x=False)  # fmt: skip
+        assert out[1] is None
+        assert rel_err(out[0], ref[0]) <= 1e-4 and rel_err(out[2], ref[2]) <= 1e-4
+
+    def test_tf32_runs(self):
+        """torch's "high" float32 matmul precision reaches the Gram GEMMs (TF32): still a sane result."""
+        xh, zh = prepared(4096, 768, 512, seed=16)
+        o = opts(temperature=0.1)
+        torch.set_float32_matmul_precision("high")
+        out = call(ops().structure_fwd, xh, zh, o)
+        ref = oracle(xh, zh, o)
+        assert rel_err(out[0], ref[0]) <= 5e-2 and rel_err(out[2], ref[2]) <= 3e-1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No GPU needed: nvcc compiles the file for sm_90a without spills
+# ---------------------------------------------------------------------------------------------------------------
+def _nvcc() -> str | None:
+    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if cand and (pathlib.Path(cand) / "bin" / "nvcc").exists():
+            return str(pathlib.Path(cand) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _torch_include() -> pathlib.Path:
+    return pathlib.Path(torch.__file__).parent / "include"
+
+
+@pytest.mark.slow
+def test_nvcc_compiles_sm90a(tmp_path):
+    nvcc = _nvcc()
+    inc = _torch_include()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA_HOME, /usr/local/cuda, PATH)")
+    if not (inc / "c10" / "cuda" / "CUDAStream.h").exists() or not (inc / "torch" / "library.h").exists():
+        pytest.skip(f"torch headers with c10/cuda not found under {inc}")
+    cmd = [
+        nvcc, "-std=c++20", "-c", str(CU_FILE), "-o", str(tmp_path / "structure_cuda.o"),
+        "-gencode=arch=compute_90a,code=sm_90a", f"-I{inc}", f"-I{inc / 'torch' / 'csrc' / 'api' / 'include'}",
+        f"-I{sysconfig.get_paths()['include']}", f"-I{ROOT / 'csrc'}", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+        "-Xptxas", "-v",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-6000:]
+    assert (tmp_path / "structure_cuda.o").stat().st_size > 0
+    kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'", log)
+    for name in ("l1_rows_kernel", "level_div_kernel", "softmax_bwd_kernel", "finalize_levels_kernel"):
+        assert any(name in k for k in kernels), f"{name} was not compiled"
+    spills = [(k, s) for k, s in zip(kernels, re.findall(r"(\d+) bytes spill stores", log), strict=True) if s != "0"]
+    assert not spills, f"register spills on sm_90a: {spills}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No GPU needed: the .cu source executed on the CPU through an emulation layer
+# ---------------------------------------------------------------------------------------------------------------
+_EMU_SHIM = r"""
+// CPU emulation of the CUDA subset used by csrc/cuda/structure_cuda.cu (tests/test_cuda_structure.py only).
+// One OS thread per CUDA thread; the blocks of a launch run one after another, so `static` stands in for
+// __shared__; __syncthreads is a block barrier, __shfl_xor_sync exchanges through a per-warp slot between
+// two warp barriers.
+#pragma once
+#include <math.h>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+#include <c10/util/Exception.h>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace so_emu {
+struct Warp {
+  std::barrier<> bar{32};
+  alignas(8) unsigned char slot[32][8];
+};
+struct Block {
+  std::unique_ptr<std::barrier<>> bar;
+  std::vector<std::unique_ptr<Warp>> warps;
+};
+inline thread_local Block* cur = nullptr;
+}  // namespace so_emu
+
+inline void __syncthreads() { so_emu::cur->bar->arrive_and_wait(); }
+
+template <class T>
+T __shfl_xor_sync(unsigned, T v, int k) {
+  so_emu::Warp& w = *so_emu::cur->warps[threadIdx.x / 32];
+  const int lane = threadIdx.x % 32;
+  std::memcpy(w.slot[lane], &v, sizeof(T));
+  w.bar.arrive_and_wait();
+  T r;
+  std::memcpy(&r, w.slot[lane ^ k], sizeof(T));
+  w.bar.arrive_and_wait();
+  return r;
+}
+
+typedef void* cudaStream_t;
+enum cudaError_t { cudaSuccess = 0 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = 132; return cudaSuccess; }
+inline cudaError_t cudaMemGetInfo(size_t* f, size_t* t) { *f = size_t(1) << 36; *t = *f; return cudaSuccess; }
+
+namespace c10 { namespace cuda {
+struct CUDAGuard { template <class D> explicit CUDAGuard(const D&) {} };
+namespace CUDACachingAllocator {
+struct Stat { int64_t current = 0; };
+struct Stats { Stat reserved_bytes[4], allocated_bytes[4]; };
+inline Stats getDeviceStats(int) { return {}; }
+}  // namespace CUDACachingAllocator
+}}  // namespace c10::cuda
+
+namespace so_emu {
+inline int64_t launched_threads = 0;  // for the tests: proof that the kernels really ran here
+template <class... P>
+struct Launch {
+  void (*k)(P...);
+  dim3 g, b;
+  template <class... A>
+  void operator()(A... a) const {
+    TORCH_CHECK(b.x % 32 == 0 && b.x <= 1024 && g.x >= 1, "emulated launch: grid ", g.x, " block ", b.x);
+    for (unsigned bx = 0; bx < g.x; ++bx) {
+      Block blk;
+      blk.bar = std::make_unique<std::barrier<>>(b.x);
+      for (unsigned w = 0; w < b.x / 32; ++w) blk.warps.push_back(std::make_unique<Warp>());
+      std::vector<std::thread> th;
+      th.reserve(b.x);
+      for (unsigned t = 0; t < b.x; ++t)
+        th.emplace_back([&, t, bx] {
+          threadIdx = dim3(t);
+          blockIdx = dim3(bx);
+          blockDim = b;
+          gridDim = g;
+          cur = &blk;
+          k(a...);
+        });
+      for (auto& x : th) x.join();
+      launched_threads += b.x;
+    }
+  }
+};
+template <class... P>
+Launch<P...> launch(void (*k)(P...), dim3 g, dim3 b, int = 0, cudaStream_t = nullptr) {
+  return Launch<P...>{k, g, b};
+}
+}  // namespace so_emu
+"""
+
+
+def _launches_to_calls(src: str) -> str:
+    """``kernel<...><<<grid, block, smem, stream>>>(args)`` → ``so_emu::launch(&kernel<...>, grid, block, smem,
+    stream)(args)``. The kernel expression is the statement text before ``<<<`` (comment lines dropped)."""
+    out, pos = [], 0
+    while (i := src.find("<<<", pos)) >= 0:
+        start = max(src.rfind(";", 0, i), src.rfind("{", 0, i), src.rfind("}", 0, i)) + 1
+        kernel = " ".join(ln for ln in src[start:i].splitlines() if not ln.strip().startswith("//")).strip()
+        assert re.fullmatch(r"[\w:<>, ()]+", kernel), f"unexpected launch expression: {kernel!r}"
+        j = src.index(">>>", i)
+        out += [src[pos:start], f"\n so_emu::launch(&{kernel}, {src[i + 3 : j]})"]
+        pos = j + 3
+    out.append(src[pos:])
+    return "".join(out)
+
+
+def _emulation_sources(dest: pathlib.Path) -> pathlib.Path:
+    common = COMMON_CUH.read_text()
+    for old, new in (
+        ("#include <cuda_runtime.h>", ""),
+        ("#include <c10/cuda/CUDAStream.h>", ""),
+        ("c10::cuda::getCurrentCUDAStream(t.device().index()).stream()", "nullptr"),
+    ):
+        assert old in common, f"common.cuh changed: {old!r} not found (update the emulation)"
+        common = common.replace(old, new)
+    src = CU_FILE.read_text()
+    for old, new in (
+        ('#include "common.cuh"', '#include "common_emu.cuh"'),
+        ('#include "../common/', f'#include "{ROOT / "csrc" / "common"}/'),
+        ("TORCH_LIBRARY_IMPL(structure_ops, CUDA, m)", "TORCH_LIBRARY(so_cuda_emu, m)"),
+        ("m.impl(", "m.def("),
+        ("xh.is_cuda()", "true"),  # CPU tensors stand in for CUDA ones
+    ):
+        assert old in src, f"structure_cuda.cu changed: {old!r} not found (update the emulation)"
+        src = src.replace(old, new)
+    src = re.sub(r"#include <c10/cuda/[^>]*>", "", src)
+    src = _launches_to_calls(src)
+    src += '\nTORCH_LIBRARY_FRAGMENT(so_cuda_emu, m) {\n  m.def("launched_threads() -> int", [] { return so_emu::launched_threads; });\n}\n'
+    (dest / "shim.h").write_text(_EMU_SHIM)
+    (dest / "common_emu.cuh").write_text(common)
+    path = dest / "structure_emu.cpp"
+    path.write_text('#include "shim.h"\n' + src)
+    return path
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    from torch.utils import cpp_extension
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError:
+        pytest.skip("ninja is needed to build the emulation")
+    dest = tmp_path_factory.mktemp("cuda_emu")
+    src = _emulation_sources(dest)
+    cpp_extension.load(
+        name="so_cuda_emu", sources=[str(src)], extra_cflags=["-O1", "-std=c++20", f"-I{dest}"],
+        build_directory=str(dest), is_python_module=False,
+    )  # fmt: skip
+    return torch.ops.so_cuda_emu
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("cpu_ext")
+class TestEmulated:
+    """The CUDA source on CPU tensors through the emulation layer (see the module docstring)."""
+
+    @pytest.mark.parametrize(
+        "case,dtype",
+        [(c, torch.float32) for c in L1_CASES] + [(L1_CASES[1], torch.float64), (L1_CASES[3], torch.float64)],
+        ids=[_l1_id(c) + "-f32" for c in L1_CASES] + [_l1_id(L1_CASES[1]) + "-f64", _l1_id(L1_CASES[3]) + "-f64"],
+    )
+    def test_level1(self, emu, case, dtype, monkeypatch):
+        xh, zh = prepared(case["n"], case["dx"], case["dz"], dtype=dtype, device="cpu")
+        o, gxf = case["o"], case["grad_x"]
+        force_panel_rows(monkeypatch, 5, case["n"], gxf, True, dtype)
+        before = emu.launched_threads()
+        check(call(emu.structure_fwd, xh, zh, o, gxf), oracle(xh, zh, o), TOL[dtype], xh, zh, gxf)
+        assert emu.launched_threads() > before
+        om = opts(**{**o, "margin": 0.5 * level_values(xh, zh, o)[0]})
+        check(call(emu.structure_fwd, xh, zh, om, gxf), oracle(xh, zh, om), TOL[dtype], xh, zh, gxf)
+        # no gradient at all
+        check(call(emu.structure_fwd, xh, zh, o, False, False), oracle(xh, zh, o), TOL[dtype], xh, zh, False, False)
+
+    @pytest.mark.parametrize(
+        "case,dtype",
+        [(c, torch.float64) for c in ML_CASES[:4]] + [(ML_CASES[1], torch.float32), (ML_CASES[3], torch.float32)],
+        ids=[_ml_id(c) + "-f64" for c in ML_CASES[:4]] + [_ml_id(ML_CASES[1]) + "-f32", _ml_id(ML_CASES[3]) + "-f32"],
+    )
+    def test_levels(self, emu, case, dtype):
+        xh, zh = prepared(case["n"], case["dx"], case["dz"], dtype=dtype, seed=1, device="cpu")
+        o = pick_margin(xh, zh, case["o"], case["margin"])
+        check(call(emu.structure_fwd, xh, zh, o, case["grad_x"]), oracle(xh, zh, o), TOL[dtype], xh, zh, case["grad_x"])
+        # z frozen, x with a gradient
+        check(call(emu.structure_fwd, xh, zh, o, True, False), oracle(xh, zh, o), TOL[dtype], xh, zh, True, False)
+
+    @pytest.mark.parametrize("levels", [1, 3])
+    def test_margin_clips_everything(self, emu, levels):
+        xh, zh = prepared(13, 5, 3, seed=2, device="cpu")
+        o = opts(levels=levels, weighting=1)
+        o["margin"] = 2.0 * max(level_values(xh, zh, o))
+        loss, gx, gz = call(emu.structure_fwd, xh, zh, o)
+        assert loss.item() == 0.0 and torch.count_nonzero(gx) == 0 and torch.count_nonzero(gz) == 0
+
+    def test_rows_fwd_matches_cpu_op(self, emu, monkeypatch):
+        n = 37
+        xh, zh = prepared(n, 5, 17, dtype=torch.float64, seed=7, device="cpu")
+        o = opts(temperature=0.1, similarity=1, divergence=1, gamma=1.5)
+        force_panel_rows(monkeypatch, 4, n, True, True, torch.float64)
+        shards = [(0, 10), (10, 10), (10, 11), (11, n)]
+        parts = [rows_call(emu.structure_rows_fwd, xh, zh, a, b, o) for a, b in shards]
+        ref = oracle(xh, zh, o)
+        for k in range(3):
+            assert rel_err(sum(p[k] for p in parts), ref[k]) <= 1e-10
+        for (a, b), part in zip(shards, parts, strict=True):
+            cpu = rows_call(ops().structure_rows_fwd, xh, zh, a, b, o)
+            for u, v in zip(part, cpu, strict=True):
+                assert u.dtype == v.dtype and u.shape == v.shape
+                assert (u - v).abs().max().item() <= 1e-12
+        with pytest.raises(RuntimeError, match="row_begin <= row_end <= N = 37"):
+            rows_call(emu.structure_rows_fwd, xh, zh, 4, 38, o)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_half_matches_cpu_op(self, emu, dtype):
+        xh, zh = prepared(13, 17, 5, dtype=dtype, seed=4, device="cpu")
+        for o in (opts(), opts(levels=2, divergence=1, temperature=0.1), opts(similarity=1)):
+            ours = call(emu.structure_fwd, xh, zh, o)
+            cpu = call(ops().structure_fwd, xh, zh, o)
+            for u, v in zip(ours, cpu, strict=True):
+                assert u.dtype == v.dtype == dtype and u.shape == v.shape
+                assert rel_err(u, v) <= 1e-2
+            check(ours, oracle(xh, zh, o), 1e-2, xh, zh)
+
+    def test_multi_warp_blocks(self, emu):
+        """N = 520: 64 threads per row block (two warps in every block reduction)."""
+        xh, zh = prepared(520, 5, 7, seed=3, device="cpu")
+        o = opts(temperature=0.1)
+        check(call(emu.structure_fwd, xh, zh, o, False), oracle(xh, zh, o), 2e-5, xh, zh, False)
+
+    def test_deterministic(self, emu, monkeypatch):
+        xh, zh = prepared(37, 5, 17, seed=3, device="cpu")
+        force_panel_rows(monkeypatch, 5, 37, True, True, torch.float32)
+        for o in (opts(), opts(levels=2, similarity=1, divergence=1)):
+            a = call(emu.structure_fwd, xh, zh, o)
+            b = call(emu.structure_fwd, xh, zh, o)
+            for u, v in zip(a, b, strict=True):
+                assert torch.equal(u, v)
+
+    def test_checks_and_memory_estimate(self, emu, monkeypatch):
+        xh, zh = prepared(13, 5, 3, device="cpu")
+        monkeypatch.setenv("STRUCTURE_OPS_CUDA_MEM_LIMIT_MB", "0.001")
+        with pytest.raises(
+            RuntimeError, match=r"levels=2 materializes about 0\.00 GiB .* N=13, more than STRUCTURE_OPS"
+        ):
+            call(emu.structure_fwd, xh, zh, opts(levels=2))
+        assert torch.isfinite(call(emu.structure_fwd, xh, zh, opts())[0])
+        monkeypatch.delenv("STRUCTURE_OPS_CUDA_MEM_LIMIT_MB")
+        for bad, msg in (
+            (opts(levels=0), "levels must be >= 1"),
+            (opts(eps=0.0), "eps must be > 0"),
+            (opts(divergence=2), "unknown divergence code"),
+            (opts(weighting=3), "unknown weighting code"),
+        ):
+            with pytest.raises(RuntimeError, match=msg):
+                call(emu.structure_fwd, xh, zh, bad)
+        with pytest.raises(RuntimeError, match="same dtype"):
+            call(emu.structure_fwd, xh, zh.double(), opts())
+        zn = zh.clone()
+        zn[2, 1] = float("nan")
+        for levels in (1, 2):
+            loss, _, gz = call(emu.structure_fwd, xh, zn, opts(levels=levels, margin=0.1))
+            assert torch.isnan(loss) and torch.isnan(gz).any()
+
+
+def test_launch_rewrite_is_complete():
+    """The emulation's source rewrite finds every launch of the .cu file (cheap, no compiler)."""
+    src = CU_FILE.read_text()
+    rewritten = _launches_to_calls(src)
+    assert "<<<" not in rewritten and ">>>" not in rewritten
+    assert rewritten.count("so_emu::launch(&") == src.count("<<<") >= 6
