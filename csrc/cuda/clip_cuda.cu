@@ -48,6 +48,7 @@
 #include <type_traits>
 
 #include "../common/checks.h"
+#include "../common/panel.h"
 #include "common.cuh"
 
 namespace structure_ops {
@@ -307,18 +308,9 @@ __global__ void __launch_bounds__(kThreads) scale_accumulate_kernel(float* dst, 
 // ------------------------------------------------------------------------------------------------------
 // Host side
 // ------------------------------------------------------------------------------------------------------
-// Rows per panel from the byte budget STRUCTURE_OPS_CUDA_PANEL_MB (default 256 MiB; read on every call so
-// tests can force tiny, ragged panels). Large panels are rounded to a multiple of the tile height.
-int64_t panel_rows(int64_t n, int64_t bytes_per_row, int64_t multiple) {
-  double mb = 256.0;
-  if (const char* env = std::getenv("STRUCTURE_OPS_CUDA_PANEL_MB")) {
-    const double v = std::atof(env);
-    if (v > 0) mb = v;
-  }
-  const int64_t budget = static_cast<int64_t>(mb * double(1 << 20));
-  int64_t rows = std::max<int64_t>(1, budget / std::max<int64_t>(1, bytes_per_row));
-  if (rows >= 2 * multiple) rows -= rows % multiple;
-  return std::min(rows, n);
+// Rows per panel (csrc/common/panel.h): 256 MiB by default; STRUCTURE_OPS_CUDA_PANEL_MB sets an exact budget.
+int64_t cuda_panel_rows(int64_t n, int64_t bytes_per_row, int64_t multiple) {
+  return panel_rows_budget(n, bytes_per_row, "STRUCTURE_OPS_CUDA_PANEL_MB", 256.0, 1, multiple);
 }
 
 bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
@@ -369,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_fwd_impl(const at::Tensor& i
   const int64_t nct = ceil_div<int64_t>(n, kTileCols);
   // per panel row: the logits, the column partials (2 values per column per TR rows), the row partials
   const int64_t bytes_per_row = int64_t(sizeof(T)) * (n + ceil_div<int64_t>(2 * n, TR) + 2 * nct);
-  const int64_t rows = panel_rows(n, bytes_per_row, 64);
+  const int64_t rows = cuda_panel_rows(n, bytes_per_row, 64);
   const int64_t nrt_max = ceil_div<int64_t>(rows, TR);
   at::Tensor buf = at::empty({rows, n}, opts);
   at::Tensor row_m = at::empty({nct * rows}, opts), row_l = at::empty({nct * rows}, opts);
@@ -448,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_bwd_impl(const at::Tensor& g
   const at::Tensor c = lse_col.detach().reshape({n}).to(dev, cdt).contiguous();
 
   const int64_t bytes_per_row = int64_t(sizeof(T)) * n + (half ? int64_t(a.element_size()) * n : 0);
-  const int64_t rows = panel_rows(n, bytes_per_row, 64);
+  const int64_t rows = cuda_panel_rows(n, bytes_per_row, 64);
   at::Tensor buf = at::empty({rows, n}, opts);
   at::Tensor ebuf = half ? at::empty({rows, n}, a.options()) : at::Tensor();
   at::Tensor ds_row = at::empty({n}, a.options().dtype(at::kDouble));

@@ -33,6 +33,7 @@
 #include <tuple>
 
 #include "../common/checks.h"
+#include "../common/panel.h"
 #include "common.cuh"
 
 namespace structure_ops {
@@ -186,16 +187,9 @@ __global__ void __launch_bounds__(kThreads) knn_drop_diag_kernel(const int64_t* 
 // ------------------------------------------------------------------------------------------------------
 // Host side
 // ------------------------------------------------------------------------------------------------------
-int64_t panel_rows(int64_t n, int64_t bytes_per_row, int64_t multiple) {
-  double mb = 256.0;
-  if (const char* env = std::getenv("STRUCTURE_OPS_CUDA_PANEL_MB")) {
-    const double v = std::atof(env);
-    if (v > 0) mb = v;
-  }
-  const int64_t budget = static_cast<int64_t>(mb * double(1 << 20));
-  int64_t rows = std::max<int64_t>(1, budget / std::max<int64_t>(1, bytes_per_row));
-  if (rows >= 2 * multiple) rows -= rows % multiple;
-  return std::min(rows, n);
+// Rows per panel (csrc/common/panel.h): 256 MiB by default; STRUCTURE_OPS_CUDA_PANEL_MB sets an exact budget.
+int64_t cuda_panel_rows(int64_t n, int64_t bytes_per_row, int64_t multiple) {
+  return panel_rows_budget(n, bytes_per_row, "STRUCTURE_OPS_CUDA_PANEL_MB", 256.0, 1, multiple);
 }
 
 bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
@@ -214,7 +208,7 @@ void knn_impl(const at::Tensor& a, int64_t k, at::Tensor& out) {
   const bool fused = k <= kFusedMaxK;
   // the sort path also holds the sorted values, the int64 order and the sort's scratch per panel row
   const int64_t bytes_per_row = fused ? int64_t(sizeof(T)) * n : (3 * int64_t(sizeof(T)) + 24) * n;
-  const int64_t rows = panel_rows(n, bytes_per_row, 16);
+  const int64_t rows = cuda_panel_rows(n, bytes_per_row, 16);
   at::Tensor buf = at::empty({rows, n}, a.options().dtype(cdt));
   const at::Tensor at_ = a.t();
   // buffer size at which a compaction starts: small for small k (a cheap sort and an early threshold),

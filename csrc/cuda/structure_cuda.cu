@@ -63,6 +63,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/panel.h"
 #include "../common/divergence.h"
 #include "common.cuh"
 
@@ -367,23 +368,10 @@ int row_threads(int64_t n) {
   return t;
 }
 
-// Rows per panel so that the panel buffers (bytes_per_row each) stay within a budget: 256 MiB and at least
-// 256 rows by default (the backward GEMMs have the panel height as inner dimension); STRUCTURE_OPS_CUDA_PANEL_MB
-// (> 0, read on every call) sets an exact budget instead, down to 1 row, so tests can force many ragged panels.
-int64_t panel_rows(int64_t n, int64_t bytes_per_row) {
-  double mb = 256.0;
-  int64_t min_rows = 256;
-  if (const char* env = std::getenv("STRUCTURE_OPS_CUDA_PANEL_MB")) {
-    const double v = std::atof(env);
-    if (v > 0) {
-      mb = v;
-      min_rows = 1;
-    }
-  }
-  const int64_t budget = static_cast<int64_t>(mb * double(1 << 20));
-  int64_t rows = std::max<int64_t>(min_rows, budget / std::max<int64_t>(1, bytes_per_row));
-  if (rows >= 64) rows -= rows % 16;  // GEMM-friendly panel heights
-  return std::min(rows, n);
+// Rows per panel (csrc/common/panel.h): 256 MiB and at least 256 rows by default (the backward GEMMs have the
+// panel height as inner dimension); STRUCTURE_OPS_CUDA_PANEL_MB sets an exact budget, down to 1 row.
+int64_t cuda_panel_rows(int64_t n, int64_t bytes_per_row) {
+  return panel_rows_budget(n, bytes_per_row, "STRUCTURE_OPS_CUDA_PANEL_MB", 256.0, 256, 16);
 }
 
 template <typename T>
@@ -442,7 +430,7 @@ void level1_panels(const at::Tensor& x, const at::Tensor& z, const Options& o, b
   const bool rbf = o.similarity == kRbf, js = o.divergence == kJS;
   const int64_t nbuf = 2 + int64_t(need_gx) + int64_t(need_gz);
   const int64_t rows = std::max<int64_t>(
-      1, std::min(panel_rows(n, nbuf * n * int64_t(sizeof(T))), row_end - row_begin));
+      1, std::min(cuda_panel_rows(n, nbuf * n * int64_t(sizeof(T))), row_end - row_begin));
   const auto opts = x.options();
   const cudaStream_t stream = cuda::current_stream(x);
   at::Tensor bx = at::empty({rows, n}, opts), bz = at::empty({rows, n}, opts);
@@ -574,7 +562,7 @@ at::Tensor side_backward(std::vector<at::Tensor>& powers, std::vector<at::Tensor
   const T* coef_p = coef.const_data_ptr<T>();
   at::Tensor ks = rbf ? at::zeros({n}, u.options()) : at::Tensor();
   if (rbf) {
-    const int64_t rows = panel_rows(n, n * int64_t(sizeof(T)));
+    const int64_t rows = cuda_panel_rows(n, n * int64_t(sizeof(T)));
     at::Tensor gram = at::empty({rows, n}, u.options());
     for (int64_t r0 = 0; r0 < n; r0 += rows) {
       const int64_t b = std::min(rows, n - r0);
