@@ -10,9 +10,9 @@ How the work is split (rank r holds rows [start_r, start_r + n_r) of the global 
 * ``structure_loss`` with ``levels=1``: the inputs are all-gathered (O(N·d)); row normalization and
   batch centering run on the gathered batch, so their statistics are global; then rank r computes only
   its own rows of the N × N problem, ``partial_r = (1/N) Σ_{i in shard r} Σ_j term(P_ij, Q_ij)``
-  (a row softmax needs only its own row), against all N columns. The CPU backend does this in the fused
-  row-panel kernel (``structure_rows_fwd``: B × N panels, B ≤ n_r); every other backend in plain PyTorch
-  on an n_r × N panel. R_S = relu(Σ_r partial_r − margin), summed with one scalar all-reduce.
+  (a row softmax needs only its own row), against all N columns. The CPU and CUDA backends do this in
+  their fused row-panel kernels (``structure_rows_fwd``: B × N panels, B ≤ n_r); the other backends in
+  plain PyTorch on an n_r × N panel. R_S = relu(Σ_r partial_r − margin), summed with one scalar all-reduce.
 * ``structure_loss`` with ``levels > 1``: Pˡ couples every row with every other one, so each rank
   computes the whole loss on the gathered batch (not sharded: same memory and time as one process)
   and takes 1/world of its gradient, which the gather's backward sums back.
@@ -264,7 +264,7 @@ def structure_loss(
     rank = dist.get_rank(group)
     start = sum(sizes[:rank])
     stop = start + sizes[rank]
-    if _backends.select("structure_loss", backend, (xh, zh)) == "cpu":
+    if _backends.select("structure_loss", backend, (xh, zh)) in ("cpu", "cuda"):  # both register the row-range op
         grad_on = torch.is_grad_enabled()
         partial, _, _ = torch.ops.structure_ops.structure_rows_fwd(
             xh, zh, start, stop, temperature, s_code, gamma, d_code, eps,
