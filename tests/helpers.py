@@ -70,3 +70,38 @@ def require_cpu_extension() -> None:
     """The CPU suite needs the C++ extension; a missing build is a failure here, never a skip."""
     err = structure_ops._ops.extension_error("_C")
     assert err is None, f"the C++ CPU extension must be built for the CPU test-suite: {err}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Op-level oracle for the structure_fwd kernels (option codes as in structure_ops/_options.py)
+OP_DEFAULTS = dict(levels=1, temperature=0.05, weighting=0, margin=0.0, similarity=0, gamma=1.0, divergence=0, eps=1e-12)
+
+
+def opts(**kw) -> dict:
+    """Integer-coded options of the structure_fwd ops: OP_DEFAULTS overridden by ``kw``."""
+    return {**OP_DEFAULTS, **kw}
+
+
+def oracle(xh: torch.Tensor, zh: torch.Tensor, o: dict):
+    """reference.structure_core in float64 on the (rounded) prepared inputs, with its autograd gradients."""
+    from structure_ops import reference
+    from structure_ops._options import DIVERGENCES, SIMILARITIES, WEIGHTINGS
+
+    x = xh.detach().double().requires_grad_(True)
+    z = zh.detach().double().requires_grad_(True)
+    with torch.enable_grad():  # also when called from inside a no-grad region (e.g. a stubbed kernel)
+        loss = reference.structure_core(
+            x, z, levels=o["levels"], temperature=o["temperature"], weighting=WEIGHTINGS[o["weighting"]],
+            margin=o["margin"], similarity_kind=SIMILARITIES[o["similarity"]], gamma=o["gamma"],
+            divergence=DIVERGENCES[o["divergence"]], eps=o["eps"],
+        )  # fmt: skip
+        gx, gz = torch.autograd.grad(loss, (x, z))
+    return loss.detach(), gx, gz
+
+
+def level_values(xh: torch.Tensor, zh: torch.Tensor, o: dict) -> list[float]:
+    """D_1 … D_L (no margin, no weights) from the oracle: D_l = l·R(l) − (l−1)·R(l−1) with w = 1, margin 0."""
+    r = [0.0]
+    for level in range(1, o["levels"] + 1):
+        r.append(oracle(xh, zh, opts(**{**o, "levels": level, "weighting": 0, "margin": 0.0}))[0].item())
+    return [level * r[level] - (level - 1) * r[level - 1] for level in range(1, o["levels"] + 1)]

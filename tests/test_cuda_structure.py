@@ -32,18 +32,16 @@ import sysconfig
 
 import pytest
 import torch
-from helpers import loss_and_grads, rel_err, structured
+from helpers import level_values, loss_and_grads, opts, oracle, rel_err, structured
 
 import structure_ops
 from structure_ops import reference
 from structure_ops._ops import extension_error
-from structure_ops._options import DIVERGENCES, SIMILARITIES, WEIGHTINGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CU_FILE = ROOT / "csrc" / "cuda" / "structure_cuda.cu"
 COMMON_CUH = ROOT / "csrc" / "cuda" / "common.cuh"
 ENV_KNOBS = ("STRUCTURE_OPS_CUDA_PANEL_MB", "STRUCTURE_OPS_CUDA_MEM_LIMIT_MB")
-DEFAULTS = dict(levels=1, temperature=0.05, weighting=0, margin=0.0, similarity=0, gamma=1.0, divergence=0, eps=1e-12)
 GRAD_SCALE = 1.7
 
 
@@ -83,11 +81,6 @@ def ops():
     return torch.ops.structure_ops
 
 
-def opts(**kw):
-    o = dict(DEFAULTS)
-    o.update(kw)
-    return o
-
 
 def prepared(n, dx, dz, dtype=torch.float32, seed=0, device="cuda"):
     """Normalized-and-centered X̂, Ẑ (prepared in float64, then rounded to ``dtype``)."""
@@ -109,26 +102,6 @@ def rows_call(op, xh, zh, begin, end, o, grad_x=True, grad_z=True):
     )
 
 
-def oracle(xh, zh, o):
-    """reference.structure_core in float64 on the (rounded) inputs, with its autograd gradients."""
-    x = xh.detach().double().requires_grad_(True)
-    z = zh.detach().double().requires_grad_(True)
-    with torch.enable_grad():
-        loss = reference.structure_core(
-            x, z, levels=o["levels"], temperature=o["temperature"], weighting=WEIGHTINGS[o["weighting"]],
-            margin=o["margin"], similarity_kind=SIMILARITIES[o["similarity"]], gamma=o["gamma"],
-            divergence=DIVERGENCES[o["divergence"]], eps=o["eps"],
-        )  # fmt: skip
-        gx, gz = torch.autograd.grad(loss, (x, z))
-    return loss.detach(), gx, gz
-
-
-def level_values(xh, zh, o):
-    """D_1 … D_L (no margin, no weights) from the oracle: D_l = l·R(l) − (l−1)·R(l−1) with w = 1, margin 0."""
-    r = [0.0]
-    for level in range(1, o["levels"] + 1):
-        r.append(oracle(xh, zh, opts(**{**o, "levels": level, "weighting": 0, "margin": 0.0}))[0].item())
-    return [level * r[level] - (level - 1) * r[level - 1] for level in range(1, o["levels"] + 1)]
 
 
 def pick_margin(xh, zh, o, how):

@@ -17,16 +17,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import rel_err, structured  # noqa: E402
+from helpers import level_values, opts, oracle, rel_err, structured  # noqa: E402
 
 from structure_ops import reference  # noqa: E402
-from structure_ops._options import DIVERGENCES, SIMILARITIES, WEIGHTINGS  # noqa: E402
 from structure_ops._triton import structure as S  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-DEFAULTS = dict(levels=1, temperature=0.05, weighting=0, margin=0.0, similarity=0, gamma=1.0, divergence=0, eps=1e-12)
 FLASH_MOD = "structure_ops._triton.structure_flash"
 
 
@@ -37,11 +35,6 @@ def inputs(n, dx, dz, dtype=torch.float32, seed=0, device=DEV):
     return xh.to(device=device, dtype=dtype), zh.to(device=device, dtype=dtype)
 
 
-def opts(**kw):
-    o = dict(DEFAULTS)
-    o.update(kw)
-    return o
-
 
 def run(xh, zh, o, grad_x=True, grad_z=True, mode="rows"):
     return S.structure_fwd(
@@ -50,26 +43,6 @@ def run(xh, zh, o, grad_x=True, grad_z=True, mode="rows"):
     )  # fmt: skip
 
 
-def oracle(xh, zh, o):
-    """reference.structure_core in float64 on the (rounded) inputs, with its autograd gradients."""
-    x = xh.detach().double().requires_grad_(True)
-    z = zh.detach().double().requires_grad_(True)
-    with torch.enable_grad():  # also when called from inside structure_fwd (the flash stub)
-        loss = reference.structure_core(
-            x, z, levels=o["levels"], temperature=o["temperature"], weighting=WEIGHTINGS[o["weighting"]],
-            margin=o["margin"], similarity_kind=SIMILARITIES[o["similarity"]], gamma=o["gamma"],
-            divergence=DIVERGENCES[o["divergence"]], eps=o["eps"],
-        )  # fmt: skip
-        gx, gz = torch.autograd.grad(loss, (x, z))
-    return loss.detach(), gx, gz
-
-
-def level_values(xh, zh, o):
-    """D_1 … D_L (no margin, no weights) from the oracle: D_l = l·R(l) − (l−1)·R(l−1) with w = 1, margin 0."""
-    r = [0.0]
-    for level in range(1, o["levels"] + 1):
-        r.append(oracle(xh, zh, opts(**{**o, "levels": level, "weighting": 0, "margin": 0.0}))[0].item())
-    return [level * r[level] - (level - 1) * r[level - 1] for level in range(1, o["levels"] + 1)]
 
 
 def check(out, ref, tol, xh, zh, grad_x=True):
