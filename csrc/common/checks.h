@@ -31,4 +31,32 @@ enum Weighting : int64_t { kWeightNone = 0, kWeightInverse = 1 };
 enum Similarity : int64_t { kCosine = 0, kRbf = 1 };
 enum Divergence : int64_t { kStructure = 0, kJS = 1 };
 
+// Options of structure_fwd / structure_rows_fwd (the row-range op has levels = 1, no weighting, no margin).
+struct StructureOptions {
+  int64_t levels;
+  double temperature;
+  int64_t weighting;
+  double margin;
+  int64_t similarity;
+  double gamma;
+  int64_t divergence;
+  double eps;
+};
+
+// The same checks, in the same order, for every backend.
+inline void check_structure_options(const StructureOptions& o) {
+  TORCH_CHECK(o.levels >= 1, "levels must be >= 1, got ", o.levels);
+  TORCH_CHECK(o.similarity == kRbf || o.temperature > 0, "temperature must be > 0, got ", o.temperature);
+  TORCH_CHECK(o.divergence == kJS || o.eps > 0, "eps must be > 0 for divergence='structure', got ", o.eps);
+  TORCH_CHECK(o.weighting == kWeightNone || o.weighting == kWeightInverse, "unknown weighting code ", o.weighting);
+  TORCH_CHECK(o.similarity == kCosine || o.similarity == kRbf, "unknown similarity code ", o.similarity);
+  TORCH_CHECK(o.divergence == kStructure || o.divergence == kJS, "unknown divergence code ", o.divergence);
+}
+
+inline void check_row_range(int64_t row_begin, int64_t row_end, int64_t n) {
+  TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= n,
+              "structure_rows_fwd: need 0 <= row_begin <= row_end <= N = ", n, ", got row_begin=", row_begin,
+              ", row_end=", row_end);
+}
+
 }  // namespace structure_ops

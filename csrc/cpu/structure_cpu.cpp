@@ -46,16 +46,7 @@
 namespace structure_ops {
 namespace {
 
-struct Options {
-  int64_t levels;
-  double temperature;
-  int64_t weighting;
-  double margin;
-  int64_t similarity;
-  double gamma;
-  int64_t divergence;
-  double eps;
-};
+using Options = StructureOptions;  // csrc/common/checks.h
 
 // Row squared norms (rbf only).
 template <typename T>
@@ -452,18 +443,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> structure_fwd_cpu(
     double margin, int64_t similarity, double gamma, int64_t divergence, double eps, bool grad_x, bool grad_z) {
   check_pair(xh_in, "x", zh_in, "z");
   TORCH_CHECK(xh_in.device().is_cpu(), "structure_fwd (cpu): x must be a CPU tensor, got ", xh_in.device());
-  TORCH_CHECK(levels >= 1, "levels must be >= 1, got ", levels);
-  TORCH_CHECK(similarity == kRbf || temperature > 0, "temperature must be > 0, got ", temperature);
-  TORCH_CHECK(divergence == kJS || eps > 0, "eps must be > 0 for divergence='structure', got ", eps);
-  TORCH_CHECK(weighting == kWeightNone || weighting == kWeightInverse, "unknown weighting code ", weighting);
-  TORCH_CHECK(similarity == kCosine || similarity == kRbf, "unknown similarity code ", similarity);
-  TORCH_CHECK(divergence == kStructure || divergence == kJS, "unknown divergence code ", divergence);
+  const Options o{levels, temperature, weighting, margin, similarity, gamma, divergence, eps};
+  check_structure_options(o);
 
   // fp64 stays fp64 (the oracle's precision); every other float dtype computes in fp32.
   const auto in_dtype = xh_in.scalar_type();
   const auto cdt = in_dtype == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor xh = xh_in.to(cdt).contiguous(), zh = zh_in.to(cdt).contiguous();
-  const Options o{levels, temperature, weighting, margin, similarity, gamma, divergence, eps};
   at::Tensor gx = grad_x ? at::zeros_like(xh) : at::empty({0}, xh.options());
   at::Tensor gz = grad_z ? at::zeros_like(zh) : at::empty({0}, zh.options());
 
@@ -494,17 +480,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> structure_rows_fwd_cpu(
     int64_t similarity, double gamma, int64_t divergence, double eps, bool grad_x, bool grad_z) {
   check_pair(xh_in, "x", zh_in, "z");
   TORCH_CHECK(xh_in.device().is_cpu(), "structure_rows_fwd (cpu): x must be a CPU tensor, got ", xh_in.device());
-  TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= xh_in.size(0),
-              "structure_rows_fwd: need 0 <= row_begin <= row_end <= N = ", xh_in.size(0), ", got row_begin=",
-              row_begin, ", row_end=", row_end);
-  TORCH_CHECK(similarity == kRbf || temperature > 0, "temperature must be > 0, got ", temperature);
-  TORCH_CHECK(divergence == kJS || eps > 0, "eps must be > 0 for divergence='structure', got ", eps);
-  TORCH_CHECK(similarity == kCosine || similarity == kRbf, "unknown similarity code ", similarity);
-  TORCH_CHECK(divergence == kStructure || divergence == kJS, "unknown divergence code ", divergence);
+  check_row_range(row_begin, row_end, xh_in.size(0));
+  const Options o{1, temperature, kWeightNone, 0.0, similarity, gamma, divergence, eps};
+  check_structure_options(o);
   const auto in_dtype = xh_in.scalar_type();
   const auto cdt = in_dtype == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor xh = xh_in.to(cdt).contiguous(), zh = zh_in.to(cdt).contiguous();
-  const Options o{1, temperature, kWeightNone, 0.0, similarity, gamma, divergence, eps};
   at::Tensor gx = grad_x ? at::zeros_like(xh) : at::empty({0}, xh.options());
   at::Tensor gz = grad_z ? at::zeros_like(zh) : at::empty({0}, zh.options());
   double partial = 0;

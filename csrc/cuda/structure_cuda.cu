@@ -346,16 +346,7 @@ __global__ void finalize_levels_kernel(const T* __restrict__ row_loss, int64_t n
 // ------------------------------------------------------------------------------------------------------------
 // Host side
 // ------------------------------------------------------------------------------------------------------------
-struct Options {
-  int64_t levels;
-  double temperature;
-  int64_t weighting;
-  double margin;
-  int64_t similarity;
-  double gamma;
-  int64_t divergence;
-  double eps;
-};
+using Options = StructureOptions;  // csrc/common/checks.h
 
 constexpr int kReduceThreads = 256;
 
@@ -675,16 +666,12 @@ at::Tensor multilevel(const at::Tensor& x, const at::Tensor& z, const Options& o
 // ------------------------------------------------------------------------------------------------------------
 // Op entries
 // ------------------------------------------------------------------------------------------------------------
-void check_common(const at::Tensor& xh, const at::Tensor& zh, const char* op, double temperature,
-                  int64_t similarity, int64_t divergence, double eps) {
+void check_common(const at::Tensor& xh, const at::Tensor& zh, const char* op, const Options& o) {
   check_pair(xh, "x", zh, "z");
   TORCH_CHECK(xh.size(0) < (int64_t(1) << 31), op, " (cuda): N must be < 2^31, got shape ", xh.sizes());
   TORCH_CHECK(xh.is_cuda(), op, " (cuda): x and z must be CUDA tensors, got x on ", xh.device(), " and z on ",
               zh.device());
-  TORCH_CHECK(similarity == kRbf || temperature > 0, "temperature must be > 0, got ", temperature);
-  TORCH_CHECK(divergence == kJS || eps > 0, "eps must be > 0 for divergence='structure', got ", eps);
-  TORCH_CHECK(similarity == kCosine || similarity == kRbf, "unknown similarity code ", similarity);
-  TORCH_CHECK(divergence == kStructure || divergence == kJS, "unknown divergence code ", divergence);
+  check_structure_options(o);
 }
 
 // fp64 stays fp64 (the oracle's precision); every other float dtype computes in fp32 (see the file header).
@@ -695,15 +682,13 @@ at::ScalarType compute_dtype(at::ScalarType t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> structure_fwd_cuda(
     const at::Tensor& xh_in, const at::Tensor& zh_in, int64_t levels, double temperature, int64_t weighting,
     double margin, int64_t similarity, double gamma, int64_t divergence, double eps, bool grad_x, bool grad_z) {
-  check_common(xh_in, zh_in, "structure_fwd", temperature, similarity, divergence, eps);
-  TORCH_CHECK(levels >= 1, "levels must be >= 1, got ", levels);
-  TORCH_CHECK(weighting == kWeightNone || weighting == kWeightInverse, "unknown weighting code ", weighting);
+  const Options o{levels, temperature, weighting, margin, similarity, gamma, divergence, eps};
+  check_common(xh_in, zh_in, "structure_fwd", o);
   const c10::cuda::CUDAGuard guard(xh_in.device());
 
   const auto in_dtype = xh_in.scalar_type();
   const auto cdt = compute_dtype(in_dtype);
   const at::Tensor xh = xh_in.to(cdt).contiguous(), zh = zh_in.to(cdt).contiguous();
-  const Options o{levels, temperature, weighting, margin, similarity, gamma, divergence, eps};
   const int64_t n = xh.size(0);
   at::Tensor gx = grad_x ? at::zeros_like(xh) : at::Tensor();
   at::Tensor gz = grad_z ? at::zeros_like(zh) : at::Tensor();
@@ -736,15 +721,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> structure_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> structure_rows_fwd_cuda(
     const at::Tensor& xh_in, const at::Tensor& zh_in, int64_t row_begin, int64_t row_end, double temperature,
     int64_t similarity, double gamma, int64_t divergence, double eps, bool grad_x, bool grad_z) {
-  check_common(xh_in, zh_in, "structure_rows_fwd", temperature, similarity, divergence, eps);
-  TORCH_CHECK(0 <= row_begin && row_begin <= row_end && row_end <= xh_in.size(0),
-              "structure_rows_fwd: need 0 <= row_begin <= row_end <= N = ", xh_in.size(0), ", got row_begin=",
-              row_begin, ", row_end=", row_end);
+  const Options o{1, temperature, kWeightNone, 0.0, similarity, gamma, divergence, eps};
+  check_common(xh_in, zh_in, "structure_rows_fwd", o);
+  check_row_range(row_begin, row_end, xh_in.size(0));
   const c10::cuda::CUDAGuard guard(xh_in.device());
   const auto in_dtype = xh_in.scalar_type();
   const auto cdt = compute_dtype(in_dtype);
   const at::Tensor xh = xh_in.to(cdt).contiguous(), zh = zh_in.to(cdt).contiguous();
-  const Options o{1, temperature, kWeightNone, 0.0, similarity, gamma, divergence, eps};
   const int64_t n = xh.size(0);
   at::Tensor gx = grad_x ? at::zeros_like(xh) : at::Tensor();
   at::Tensor gz = grad_z ? at::zeros_like(zh) : at::Tensor();
