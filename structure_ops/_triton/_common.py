@@ -87,3 +87,35 @@ def log1p(x):
     r = tl.log(u) * (x / tl.where(d == 0.0, 1.0, d))
     r = tl.where(d == 0.0, x, r)
     return tl.where(u == float("inf"), u, r)
+
+
+@triton.jit
+def level1_terms(a, b, eps, ln2, JS: tl.constexpr):
+    # The level-1 divergence, elementwise, from log-probabilities a = log P, b = log Q (KERNELS.md §1).
+    # Returns P, Q, term, Q∘g, P∘g_o with g = ∂term/∂Q, g_o = ∂term/∂P up to additive constants (they cancel in
+    # g − ḡ because Σ_j Q_ij = 1). ``eps`` and ``ln2`` come in the compute dtype (a float literal would be fp32).
+    p = tl.exp(a)
+    q = tl.exp(b)
+    if JS:
+        # log(Q/M) = ln2 − softplus(a − b), log(P/M) = ln2 − softplus(b − a): no ε, never underflows.
+        delta = a - b
+        sp = tl.maximum(delta, 0.0) + log1p(tl.exp(-tl.abs(delta)))
+        log_q_m = ln2 - sp
+        log_p_m = ln2 - (sp - delta)
+        term = 0.5 * (p * log_p_m + q * log_q_m)
+        qg = 0.5 * q * log_q_m
+        pg = 0.5 * p * log_p_m
+    else:
+        # Stable bracket: 2 log M̃ − log P̃ − log Q̃ = log1p((d/P̃)(d/Q̃)/4); the factored product keeps every
+        # intermediate within [0, 1/ε] (P̃·Q̃ would underflow for a tiny ε, log1p(−r²) hits −inf in fp32).
+        pt = p + eps
+        qt = q + eps
+        d = pt - qt
+        ro = 1.0 / pt
+        ra = 1.0 / qt
+        t = log1p((d * ro) * (d * ra) * 0.25)
+        term = 0.25 * (pt + qt) * t
+        # Q·P̃/Q̃ as P̃·(Q/Q̃) ≤ P̃: no 1/ε-sized intermediate.
+        qg = 0.25 * q * t - 0.25 * pt * (q * ra)
+        pg = 0.25 * p * t - 0.25 * qt * (p * ro)
+    return p, q, term, qg, pg

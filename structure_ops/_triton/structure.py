@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, compute_dtype, log1p, next_pow2, panel_rows, row_max, row_sum
+from ._common import INTERPRET, compute_dtype, level1_terms, log1p, next_pow2, panel_rows, row_max, row_sum
 
 log = logging.getLogger("structure_ops")
 
@@ -73,12 +73,6 @@ _P_INV_TAU, _P_GAMMA, _P_EPS, _P_INV_N, _P_LN2, _P_TINY = range(6)
 # Elementwise helpers (inlined into the kernels)
 # ---------------------------------------------------------------------------------------------------------------
 # Row reductions and log1p: structure_ops/_triton/_common.py (shared by every kernel).
-
-
-@triton.jit
-def _softplus(x):
-    # log(1 + e^x) without overflow.
-    return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))
 
 
 @triton.jit
@@ -175,24 +169,7 @@ def _l1_rows_kernel(
         mask = rmask[:, None] & cmask
         a = _tile_logits(gx_rows, sqx_ptr, sqx_i, offs, cmask, mask, inv_tau, gamma, RBF) - lse_x
         b_ = _tile_logits(gz_rows, sqz_ptr, sqz_i, offs, cmask, mask, inv_tau, gamma, RBF) - lse_z
-        p = tl.exp(a)
-        q = tl.exp(b_)
-        if JS:
-            delta = a - b_
-            sp = _softplus(delta)
-            log_qm = ln2 - sp
-            log_pm = ln2 - (sp - delta)
-            val = 0.5 * (p * log_pm + q * log_qm)
-            qg = 0.5 * q * log_qm
-            pg = 0.5 * p * log_pm
-        else:
-            pt = p + eps
-            qt = q + eps
-            d = pt - qt
-            t = log1p((d / pt) * (d / qt) * 0.25)
-            val = 0.25 * (pt + qt) * t
-            qg = 0.25 * q * t - 0.25 * pt * (q / qt)
-            pg = 0.25 * p * t - 0.25 * qt * (p / pt)
+        p, q, val, qg, pg = level1_terms(a, b_, eps, ln2, JS)
         acc += row_sum(tl.where(mask, val, 0.0))
         if GRAD_Z:
             qg = tl.where(mask, qg, 0.0)

@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_precision, log1p, next_pow2, row_max, row_sum
+from ._common import INTERPRET, dot_precision, level1_terms, next_pow2, row_max, row_sum
 
 __all__ = ["structure_level1_flash", "flash_flops", "AOT_KERNELS", "AOT_OPTIONS"]
 
@@ -120,33 +120,8 @@ def _logits_tile(
 
 @triton.jit
 def _terms(a, b, eps, DIV: tl.constexpr):
-    # Elementwise, from log-probabilities a = log P, b = log Q (fp32). Returns P, Q, term, Q∘g, P∘g_o with
-    # g = ∂term/∂Q, g_o = ∂term/∂P up to additive constants (they cancel in g − ḡ because Σ_j Q_ij = 1).
-    p = tl.exp(a)
-    q = tl.exp(b)
-    if DIV == 0:
-        # Stable bracket: 2 log M̃ − log P̃ − log Q̃ = log1p((d/P̃)(d/Q̃)/4); the factored product keeps every
-        # intermediate within [0, 1/ε] (P̃·Q̃ would underflow for a tiny user ε).
-        pt = p + eps
-        qt = q + eps
-        d = pt - qt
-        ro = 1.0 / pt
-        ra = 1.0 / qt
-        t = log1p((d * ro) * (d * ra) * 0.25)
-        term = 0.25 * (pt + qt) * t
-        # Q·P̃/Q̃ as P̃·(Q/Q̃) ≤ P̃: no 1/ε-sized intermediate.
-        qg = 0.25 * q * t - 0.25 * pt * (q * ra)
-        pg = 0.25 * p * t - 0.25 * qt * (p * ro)
-    else:
-        # log(Q/M) = ln2 − softplus(a − b), log(P/M) = ln2 − softplus(b − a): no ε, never underflows.
-        delta = a - b
-        sp = tl.maximum(delta, 0.0) + log1p(tl.exp(-tl.abs(delta)))
-        log_q_m = 0.6931471805599453 - sp
-        log_p_m = 0.6931471805599453 - (sp - delta)
-        term = 0.5 * (p * log_p_m + q * log_q_m)
-        qg = 0.5 * q * log_q_m
-        pg = 0.5 * p * log_p_m
-    return p, q, term, qg, pg
+    # The shared elementwise divergence (structure_ops/_triton/_common.py); this pass is fp32 only.
+    return level1_terms(a, b, eps, 0.6931471805599453, DIV == 1)
 
 
 # --------------------------------------------------------------------------------------------------
