@@ -40,9 +40,19 @@ def test_registry_routes_cpu_tensors_to_triton_only_by_name(monkeypatch):
         assert _backends.select("structure_loss", "auto", (x, z)) == "cpu"  # the interpreter is never "auto"
     assert _backends.select("structure_loss", "triton", (x, z)) == "triton"
     assert _backends.reasons("triton", "knn", ("cuda",), (torch.float64,)) in ([], [_backends.triton_error()])
-    monkeypatch.delenv("TRITON_INTERPRET")
+    # CPU tensors go to Triton only under the interpreter. The variable is set by conftest only without CUDA,
+    # so set it / remove it explicitly (raising=False: on a CUDA machine it is usually not set at all).
+    refused = "needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     why = _backends.reasons("triton", "structure_loss", ("cpu",), (torch.float32,))
-    assert why and "needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)" in why[0]
+    assert not any(refused in w for w in why), why
+    for value in (None, "0"):
+        if value is None:
+            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", value)
+        why = _backends.reasons("triton", "structure_loss", ("cpu",), (torch.float32,))
+        assert why and refused in why[0], (value, why)
 
 
 @needs_kernels
