@@ -119,7 +119,7 @@ def run(out_dir: str = "runs/demo", backend: str = "auto", quick: bool = False, 
     zt = run_features(out, manifest, "prompt_features", "zero_shot")
     extract_s = time.perf_counter() - t
     print(f"3. Features: {len(img)} image layers ({image_enc.name}, {size.image_size}px), {len(txt)} text layers "
-          f"(all-MiniLM-L6-v2), {extract_s:.0f} s (cached in {out / 'features'})")
+          f"(all-MiniLM-L6-v2), {extract_s:.0f} s (cached in {Path(manifest['image_features']).parent})")
 
     per_seed, histories, selections = {name: [] for name in CONFIGS}, {}, []
     labels = torch.tensor(pairs.labels)
@@ -132,16 +132,16 @@ def run(out_dir: str = "runs/demo", backend: str = "auto", quick: bool = False, 
             scores.save(out)
             layer_heatmap(scores, out / "layer_scores.png")
         best, last = scores.best(), scores.last()
-        selections.append({"seed": seed, "best": list(best), "best_score": float(scores.scores.max()),
+        selections.append({"seed": seed, "best": list(best), "best_score": scores.best_score,
                            "last_score": float(scores.scores[-1, -1])})
         print(f"   seed {seed}: layer selection (mutual kNN, k={scores.k}): best {best[0]} × {best[1]} "
-              f"({scores.scores.max():.3f}) vs last {last[0]} × {last[1]} ({scores.scores[-1, -1]:.3f})")
+              f"({scores.best_score:.3f}) vs last {last[0]} × {last[1]} ({scores.scores[-1, -1]:.3f})")
         test_imgs = sorted({pairs.image_of[j] for j in splits["test"]})
         zs = (*(({k: v[test_imgs] for k, v in zi.items()}), zt), labels[test_imgs], len(D.DIGIT_NAMES))
         for name, (rule, lam) in CONFIGS.items():
             layers = best if rule == "best" else last
             cfg = TrainConfig(head="linear", dim=256, lam=lam, warmup=size.warmup, epochs=size.epochs,
-                              patience=size.patience, batch_size=4096, seed=seed, backend=backend, checkpoint_every=0)
+                              patience=size.patience, batch_size=size.train, seed=seed, backend=backend, checkpoint_every=0)
             res = train_heads(img, txt, pairs.image_of, splits, layers, cfg, None, progress=progress)
             m = evaluate_heads(res.image_head, res.text_head, layers, img, txt, pairs.image_of, splits["test"], zs)
             m.update(lr=res.lr, best_epoch=res.best_epoch)

