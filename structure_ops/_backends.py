@@ -17,7 +17,7 @@ from ._ops import extension_error
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
-OPS = ("structure_loss", "clip_loss", "knn")
+OPS = ("structure_loss", "clip_loss", "knn", "siglip_loss")
 _COMPILED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

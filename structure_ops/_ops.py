@@ -169,6 +169,55 @@ torch.library.register_autograd(
 
 
 # ---------------------------------------------------------------------------------------------------
+# SigLIP: value and gradient in one pass (csrc/common/siglip.h states the op contract)
+#   siglip_fwd(image (M, d), text (N, d), logit_scale, logit_bias, row_offset, grad_image, grad_text)
+#     -> (loss, grad_image, grad_text, grad_logit_scale, grad_logit_bias)
+# Positives at (i, row_offset + i), loss normalized by N: M = N, row_offset = 0 is the single-process
+# loss; a row shard gives its part of the global loss (structure_ops.distributed). The gradients are
+# those of the loss (grad_output = 1); backward scales them. An empty tensor where a flag is False.
+# ---------------------------------------------------------------------------------------------------
+_SIGLIP_SCHEMA = (
+    "(Tensor image, Tensor text, Tensor logit_scale, Tensor logit_bias, int row_offset, bool grad_image, "
+    "bool grad_text) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_lib.define("siglip_fwd" + _SIGLIP_SCHEMA)
+_lib.define("triton_siglip_fwd" + _SIGLIP_SCHEMA)
+
+
+def _siglip_fwd_fake(image, text, logit_scale, logit_bias, row_offset, grad_image, grad_text):
+    gi = image.new_empty(image.shape) if grad_image else image.new_empty((0,))
+    gt = text.new_empty(text.shape) if grad_text else text.new_empty((0,))
+    return image.new_empty(()), gi, gt, logit_scale.new_empty(logit_scale.shape), logit_bias.new_empty(logit_bias.shape)
+
+
+def _siglip_setup(ctx, inputs, output):
+    _, gi, gt, gs, gb = output
+    ctx.want = (inputs[5], inputs[6])
+    ctx.save_for_backward(gi, gt, gs, gb)
+
+
+def _siglip_backward(ctx, grad_loss, *_unused):
+    _no_double_backward("siglip_loss")
+    gi, gt, gs, gb = ctx.saved_tensors
+    want_i, want_t = ctx.want
+    if (ctx.needs_input_grad[0] and not want_i) or (ctx.needs_input_grad[1] and not want_t):
+        raise RuntimeError(
+            "siglip_fwd was called with grad_image/grad_text=False for an input that requires grad; "
+            "call structure_ops.siglip_loss, which sets these flags"
+        )
+    di = grad_loss.to(gi.dtype) * gi if want_i else None
+    dt = grad_loss.to(gt.dtype) * gt if want_t else None
+    ds = grad_loss.to(gs.dtype) * gs if ctx.needs_input_grad[2] else None
+    db = grad_loss.to(gb.dtype) * gb if ctx.needs_input_grad[3] else None
+    return di, dt, ds, db, None, None, None
+
+
+for _op in ("siglip_fwd", "triton_siglip_fwd"):
+    torch.library.register_fake(f"structure_ops::{_op}", _siglip_fwd_fake)
+    torch.library.register_autograd(f"structure_ops::{_op}", _siglip_backward, setup_context=_siglip_setup)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Compiled extensions: imported once, lazily; the reason is kept when one is missing.
 # ---------------------------------------------------------------------------------------------------
 _EXTENSIONS: dict[str, str | None] = {}

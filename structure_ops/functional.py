@@ -9,13 +9,12 @@ from __future__ import annotations
 import numbers
 
 import torch
-import torch.nn.functional as F
 
 from . import _backends, _ops  # noqa: F401  (_ops defines the op schemas)
 from . import reference as _reference
 from ._options import CENTERINGS, DIVERGENCES, SIMILARITIES, WEIGHTINGS, option_code, resolve_k
 
-__all__ = ["structure_loss", "clip_loss", "knn", "mutual_knn", "cka"]
+__all__ = ["structure_loss", "clip_loss", "siglip_loss", "knn", "mutual_knn", "cka"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -157,17 +156,18 @@ def structure_loss(
 # ---------------------------------------------------------------------------------------------------
 # CLIP
 # ---------------------------------------------------------------------------------------------------
-def _clip_scale(logit_scale, image: torch.Tensor, normalize) -> torch.Tensor:
-    """Validate logit_scale and normalize (also used by structure_ops.distributed); returns s as a
-    one-element tensor in image's dtype and device (a number becomes a constant tensor)."""
+def _clip_scale(logit_scale, image: torch.Tensor, normalize, name: str = "logit_scale") -> torch.Tensor:
+    """Validate logit_scale (or another scalar parameter ``name``, e.g. SigLIP's logit_bias) and normalize
+    (also used by structure_ops.distributed); returns it as a one-element tensor in image's dtype and
+    device (a number becomes a constant tensor)."""
     if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
         logit_scale = torch.tensor(float(logit_scale), dtype=image.dtype, device=image.device)
     if not isinstance(logit_scale, torch.Tensor):
-        raise TypeError(f"logit_scale must be a one-element tensor or a number, got {type(logit_scale).__name__}")
+        raise TypeError(f"{name} must be a one-element tensor or a number, got {type(logit_scale).__name__}")
     if logit_scale.numel() != 1:
-        raise ValueError(f"logit_scale must be a scalar (one element), got {_desc(logit_scale)}")
+        raise ValueError(f"{name} must be a scalar (one element), got {_desc(logit_scale)}")
     if not logit_scale.is_floating_point():
-        raise TypeError(f"logit_scale must have a floating-point dtype, got {_desc(logit_scale)}")
+        raise TypeError(f"{name} must have a floating-point dtype, got {_desc(logit_scale)}")
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
     return logit_scale.to(device=image.device, dtype=image.dtype)
@@ -204,11 +204,64 @@ def clip_loss(
     if name == "reference":
         return _reference.clip_loss(image, text, scale.reshape(()), normalize=normalize).reshape(())
     if normalize:
-        image = F.normalize(image, dim=1, eps=1e-12)
-        text = F.normalize(text, dim=1, eps=1e-12)
+        image = _reference.normalize_rows(image)
+        text = _reference.normalize_rows(text)
     clip_fwd = torch.ops.structure_ops.triton_clip_fwd if name == "triton" else torch.ops.structure_ops.clip_fwd
     loss, _, _ = clip_fwd(image, text, scale)
     return loss
+
+
+# ---------------------------------------------------------------------------------------------------
+# SigLIP
+# ---------------------------------------------------------------------------------------------------
+def _siglip_call(name: str, image, text, scale, bias, row_offset: int):
+    """The fused op of backend ``name`` (not "reference") on normalized rows; image rows are the text
+    rows [row_offset, row_offset + M) (M = N for the single-process loss). Returns the 0-dim loss."""
+    grad_on = torch.is_grad_enabled()
+    fwd = torch.ops.structure_ops.triton_siglip_fwd if name == "triton" else torch.ops.structure_ops.siglip_fwd
+    return fwd(image, text, scale, bias, row_offset, grad_on and image.requires_grad, grad_on and text.requires_grad)[0]
+
+
+def siglip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    *,
+    normalize: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Pairwise sigmoid loss (SigLIP; open_clip's SigLipLoss), value and gradient in one fused pass.
+
+    .. math::
+        z = s\,\hat a \hat b^\top + \beta,\quad y = 2I - 1,\qquad
+        L = -\frac{1}{N}\sum_{ij} \log\sigma(y_{ij} z_{ij})
+
+    normalized by N (the batch), as open_clip does. No N × N matrix is materialized by the compiled
+    backends (row panels or fused tiles); log σ is evaluated in the stable form min(x, 0) − log1p(e^{−|x|}).
+
+    Args:
+        image: (N, k) image embeddings. text: (N, k) text embeddings, row i paired with image row i.
+        logit_scale: the multiplier s (pass ``param.exp()``; SigLIP initializes the parameter at log 10),
+            a one-element tensor (it receives a gradient) or a Python number.
+        logit_bias: the bias β (SigLIP initializes it at −10), a one-element tensor or a number.
+        normalize: L2-normalize rows first.
+        backend: see :func:`structure_loss`.
+
+    Returns:
+        0-dim tensor, dtype of the inputs. Equivalent to :func:`structure_ops.reference.siglip_loss`.
+    """
+    _check_pair("image", image, "text", text, same_width=True)
+    scale = _clip_scale(logit_scale, image, normalize)
+    bias = _clip_scale(logit_bias, image, normalize, name="logit_bias")
+
+    name = _backends.select("siglip_loss", backend, (image, text))
+    if name == "reference":
+        return _reference.siglip_loss(image, text, scale.reshape(()), bias.reshape(()), normalize=normalize).reshape(())
+    if normalize:
+        image = _reference.normalize_rows(image)
+        text = _reference.normalize_rows(text)
+    return _siglip_call(name, image, text, scale, bias, 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,12 +272,12 @@ def knn(a: torch.Tensor, k: int | str = "rice", *, normalize: bool = True, backe
     when ``normalize``), best first, the row itself excluded; ties go to the lower index.
 
     These lists are what layer selection computes once per layer and intersects for every pair.
-    Equivalent to ``structure_ops.reference.knn(F.normalize(a), k)``.
+    Equivalent to ``structure_ops.reference.knn(structure_ops.reference.normalize_rows(a), k)``.
     """
     _check_matrix("a", a)
     k = resolve_k(k, a.shape[0])
     if normalize:
-        a = F.normalize(a, dim=1, eps=1e-12)
+        a = _reference.normalize_rows(a)
     name = _backends.select("knn", backend, (a,))
     if name == "reference":
         return _reference.knn(a, k)
@@ -284,9 +337,15 @@ def cka(a: torch.Tensor, b: torch.Tensor, *, unbiased: bool = False) -> torch.Te
         raise ValueError(f"a and b must be on the same device: a has {_desc(a)}, b has {_desc(b)}")
     out_dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    # HSIC is a degree-4 form: scale A and B by powers of two (exact) so that it cannot overflow or
+    # underflow float64; with A = 2^p A', B = 2^q B' the ratio is HSIC' / (√HSIC'_AA √HSIC'_BB + 1e-6 / 2^(2p+2q)).
+    ea = torch.frexp(a64.detach().abs().amax())[1] - 1
+    eb = torch.frexp(b64.detach().abs().amax())[1] - 1
+    a64, b64 = torch.ldexp(a64, -ea), torch.ldexp(b64, -eb)
     hsic = _hsic_unbiased_linear if unbiased else _hsic_biased_linear
     kl, kk, ll = hsic(a64, b64), hsic(a64, a64), hsic(b64, b64)
-    return (kl / (torch.sqrt(kk * ll) + 1e-6)).to(out_dtype)
+    floor = torch.ldexp(torch.tensor(1e-6, dtype=torch.float64, device=a.device), -2 * (ea + eb))
+    return (kl / (torch.sqrt(kk) * torch.sqrt(ll) + floor)).to(out_dtype)
 
 
 def _hsic_biased_linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

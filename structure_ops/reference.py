@@ -1,7 +1,7 @@
 r"""The float64-capable PyTorch oracle: plain autograd code that defines what every backend computes.
 
-Everything here runs on any device and dtype in the input's own precision; pass float64 tensors to get
-the oracle. Optimized backends are tested against this module, never the other way round.
+Everything here runs on any device and dtype in the input's own precision (the losses compute fp16/bf16
+inputs in float32 and return their dtype, see compute_dtype); pass float64 tensors to get the oracle. Optimized backends are tested against this module, never the other way round.
 
 STRUCTURE regularizer (SPEC.md §1), per input U ∈ {X, Z}:
 
@@ -33,6 +33,7 @@ from ._options import (
 )
 
 __all__ = [
+    "normalize_rows",
     "prepare",
     "similarity",
     "structure_divergence",
@@ -40,6 +41,7 @@ __all__ = [
     "structure_core",
     "structure_core_level1_grad",
     "clip_loss",
+    "siglip_loss",
     "knn",
     "mutual_knn",
     "cka",
@@ -49,6 +51,42 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 # Preprocessing: row normalization and batch centering (O(N·d), autograd handles the Jacobians)
 # --------------------------------------------------------------------------------------------------
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype the losses compute in for inputs of these dtypes: the widest of them (type promotion),
+    and float32 when that is a half type (fp16/bf16 cannot hold ε = 1e-12 or the underflowing
+    probabilities of a sharp softmax; every backend computes half inputs in fp32)."""
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return torch.float32 if out in HALF_DTYPES else out
+
+
+def _pow2_below(m: torch.Tensor) -> torch.Tensor:
+    """The power of two 2^(e−1) with m = f · 2^e, ½ ≤ f < 1 (so 2^(e−1) ≤ m < 2^e), elementwise; 0.5 for m = 0."""
+    return torch.ldexp(torch.ones_like(m), torch.frexp(m)[1] - 1)
+
+
+def normalize_rows(u: torch.Tensor, eps: float | torch.Tensor = 1e-12) -> torch.Tensor:
+    """Row L2 normalization u / max(‖u‖₂, ε) that cannot overflow or underflow in the norm.
+
+    Each row is first divided by the power of two just below its largest |entry| (detached; an exact
+    operation), so the squares summed by the norm are at most 4·d: fp16 rows with norm > 65 504 and
+    fp32/bf16 rows with entries ~1e19 normalize correctly instead of becoming zero rows (F.normalize's
+    norm overflows to inf there). Same map and same gradient as F.normalize(u, dim=1, eps=ε) wherever
+    that one does not overflow. Half inputs are normalized in fp32 and returned in their own dtype.
+    """
+    out_dtype = u.dtype
+    if u.dtype in (torch.float16, torch.bfloat16):
+        u = u.float()
+    s = _pow2_below(u.detach().abs().amax(dim=1, keepdim=True))
+    us = u / s
+    norm = torch.linalg.vector_norm(us, dim=1, keepdim=True)
+    return (us / torch.maximum(norm, eps / s)).to(out_dtype)
+
+
 def _center(u: torch.Tensor, centering: str) -> torch.Tensor:
     if centering == "none":
         return u
@@ -72,9 +110,15 @@ def prepare(u: torch.Tensor, *, centering: str = "mean", center_first: bool = Fa
     divide, which is the same map and keeps the function free of data-dependent branches.
     """
     option_code("centering", centering, CENTERINGS)
+    if u.dtype in (torch.float16, torch.bfloat16):  # fp32 statistics for half inputs, returned in their dtype
+        return prepare(u.float(), centering=centering, center_first=center_first).to(u.dtype)
     if center_first:
-        return F.normalize(_center(u, centering), dim=1, eps=1e-12)
-    return _center(F.normalize(u, dim=1, eps=1e-12), centering)
+        # Centering is linear and the normalization scale-invariant: center u / 2^k (k from the largest
+        # |entry|, detached; exact) so that differences of huge entries cannot overflow, then normalize
+        # with ε / 2^k, which is the same map as normalizing the unscaled centered rows with ε.
+        s = _pow2_below(u.detach().abs().amax()).to(u.dtype)
+        return normalize_rows(_center(u / s, centering), eps=1e-12 / s)
+    return _center(normalize_rows(u), centering)
 
 
 def similarity(u: torch.Tensor, *, similarity: str = "cosine", temperature: float = 0.05, gamma: float = 1.0):
@@ -195,10 +239,14 @@ def structure_loss(
         similarity: "cosine" or "rbf" (exp(−γ‖û_i − û_j‖²), τ unused). divergence: "structure" | "js".
         eps: the ε of the "structure" form.
     Returns:
-        0-dim tensor in the inputs' dtype.
+        0-dim tensor in the inputs' dtype. Half inputs (fp16/bf16) are computed in float32 (at fp16's
+        precision ε = 1e-12 rounds to 0 and underflowed probabilities would give 0/0) and the result and
+        gradients are returned in the input dtypes; pass float64 for the oracle.
     """
-    xh = prepare(x, centering=centering, center_first=center_first)
-    zh = prepare(z, centering=centering, center_first=center_first)
+    out_dtype = torch.promote_types(x.dtype, z.dtype)
+    cdt = compute_dtype(x.dtype, z.dtype)
+    xh = prepare(x.to(cdt), centering=centering, center_first=center_first)
+    zh = prepare(z.to(cdt), centering=centering, center_first=center_first)
     return structure_core(
         xh,
         zh,
@@ -210,7 +258,7 @@ def structure_loss(
         gamma=gamma,
         divergence=divergence,
         eps=eps,
-    )
+    ).to(out_dtype)
 
 
 def structure_core_level1_grad(
@@ -260,13 +308,62 @@ def structure_core_level1_grad(
 # --------------------------------------------------------------------------------------------------
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float, *, normalize: bool = True):
     r"""Symmetric InfoNCE (open_clip's ClipLoss): L = s · a bᵀ,
-    loss = ½ [CE(L, diag) + CE(Lᵀ, diag)], mean over rows; ``logit_scale`` is the multiplier s."""
+    loss = ½ [CE(L, diag) + CE(Lᵀ, diag)], mean over rows; ``logit_scale`` is the multiplier s.
+    Half inputs are computed in float32 and the loss is returned in their dtype."""
+    out_dtype = torch.promote_types(image.dtype, text.dtype)
+    cdt = compute_dtype(image.dtype, text.dtype)
+    if cdt != image.dtype or cdt != text.dtype:
+        if isinstance(logit_scale, torch.Tensor):
+            logit_scale = logit_scale.to(cdt)
+        return clip_loss(image.to(cdt), text.to(cdt), logit_scale, normalize=normalize).to(out_dtype)
     if normalize:
-        image = F.normalize(image, dim=1, eps=1e-12)
-        text = F.normalize(text, dim=1, eps=1e-12)
+        image = normalize_rows(image)
+        text = normalize_rows(text)
     logits = logit_scale * image @ text.T
     labels = torch.arange(image.shape[0], device=image.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+# --------------------------------------------------------------------------------------------------
+# SigLIP (pairwise sigmoid loss)
+# --------------------------------------------------------------------------------------------------
+def siglip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    *,
+    normalize: bool = True,
+) -> torch.Tensor:
+    r"""Pairwise sigmoid loss (SigLIP; open_clip's SigLipLoss): with â, b̂ the (optionally L2-normalized)
+    rows, z = s · â b̂ᵀ + β and y = 2I − 1 (+1 on the diagonal, −1 elsewhere),
+
+        L = −(1/N) Σ_ij log σ(y_ij z_ij) = (1/N) Σ_ij softplus(−y_ij z_ij)
+
+    normalized by the number of image rows N (not N²). ``logit_scale`` is the multiplier s itself (the
+    model's exp(t')), ``logit_bias`` the bias β. Gradients, with w_ij = −y_ij σ(−y_ij z_ij) / N:
+
+        ∂L/∂â = s · w b̂,   ∂L/∂b̂ = s · wᵀ â,   ∂L/∂s = Σ_ij w_ij (â b̂ᵀ)_ij,   ∂L/∂β = Σ_ij w_ij.
+
+    Stable form used by every backend: −log σ(x) = max(−x, 0) + log1p(e^{−|x|}), and
+    σ(−x) = e^{min(−x, 0)} / (1 + e^{−|x|}) from the same exponential. Here F.logsigmoid, which is stable.
+    Half inputs are computed in float32 and the loss is returned in their dtype.
+    """
+    out_dtype = torch.promote_types(image.dtype, text.dtype)
+    cdt = compute_dtype(image.dtype, text.dtype)
+    if cdt != image.dtype or cdt != text.dtype:
+        if isinstance(logit_scale, torch.Tensor):
+            logit_scale = logit_scale.to(cdt)
+        if isinstance(logit_bias, torch.Tensor):
+            logit_bias = logit_bias.to(cdt)
+        return siglip_loss(image.to(cdt), text.to(cdt), logit_scale, logit_bias, normalize=normalize).to(out_dtype)
+    if normalize:
+        image = normalize_rows(image)
+        text = normalize_rows(text)
+    n = image.shape[0]
+    logits = logit_scale * image @ text.T + logit_bias
+    labels = 2.0 * torch.eye(n, text.shape[0], dtype=logits.dtype, device=logits.device) - 1.0
+    return -F.logsigmoid(labels * logits).sum() / n
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,8 +385,8 @@ def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int | str = "rice") -> torch
     """Mutual kNN alignment: rows L2-normalized, score = mean_i |kNN_A(i) ∩ kNN_B(i)| / k."""
     n = a.shape[0]
     k = resolve_k(k, n)
-    ia = knn(F.normalize(a, dim=1, eps=1e-12), k)
-    ib = knn(F.normalize(b, dim=1, eps=1e-12), k)
+    ia = knn(normalize_rows(a), k)
+    ib = knn(normalize_rows(b), k)
     ma = torch.zeros(n, n, dtype=torch.bool, device=a.device).scatter_(1, ia, True)
     mb = torch.zeros(n, n, dtype=torch.bool, device=a.device).scatter_(1, ib, True)
     return (ma & mb).sum(dim=1).to(a.dtype).mean() / k
