@@ -11,6 +11,7 @@ import torch
 
 from . import clip as _clip
 from . import knn as _knn
+from . import siglip as _siglip
 from . import structure as _structure
 
 _DEVICES = ("cuda", "cpu")
@@ -39,3 +40,10 @@ torch.library.register_kernel("structure_ops::triton_structure_fwd", _DEVICES, _
 torch.library.register_kernel("structure_ops::triton_clip_fwd", _DEVICES, _clip_fwd)
 torch.library.register_kernel("structure_ops::triton_clip_bwd", _DEVICES, _clip_bwd)
 torch.library.register_kernel("structure_ops::triton_knn", _DEVICES, _knn_op)
+
+
+def _siglip_fwd(image, text, logit_scale, logit_bias, row_offset, grad_image, grad_text):
+    return _siglip.siglip_fwd(image.contiguous(), text.contiguous(), logit_scale, logit_bias, row_offset, grad_image, grad_text)
+
+
+torch.library.register_kernel("structure_ops::triton_siglip_fwd", _DEVICES, _siglip_fwd)
