@@ -315,8 +315,8 @@ def clip_loss(
         error = exc
     sizes = _exchange("clip_loss", group, {"image": image, "text": text}, error, (normalize, grad_mode, backend))
     if normalize:  # row-local: normalize before gathering
-        image = F.normalize(image, dim=1, eps=1e-12)
-        text = F.normalize(text, dim=1, eps=1e-12)
+        image = _reference.normalize_rows(image)
+        text = _reference.normalize_rows(text)
     ig, tg = _gather(image, sizes, group), _gather(text, sizes, group)
     rank = dist.get_rank(group)
     start = sum(sizes[:rank])

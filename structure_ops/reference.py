@@ -1,7 +1,8 @@
 r"""The float64-capable PyTorch oracle: plain autograd code that defines what every backend computes.
 
 Everything here runs on any device and dtype in the input's own precision (the losses compute fp16/bf16
-inputs in float32 and return their dtype, see compute_dtype); pass float64 tensors to get the oracle. Optimized backends are tested against this module, never the other way round.
+inputs in float32 and return their dtype, see compute_dtype); pass float64 tensors to get the oracle.
+Optimized backends are tested against this module, never the other way round.
 
 STRUCTURE regularizer (SPEC.md §1), per input U ∈ {X, Z}:
 

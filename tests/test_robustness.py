@@ -1,0 +1,141 @@
+"""Hostile numerics against the float64 oracle, on every backend that runs here.
+
+Each class of input that once gave a finite wrong value, a NaN from finite inputs or an unclear error:
+rows whose norm overflows the input dtype, half inputs on the reference backend, huge rbf γ, options
+that overflow the compute dtype, mixed input dtypes, torch.func transforms and meta tensors. The
+expected values always come from structure_ops.reference in float64 on the same (rounded) values.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from helpers import G, rel_err, require_cpu_extension
+
+import structure_ops as so
+from structure_ops import reference as R
+
+BACKENDS = ["reference", "cpu", "triton"]
+HALF = (torch.float16, torch.bfloat16)
+# Relative tolerance of a loss value (and of a gradient) against the float64 oracle, per input dtype.
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 4e-2, torch.float16: 8e-3}
+
+
+def _need(backend: str) -> str:
+    if backend == "cpu":
+        require_cpu_extension()
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (the Triton backend is optional)")
+    return backend
+
+
+def _grad_close(out: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
+    """‖out − ref‖ ≤ rtol·‖ref‖ + 2 subnormal ulps per element: fp16 gradients of rows with norm ~1e5
+    are ~1e-7, subnormal, so they carry an absolute error of a few 2^-24 on top of the relative one."""
+    subnormal = torch.finfo(out.dtype).tiny * torch.finfo(out.dtype).eps
+    err = (out.double() - ref).norm().item()
+    return err <= rtol * ref.norm().item() + 2 * subnormal * out.numel() ** 0.5
+
+
+def _finite(*ts) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in ts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Row normalization without overflow
+# ---------------------------------------------------------------------------------------------------
+# (dtype, scale): fp16 rows with norm far above 65 504; fp32/bf16 entries ~1e19 (squares overflow).
+HUGE = [(torch.float16, 3e4), (torch.float32, 1e19), (torch.bfloat16, 1e19), (torch.float32, 3e37)]
+
+
+def _huge(dtype, scale, n=8):
+    x = (G(n, 64, torch.sin, 1, 1) * scale).to(dtype)
+    z = (G(n, 48, torch.cos, 0.5, 0.3) * scale).to(dtype)
+    return x, z
+
+
+def test_normalize_rows_matches_float64_and_is_exact_where_fnormalize_is_fine():
+    for dtype, scale in HUGE:
+        x, _ = _huge(dtype, scale)
+        assert torch.isinf(torch.linalg.vector_norm(x, dim=1)).all()  # the naive norm overflows here
+        out = R.normalize_rows(x)
+        assert out.dtype == dtype
+        assert rel_err(out, torch.nn.functional.normalize(x.double(), dim=1)) < TOL[dtype]
+    x = G(6, 5, torch.sin, 1, 1)
+    torch.testing.assert_close(R.normalize_rows(x), torch.nn.functional.normalize(x, dim=1), rtol=1e-15, atol=0)
+    zero = torch.zeros(2, 3, dtype=torch.float16)
+    assert torch.equal(R.normalize_rows(zero), zero)  # ε keeps a zero row zero, in every dtype
+    x = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda u: R.normalize_rows(u), (x,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,scale", HUGE, ids=[f"{d}-{s:g}".replace("torch.", "") for d, s in HUGE])
+def test_structure_loss_rows_with_overflowing_norm(backend, dtype, scale):
+    x, z = _huge(dtype, scale)
+    ref = R.structure_loss(x.double(), z.double())
+    zg = z.clone().requires_grad_(True)
+    loss = so.structure_loss(x, zg, backend=_need(backend))
+    (gz,) = torch.autograd.grad(loss, zg)
+    z64 = z.double().requires_grad_(True)
+    (gref,) = torch.autograd.grad(R.structure_loss(x.double(), z64), z64)
+    assert loss.dtype == dtype and _finite(loss, gz)
+    assert rel_err(loss, ref) < 4 * TOL[dtype], (loss.item(), ref.item())
+    assert _grad_close(gz, gref, 8 * TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,scale", HUGE, ids=[f"{d}-{s:g}".replace("torch.", "") for d, s in HUGE])
+def test_clip_knn_mutual_knn_rows_with_overflowing_norm(backend, dtype, scale):
+    a = (G(8, 64, torch.sin, 1, 0) * scale).to(dtype)
+    t = (G(8, 64, torch.cos, 1, 0.1) * scale).to(dtype)
+    ref = R.clip_loss(a.double(), t.double(), 20.0)
+    loss = so.clip_loss(a, t, 20.0, backend=_need(backend))
+    assert _finite(loss) and rel_err(loss, ref) < 4 * TOL[dtype], (loss.item(), ref.item())
+    expect = R.knn(torch.nn.functional.normalize(a.double(), dim=1), 2)
+    assert torch.equal(so.knn(a, 2, backend=backend), expect)
+    assert so.mutual_knn(a, t, 2, backend=backend).item() == R.mutual_knn(a.double(), t.double(), 2).item()
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 3e37), (torch.float64, 1e150), (torch.float64, 1e-150)])
+def test_cka_does_not_overflow(dtype, scale):
+    a = (G(8, 64, torch.sin, 1, 0) * scale).to(dtype)
+    b = (G(8, 64, torch.cos, 1, 0.1) * scale).to(dtype)
+    for unbiased in (False, True):
+        out = so.cka(a, b, unbiased=unbiased)
+        # CKA is scale-invariant up to its +1e-6: the oracle on the down-scaled values, with the
+        # 1e-6 floor rescaled by hand.
+        ua, ub = a.double() / scale, b.double() / scale
+        hs = R._hsic_unbiased if unbiased else R._hsic_biased
+        k, l = ua @ ua.T, ub @ ub.T
+        floor = 0.0 if scale > 1 else float("inf")  # 1e-6 / scale⁴: 0 in float64 at 1e150, ∞ at 1e-150
+        expect = hs(k, l) / (torch.sqrt(hs(k, k) * hs(l, l)) + floor)
+        assert torch.isfinite(out) and abs(out.item() - expect.item()) < 1e-6, (out.item(), expect.item())
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. The reference backend computes half inputs in fp32 (what "auto" runs on MPS/XPU or without builds)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"levels": 3, "weighting": "inverse"}, {"divergence": "js"}, {"similarity": "rbf", "gamma": 4.0},
+     {"temperature": 0.01, "centering": "standard"}],
+    ids=["defaults", "levels3", "js", "rbf", "sharp-standard"],
+)  # fmt: skip
+def test_reference_half_inputs_compute_in_fp32(dtype, options):
+    x, z = G(16, 6, torch.sin, 1, 1, dtype=dtype), G(16, 5, torch.cos, 0.5, 0.3, dtype=dtype)
+    zg = z.clone().requires_grad_(True)
+    loss = so.structure_loss(x, zg, backend="reference", **options)
+    (gz,) = torch.autograd.grad(loss, zg)
+    z64 = z.double().requires_grad_(True)
+    ref = R.structure_loss(x.double(), z64, **options)
+    (gref,) = torch.autograd.grad(ref, z64)
+    assert loss.dtype == dtype and gz.dtype == dtype and _finite(loss, gz)
+    assert rel_err(loss, ref) < 2 * TOL[dtype], (loss.item(), ref.item())
+    assert _grad_close(gz, gref, 4 * TOL[dtype])
+    a, t = G(8, 4, torch.sin, 1, 0, dtype=dtype), G(8, 4, torch.cos, 1, 0, dtype=dtype)
+    c = so.clip_loss(a, t, 20.0, backend="reference")
+    assert c.dtype == dtype and rel_err(c, R.clip_loss(a.double(), t.double(), 20.0)) < 2 * TOL[dtype]
