@@ -628,6 +628,7 @@ class SweepConfig:
     noisy_retries: int = 2
     fresh: bool = False
     verbose: bool = True
+    ceilings: str | None = "measure"  # "measure" (this machine, at sweep start), a JSON file of them, or None
 
 
 def _log(cfg: SweepConfig, msg: str) -> None:
@@ -743,6 +744,7 @@ def sweep(cfg: SweepConfig) -> str:
     others = _other_busy_cores(a, _cpu_busy())
     if others is not None and others > NOISY_CORES:
         _log(cfg, f"[{cfg.op}] WARNING: other processes keep {others:.2f} cores busy: timings will be noisy")
+    ceil = _ceilings(cfg, env)
     modes = [m for m in cfg.modes if m in opdef.modes]
     for m in cfg.modes:
         if m not in opdef.modes:
@@ -777,6 +779,8 @@ def sweep(cfg: SweepConfig) -> str:
                                 f"(others busy {res.get('other_busy_cores') or 0:.2f} cores, "
                                 f"{res['worker_wall_s']:.0f} s)",
                             )
+                    if roofline is not None:  # model FLOPs / special-function ops / bytes, the bound, the fraction
+                        roofline.annotate(rec, ceil)
                     rec.update(
                         device=dev, torch=env["torch"], python=env["python"],
                         git_sha=env["git_sha"], git_dirty=env["git_dirty"], timestamp=_now(),
@@ -793,6 +797,34 @@ def sweep(cfg: SweepConfig) -> str:
                     )
     _log(cfg, f"[{cfg.op}] done in {time.perf_counter() - t_start:.0f} s -> {path}")
     return path
+
+
+try:  # benchmarks/roofline.py (this folder is on sys.path for the bench scripts, the tests and the workers)
+    import roofline
+except ImportError:  # pragma: no cover - imported as a package module from elsewhere
+    roofline = None
+
+
+def _ceilings(cfg: SweepConfig, env: dict):
+    """This machine's ceilings for the roofline bound (measured once per sweep, or read from a JSON file
+    written by ``python benchmarks/roofline.py ceilings``); recorded in the environment of the JSON."""
+    if roofline is None or not cfg.ceilings:
+        return None
+    if cfg.ceilings != "measure":
+        with open(cfg.ceilings) as f:
+            ceil = roofline.Ceilings.from_dict(json.load(f))
+        env["ceilings"] = {**ceil.to_dict(), "file": cfg.ceilings}
+        return ceil
+    a = _cpu_busy()
+    ceil = roofline.measure_cpu_ceilings(threads=cfg.threads)
+    busy = _other_busy_cores(a, _cpu_busy())
+    env["ceilings"] = {**ceil.to_dict(), "other_busy_cores": busy, "measured": _now()}
+    _log(
+        cfg,
+        f"[{cfg.op}] ceilings: fp32 GEMM {ceil.gemm['fp32'] / 1e9:.0f} GFLOP/s, memory {ceil.mem_bw / 1e9:.1f} GB/s, "
+        f"exp {ceil.sfu / 1e9:.2f} G/s" + (f" (others kept {busy:.2f} cores busy)" if busy else ""),
+    )
+    return ceil
 
 
 def _now() -> str:
@@ -836,6 +868,11 @@ def add_common_args(p: argparse.ArgumentParser, default_sizes: str, modes: Seque
     p.add_argument("--out", default=DEFAULT_OUT, help="results folder (default benchmarks/results/cpu)")
     p.add_argument("--fresh", action="store_true", help="start a new <op>.json instead of merging by key")
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, few repeats")
+    p.add_argument(
+        "--ceilings", default="measure",
+        help="roofline ceilings: 'measure' (default, ~5 s at sweep start), a JSON file "
+        "(python benchmarks/roofline.py ceilings > FILE), or 'none'",
+    )  # fmt: skip
 
 
 QUICK_SIZES = [256, 512]
@@ -865,6 +902,7 @@ def config_from_args(args: argparse.Namespace, op: str, dims_list: list[dict], p
         out_dir=args.out, dtype=args.dtype, params=params, repeats=args.repeats, target_s=args.target_s,
         max_call_s=args.max_call_s, mem_fraction=args.mem_fraction, seed=args.seed, threads=args.threads,
         noisy_retries=args.noisy_retries, fresh=args.fresh,
+        ceilings=None if getattr(args, "ceilings", "measure") == "none" else getattr(args, "ceilings", "measure"),
     )  # fmt: skip
 
 

@@ -3,8 +3,9 @@
 
 Per op and shape (dims, dtype, options): one row per (mode, N) with the median time of each provider,
 the speedup of cpu over reference and over compile_reference, the cpu GFLOP/s (FLOP model of the op),
-the peak extra memory of each provider and the memory ratio reference / cpu. Skipped or failed points
-show "skip" / "fail" and are explained under the table.
+the cpu kernel's roofline (its bound on the machine's measured ceilings, the binding resource, and the
+measured fraction of it: benchmarks/roofline.py), the peak extra memory of each provider and the memory
+ratio reference / cpu. Skipped or failed points show "skip" / "fail" and are explained under the table.
 
     python benchmarks/report.py                                 # every device folder under benchmarks/results
     python benchmarks/report.py --device cpu
@@ -49,6 +50,14 @@ def fmt_mb(mb: float | None) -> str:
 
 def fmt_ratio(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}×" if x < 10 else f"{x:.0f}×"
+
+
+def roofline_cells(r: dict | None) -> list[str]:
+    """[bound (binding resource), measured fraction of the bound] of one record, "–" where absent."""
+    if not r or not r.get("bound_s"):
+        return ["–", "–"]
+    frac = r.get("fraction_of_bound")
+    return [f"{fmt_time(r['bound_s'])} ({r.get('bound_by', '?')})", "–" if frac is None else f"{100 * frac:.0f} %"]
 
 
 def _status(r: dict | None) -> str | None:
@@ -127,6 +136,8 @@ def render(records: list[dict]) -> str:
             if "compile_reference" in provs:
                 head.append("cpu vs compiled")
             head.append("cpu GFLOP/s")
+            if any(r.get("bound_s") for r in rs if r["provider"] == "cpu"):
+                head += ["cpu bound", "cpu % of bound"]
         head += [f"peak {SHORT[p]}" for p in provs]
         if "cpu" in provs and "reference" in provs:
             head.append("mem ref / cpu")
@@ -156,6 +167,8 @@ def render(records: list[dict]) -> str:
                         o = ok.get(other)
                         row.append(fmt_ratio(o["median_s"] / c["median_s"]) if (c and o) else "–")
                 row.append(f"{c['gflops']:.0f}" if c and c.get("gflops") else "–")
+                if "cpu bound" in head:
+                    row += roofline_cells(c)
             for p in provs:
                 row.append(fmt_mb(ok[p].get("peak_extra_mb")) if p in ok else "–")
             if "cpu" in provs and "reference" in provs:
@@ -170,6 +183,12 @@ def render(records: list[dict]) -> str:
             v, want = r.get("value"), ref.get("value")
             if v is not None and want is not None and abs(v - want) > 1e-3 * abs(want) + 1e-6:
                 notes.append(f"{SHORT[prov]} {mode} N={n}: value {v:.6g} differs from the reference's {want:.6g}")
+        ceils = sorted({r.get("roofline_ceilings") for r in rs if r.get("roofline_ceilings")})
+        if ceils:
+            notes.append(
+                "cpu bound = max(GEMM FLOPs / GEMM peak, exp/log/div ops / exp rate, memory bytes / copy bandwidth) of "
+                f"the cpu kernel's model on {'; '.join(ceils)} (benchmarks/roofline.py); % of bound = bound / median"
+            )
         backends = sorted({r.get("compile_backend") for r in rs if r.get("compile_backend")})
         if backends:
             notes.insert(0, f"compiled ref = torch.compile(reference, backend={'/'.join(backends)})")
