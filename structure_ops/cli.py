@@ -468,11 +468,13 @@ def _cmd_zero_shot(a) -> None:
             classes = [c.strip() for c in Path(a.class_file).read_text().splitlines() if c.strip()]
         else:
             classes = [c.strip() for c in a.classes.split(",") if c.strip()]
+        if len(classes) < 2:
+            raise CliError(f"zero-shot needs at least 2 classes, got {classes}")
         paths = _image_files(a.images)
     else:
         from .train.data import load_image_folder
 
-        if len(a.images) != 1 or not Path(a.images[0]).is_dir():
+        if len(a.images) != 1 or not Path(a.images[0]).is_dir() or not any(p.is_dir() for p in Path(a.images[0]).iterdir()):
             raise CliError("give --classes or --class-file, or one class folder (<dir>/<class>/<image>) as --images")
         paths, labels, classes = load_image_folder(a.images[0])
     if len(classes) < 2:
