@@ -892,10 +892,25 @@ def prediction_table(ceil: Ceilings = H200, ns=PRED_NS) -> str:
     return "\n".join(out)
 
 
+def terms_table(n: int, ceil: Ceilings = H200) -> str:
+    """Markdown: every resource's time (s) at one N, today and with the issue-14 design."""
+    rows = [r for r in prediction_rows(ceil, (n,))]
+    keys = ["gemm", "sfu", "mem"] + (["l2"] if ceil.l2_bw else []) + (["int"] if ceil.int_ops else [])
+    out = ["| kernel | impl | dtype | design | " + " | ".join(keys) + " | bound | GEMM FLOPs | memory bytes |",
+           "|---|---|---|---|" + "--:|" * (len(keys) + 3)]  # fmt: skip
+    for r in rows:
+        cells = [_fmt_s(r["terms_s"][k]) for k in keys]
+        bound_cell = _fmt_s(r["bound_s"]) if r["fits"] else f"does not fit ({r['extra_memory_bytes'] / 1e9:.0f} GB)"
+        out.append(f"| {r['kernel']} | {r['impl']} | {r['dtype']} | {r['design']} | " + " | ".join(cells)
+                   + f" | {bound_cell} | {r['gemm_flops']:.3g} | {r['mem_bytes']:.3g} |")  # fmt: skip
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("predict", help="the H200 prediction table (markdown)")
+    pp = sub.add_parser("predict", help="the H200 prediction table (markdown)")
+    pp.add_argument("--terms", type=int, default=None, help="instead: every resource's time at this N")
     pj = sub.add_parser("predict-json", help="the H200 predictions as JSON")
     pj.add_argument("--out", default=None)
     pc = sub.add_parser("ceilings", help="measure this machine's CPU ceilings (JSON on stdout)")
@@ -907,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
     pb.add_argument("--ec", type=int, default=4)
     a = p.parse_args(argv)
     if a.cmd == "predict":
-        print(prediction_table())
+        print(prediction_table() if a.terms is None else terms_table(a.terms))
     elif a.cmd == "predict-json":
         text = json.dumps({"ceilings": H200.to_dict(), "rows": prediction_rows()}, indent=1, default=str)
         if a.out:
