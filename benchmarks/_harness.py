@@ -65,7 +65,7 @@ class OpDef:
 
 
 def _structure_flops(n: int, dims: dict, mode: str, params: dict) -> float:
-    """KERNELS.md §2(a): fwd 2N²(d_x+d_z); fwd+bwd (gradient in forward) 2N²(d_x+3d_z).
+    """docs/kernels.md §2(a): fwd 2N²(d_x+d_z); fwd+bwd (gradient in forward) 2N²(d_x+3d_z).
     Levels L > 1 add the power products: 2 sides × (L−1) × 2N³ forward, 2 adjoint products × (L−1) × 2N³
     backward (z side only)."""
     dx, dz, levels = dims["d_x"], dims["d_z"], int(params.get("levels", 1))
@@ -75,7 +75,7 @@ def _structure_flops(n: int, dims: dict, mode: str, params: dict) -> float:
 
 
 def _clip_flops(n: int, dims: dict, mode: str, params: dict) -> float:
-    """KERNELS.md §4: fwd 2N²d; fwd+bwd 8N²d (one forward pass + one recomputing backward pass)."""
+    """docs/kernels.md §4: fwd 2N²d; fwd+bwd 8N²d (one forward pass + one recomputing backward pass)."""
     return (2.0 if mode == "fwd" else 8.0) * n * n * dims["d"]
 
 

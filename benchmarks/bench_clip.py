@@ -3,7 +3,7 @@
 
 Providers: reference (eager structure_ops.reference.clip_loss), compile_reference (torch.compile of it)
 and cpu (structure_ops.clip_loss(..., backend="cpu")). Modes: fwd and fwd+bwd (grad w.r.t. image, text
-and logit_scale). FLOP model (KERNELS.md §4): fwd 2N²d, fwd+bwd 8N²d.
+and logit_scale). FLOP model (docs/kernels.md §4): fwd 2N²d, fwd+bwd 8N²d.
 
     python benchmarks/bench_clip.py                 # default sweep -> benchmarks/results/cpu/clip.json
     python benchmarks/bench_clip.py --quick --out /tmp/bench

@@ -4,7 +4,7 @@
 Providers: reference (eager structure_ops.reference.structure_loss), compile_reference
 (torch.compile of it) and cpu (structure_ops.structure_loss(..., backend="cpu")).
 Modes: fwd (no input requires grad) and fwd+bwd (grad w.r.t. z; x is the frozen side).
-FLOP model (KERNELS.md §2a, level 1): fwd 2N²(d_x+d_z), fwd+bwd 2N²(d_x+3d_z).
+FLOP model (docs/kernels.md §2a, level 1): fwd 2N²(d_x+d_z), fwd+bwd 2N²(d_x+3d_z).
 
     python benchmarks/bench_structure.py                    # default sweep -> benchmarks/results/cpu/structure.json
     python benchmarks/bench_structure.py --quick --out /tmp/bench

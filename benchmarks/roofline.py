@@ -26,7 +26,7 @@ inputs read and outputs written once): the fraction of an eager/compiled referen
 Used by benchmarks/_harness.py (CPU: measured ceilings, every record annotated) and by the GPU suite::
 
     import roofline
-    ceil = roofline.ceilings_for_device(torch.cuda.get_device_name())   # KERNELS.md §7 numbers for an H200
+    ceil = roofline.ceilings_for_device(torch.cuda.get_device_name())   # docs/kernels.md §7 numbers for an H200
     roofline.annotate(rec, ceil, op=op, dims=dims, params=params, precision=torch.get_float32_matmul_precision())
 """
 
@@ -88,14 +88,14 @@ class Ceilings:
         return Ceilings(**{k: d[k] for k in Ceilings.__dataclass_fields__ if k in d})
 
 
-# KERNELS.md §7: H200 measured on the GPU machine (bf16 GEMM 769–798 TFLOP/s on random data; device copy
+# docs/kernels.md §7: H200 measured on the GPU machine (bf16 GEMM 769–798 TFLOP/s on random data; device copy
 # ≈ 4.3 TB/s counting read + write); datasheet tf32 495, fp32 FFMA 67, fp64 (tensor) 67 TFLOP/s; 132 SMs,
 # 141 GB. exp/log ≈ 3.9 T ops/s is unverified (16 SFU ops/clk/SM × 132 SMs × ~1.8 GHz). L2 → SM 6 TB/s and
 # int32 15 T ops/s are assumptions (the first is what issue 14's "~32 FLOP/B reaches ~20 % of bf16 peak"
 # implies; the second 64 INT32 lanes/clk/SM × 132 × ~1.8 GHz): measure both before trusting an L2- or
 # selection-bound prediction. A floor uses the best measured rate (798, not 769).
 H200 = Ceilings(
-    name="NVIDIA H200 (KERNELS.md §7 ceilings)",
+    name="NVIDIA H200 (docs/kernels.md §7 ceilings)",
     gemm={"bf16": 798e12, "fp16": 798e12, "tf32": 495e12, "fp32": 67e12, "fp64": 67e12},
     sfu=3.9e12,
     mem_bw=4.3e12,

@@ -41,7 +41,7 @@ TRITON_PASSES = ("auto", "rows", "flash")
 
 @torch.compiler.assume_constant_result
 def triton_pass() -> str:
-    """Level-1 pass structure of the Triton structure_loss (KERNELS.md §2): STRUCTURE_OPS_TRITON_PASS =
+    """Level-1 pass structure of the Triton structure_loss (docs/kernels.md §2): STRUCTURE_OPS_TRITON_PASS =
     "rows" (row panels, gradient in forward), "flash" (fused tiles, O(N) state) or "auto" (per shape)."""
     mode = os.environ.get("STRUCTURE_OPS_TRITON_PASS", "auto") or "auto"
     if mode not in TRITON_PASSES:

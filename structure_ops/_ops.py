@@ -8,7 +8,7 @@ Ops (all inputs already normalized/centered by structure_ops.functional):
 
   structure_fwd(xh, zh, levels, temperature, weighting, margin, similarity, gamma, divergence, eps,
                 grad_x, grad_z) -> (loss, grad_x, grad_z)
-      R_S and, when asked, ∂R_S/∂X̂ and ∂R_S/∂Ẑ computed in the same pass (KERNELS.md §2a). Backward
+      R_S and, when asked, ∂R_S/∂X̂ and ∂R_S/∂Ẑ computed in the same pass (docs/kernels.md §2a). Backward
       scales the saved gradients by grad_output, which is exact because the loss is a scalar.
   structure_rows_fwd(xh, zh, row_begin, row_end, temperature, similarity, gamma, divergence, eps,
                      grad_x, grad_z) -> (partial, grad_x, grad_z)

@@ -23,7 +23,7 @@ def option_code(name: str, value: object, choices: tuple[str, ...]) -> int:
 
 
 def resolve_k(k: int | str, n: int) -> int:
-    """Neighbourhood size for ``n`` rows: an int, or a rule of SPEC.md §3.
+    """Neighbourhood size for ``n`` rows: an int, or a rule of docs/spec.md §3.
 
     "rice" = ceil(2 n^(1/3)), "sqrt" = ceil(sqrt(n)), "sturges" = ceil(log2(n) + 1). A rule's value is
     clipped to n - 1 (the diagonal is excluded, so at most n - 1 neighbours exist); an explicit int

@@ -1,6 +1,6 @@
 """The embedded demo (``structure-ops demo``): the whole pipeline, offline, on real encoders and real images.
 
-1. Exactness: the SPEC.md anchoring values recomputed by the selected backend in float64.
+1. Exactness: the docs/spec.md anchoring values recomputed by the selected backend in float64.
 2. Data: scikit-learn's handwritten digits as images, captions generated from the labels in varied templates
    (with stroke weight and size), a low-data split (a few hundred training pairs), re-drawn for every seed.
 3. Encoders (installed from the package registry, run offline): EfficientNet-lite0 (ImageNet weights, every
@@ -31,13 +31,13 @@ from .train.plots import layer_heatmap, metric_bars, training_curves
 from .train.selection import score_layers
 from .train.trainer import TrainConfig
 
-_G = lambda n, d, f, a, b: torch.tensor(  # noqa: E731 - SPEC.md's structured test matrices
+_G = lambda n, d, f, a, b: torch.tensor(  # noqa: E731 - docs/spec.md's structured test matrices
     [[f(a * (i * d + j) + b) for j in range(d)] for i in range(n)], dtype=torch.float64
 )
 
 
 def anchors(backend: str) -> list[dict]:
-    """SPEC.md anchoring values, recomputed."""
+    """docs/spec.md anchoring values, recomputed."""
     x2, z2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64), torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
     x, z = _G(6, 4, math.sin, 1, 1), _G(6, 3, math.cos, 0.5, 0.3).requires_grad_()
     r = so.structure_loss(x, z, backend=backend)
@@ -98,9 +98,9 @@ def run(out_dir: str = "runs/demo", backend: str = "auto", quick: bool = False, 
 
     rows = anchors(backend)
     worst = max(r["rel_err"] for r in rows)
-    print(f"1. Exactness: {len(rows)} SPEC.md anchoring values recomputed in float64, max rel. error {worst:.1e}")
+    print(f"1. Exactness: {len(rows)} docs/spec.md anchoring values recomputed in float64, max rel. error {worst:.1e}")
     if worst > 1e-8:
-        raise RuntimeError(f"anchors do not match SPEC.md (max rel. error {worst:.2e}): {rows}")
+        raise RuntimeError(f"anchors do not match docs/spec.md (max rel. error {worst:.2e}): {rows}")
 
     pairs = D.digits_pairs(limit=size.images, image_size=64)
     n_test = len(pairs.images) - size.train - size.val

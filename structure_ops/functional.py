@@ -98,7 +98,7 @@ def structure_loss(
     eps: float = 1e-12,
     backend: str = "auto",
 ) -> torch.Tensor:
-    r"""STRUCTURE regularizer R_S(X, Z) of SPEC.md §1 (the public code's semantics).
+    r"""STRUCTURE regularizer R_S(X, Z) of docs/spec.md §1 (the public code's semantics).
 
     .. math::
         R_S = \frac{1}{L}\sum_{l=1}^{L} w_l \max(D_l - m, 0),\quad
@@ -300,7 +300,7 @@ def mutual_knn_from_indices(ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
 
 
 def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int | str = "rice", *, backend: str = "auto") -> torch.Tensor:
-    """Mutual kNN alignment of two representations of the same N samples (SPEC.md §3):
+    """Mutual kNN alignment of two representations of the same N samples (docs/spec.md §3):
     rows L2-normalized, score = mean_i |kNN_A(i) ∩ kNN_B(i)| / k, diagonal excluded, ties to the lower
     index. ``k``: an int in [1, N−1] or "rice" ⌈2N^{1/3}⌉ / "sqrt" ⌈√N⌉ / "sturges" ⌈log₂N + 1⌉.
 

@@ -1,4 +1,4 @@
-"""nn.Module wrappers that hold the hyper-parameters of the losses (SPEC.md §1–2)."""
+"""nn.Module wrappers that hold the hyper-parameters of the losses (docs/spec.md §1–2)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class StructureClipOutput(NamedTuple):
 
 
 class StructureClipLoss(nn.Module):
-    r"""The paper's objective (SPEC.md §2): L = L_clip + λ_t · ½ [R_S(X_img, a) + R_S(X_txt, b)],
+    r"""The paper's objective (docs/spec.md §2): L = L_clip + λ_t · ½ [R_S(X_img, a) + R_S(X_txt, b)],
     λ_t = λ · min(1, (t − 1)/warmup) at optimizer step t (1-based); the regularizer is skipped when λ_t = 0.
 
     Args:

@@ -4,7 +4,7 @@ Everything here runs on any device and dtype in the input's own precision (the l
 inputs in float32 and return their dtype, see compute_dtype); pass float64 tensors to get the oracle.
 Optimized backends are tested against this module, never the other way round.
 
-STRUCTURE regularizer (SPEC.md §1), per input U ∈ {X, Z}:
+STRUCTURE regularizer (docs/spec.md §1), per input U ∈ {X, Z}:
 
     Û = center(normalize(U))            (or normalize(center(U)) with center_first=True)
     S = Û Ûᵀ / τ                        (cosine)   or   S_ij = exp(-γ ‖û_i - û_j‖²)   (rbf)
@@ -103,7 +103,7 @@ def _center(u: torch.Tensor, centering: str) -> torch.Tensor:
 
 
 def prepare(u: torch.Tensor, *, centering: str = "mean", center_first: bool = False) -> torch.Tensor:
-    """Row L2 normalization x / max(‖x‖₂, 1e-12) and batch centering, in the order of SPEC.md §1.
+    """Row L2 normalization x / max(‖x‖₂, 1e-12) and batch centering, in the order of docs/spec.md §1.
 
     Default order: normalize, then center over the rows (dim 0). ``center_first=True`` centers the raw
     rows and then normalizes. ``centering="standard"`` also divides by the per-column unbiased std.
@@ -229,7 +229,7 @@ def structure_loss(
     divergence: str = "structure",
     eps: float = 1e-12,
 ) -> torch.Tensor:
-    r"""STRUCTURE regularizer R_S(X, Z) (SPEC.md §1), the oracle. Same signature as
+    r"""STRUCTURE regularizer R_S(X, Z) (docs/spec.md §1), the oracle. Same signature as
     :func:`structure_ops.structure_loss` without ``backend``.
 
     Args:
@@ -272,7 +272,7 @@ def structure_core_level1_grad(
     divergence: str = "structure",
     eps: float = 1e-12,
 ) -> torch.Tensor:
-    r"""Analytic ∂D_1/∂Ẑ of the level-1 core (KERNELS.md §1), the formula the kernels implement.
+    r"""Analytic ∂D_1/∂Ẑ of the level-1 core (docs/kernels.md §1), the formula the kernels implement.
 
     With a = log P, b = log Q (row log-softmax of S^X, S^Z) and any row loss ℓ_i = Σ_j f(P_ij, Q_ij):
 

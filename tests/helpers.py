@@ -1,6 +1,6 @@
 """Shared helpers for the CPU test-suite (imported by the test modules; fixtures live in conftest.py).
 
-Expected values come from SPEC.md's anchoring values or from the float64 oracle
+Expected values come from docs/spec.md's anchoring values or from the float64 oracle
 (``structure_ops.reference``); nothing here re-derives a backend's output from the backend itself.
 """
 
@@ -14,7 +14,7 @@ F64 = torch.float64
 
 
 def G(n: int, d: int, f, a: float = 1.0, b: float = 0.0, dtype: torch.dtype = F64) -> torch.Tensor:
-    """SPEC.md's structured test matrix: G(N, D, f, a, b)[i][j] = f(a·(i·D + j) + b), built in float64."""
+    """docs/spec.md's structured test matrix: G(N, D, f, a, b)[i][j] = f(a·(i·D + j) + b), built in float64."""
     i = torch.arange(n, dtype=F64)[:, None]
     j = torch.arange(d, dtype=F64)[None, :]
     return f(a * (i * d + j) + b).to(dtype)
@@ -25,7 +25,7 @@ def structured(n: int, dx: int, dz: int, seed: int = 0, rank: int = 3, noise: fl
 
     Both views are noisy linear images of a shared low-rank latent (z's latent is perturbed), so the
     row softmax is far from the identity at τ ∈ [0.05, 0.5] and R_S(x, z) is O(0.1–2), not ~1e-6 as it
-    is for i.i.d. high-dimensional noise (SPEC.md §1, numerical facts).
+    is for i.i.d. high-dimensional noise (docs/spec.md §1, numerical facts).
     """
     g = torch.Generator().manual_seed(seed)
     lat = torch.randn(n, rank, generator=g, dtype=F64)

@@ -119,7 +119,7 @@ def test_gradient_only_for_x(levels):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Every option of SPEC.md §1
+# Every option of docs/spec.md §1
 # ---------------------------------------------------------------------------------------------------
 OPTIONS = [
     dict(temperature=0.1, levels=1, weighting="inverse"),

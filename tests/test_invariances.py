@@ -1,4 +1,4 @@
-"""Invariances of R_S (SPEC.md §1, numerical facts), on the oracle and on the CPU backend."""
+"""Invariances of R_S (docs/spec.md §1, numerical facts), on the oracle and on the CPU backend."""
 
 from __future__ import annotations
 

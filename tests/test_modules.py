@@ -1,4 +1,4 @@
-"""nn.Module wrappers: StructureLoss, ClipLoss, StructureClipLoss (SPEC.md §2 objective and λ schedule)."""
+"""nn.Module wrappers: StructureLoss, ClipLoss, StructureClipLoss (docs/spec.md §2 objective and λ schedule)."""
 
 from __future__ import annotations
 

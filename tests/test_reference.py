@@ -1,4 +1,4 @@
-"""The float64 oracle first: SPEC.md anchoring values, gradcheck, the analytic level-1 backward, and a
+"""The float64 oracle first: docs/spec.md anchoring values, gradcheck, the analytic level-1 backward, and a
 literal transcription of the paper's formula."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from structure_ops._options import resolve_k
 
 
 def spec(text: str):
-    """A SPEC.md anchor printed with a fixed number of decimals: equal up to half a unit of the last one."""
+    """A docs/spec.md anchor printed with a fixed number of decimals: equal up to half a unit of the last one."""
     decimals = len(text.split(".")[1])
     return pytest.approx(float(text), rel=0, abs=0.5 * 10.0**-decimals + 1e-15)
 
@@ -33,7 +33,7 @@ def spec_z():
 
 
 # ---------------------------------------------------------------------------------------------------
-# SPEC.md anchoring values
+# docs/spec.md anchoring values
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("centering", ["none", "mean"])
 def test_two_point_anchor(centering):
@@ -137,7 +137,7 @@ def test_level1_analytic_grad_matches_autograd(similarity, divergence, tau):
 # A literal transcription of the paper's formula (three logs, no stable rewrite) in float64
 # ---------------------------------------------------------------------------------------------------
 def literal_structure_divergence(o, a, eps=1e-12):
-    """½ [KL(M̃‖Ã) + KL(M̃‖Õ)] summed over all entries, divided by N (SPEC.md §1 step 7)."""
+    """½ [KL(M̃‖Ã) + KL(M̃‖Õ)] summed over all entries, divided by N (docs/spec.md §1 step 7)."""
     m = (o + a) / 2 + eps
     ot, at = o + eps, a + eps
     kl_m_a = (m * (torch.log(m) - torch.log(at))).sum()
@@ -151,7 +151,7 @@ def literal_js(o, a):
 
 
 def literal_structure_loss(x, z, *, levels, temperature, weighting, margin, divergence="structure"):
-    """R_S straight from SPEC.md §1 steps 2–10 with the default centering and cosine similarity."""
+    """R_S straight from docs/spec.md §1 steps 2–10 with the default centering and cosine similarity."""
 
     def side(u):
         u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -249,7 +249,7 @@ def test_reference_knn_ties_go_to_lower_index():
 @pytest.mark.parametrize(
     ("k", "n", "expected"),
     [
-        ("rice", 5000, 35),  # SPEC.md §3
+        ("rice", 5000, 35),  # docs/spec.md §3
         ("rice", 1000, 20),  # an exact cube must not round up
         ("sqrt", 5000, 71),
         ("sqrt", 100, 10),

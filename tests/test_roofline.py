@@ -167,7 +167,7 @@ def test_flash_flops_match_structure_flash(dx, dz):
     assert RL.cost("structure", "triton_flash", n, {"d_x": dx, "d_z": dz}, "fwd", "bfloat16").gemm_flops == (
         4.0 * n * n * (dx + dz)
     )
-    if dx == dz == 128:  # KERNELS.md §2b: 14 N² d for d_x = d_z = d ≤ BLOCK_D
+    if dx == dz == 128:  # docs/kernels.md §2b: 14 N² d for d_x = d_z = d ≤ BLOCK_D
         assert c.gemm_flops == 14.0 * n * n * 128
 
 
@@ -190,7 +190,7 @@ def test_level1_rows_closed_form_and_harness_flop_model():
     for n in (1024, 65536, 262144):
         dims = {"d_x": 768, "d_z": 512}
         for mode in ("fwd", "fwd+bwd"):
-            want = 2.0 * n * n * (768 + (3 if mode == "fwd+bwd" else 1) * 512)  # KERNELS.md §2a
+            want = 2.0 * n * n * (768 + (3 if mode == "fwd+bwd" else 1) * 512)  # docs/kernels.md §2a
             for impl in ("ideal", "cpu", "cuda", "triton_rows"):
                 assert RL.cost("structure", impl, n, dims, mode, "float32").gemm_flops == want
             assert H.OPS["structure"].flops(n, dims, mode, {"levels": 1}) == want

@@ -1,5 +1,5 @@
 """Compile every CUDA source of csrc/cuda with nvcc for sm_80 and sm_90a, without a GPU and against the
-headers of whatever torch is installed (the CPU wheel works; see ENVIRONMENT.md), and report registers and
+headers of whatever torch is installed (the CPU wheel works; see docs/building.md), and report registers and
 spills per kernel from ``-Xptxas -v``. CI runs it; any compile error fails the run (and spills with
 --no-spills).
 

@@ -4,14 +4,14 @@
 // in PyTorch autograd (O(N·d)). With S = ÛÛᵀ/τ (or S_ij = exp(−γ‖û_i − û_j‖²)), P = softmax_rows(S^X),
 // Q = softmax_rows(S^Z) and D = (1/N) Σ_ij term(P_ij, Q_ij):
 //
-//   level 1 (row panels, KERNELS.md §2a): for each panel I of B rows
+//   level 1 (row panels, docs/kernels.md §2a): for each panel I of B rows
 //     S^X_I = X̂_I X̂ᵀ/τ, S^Z_I = Ẑ_I Ẑᵀ/τ               (GEMMs)
 //     per row: lse, P, Q, ℓ_i, ḡ_i = Σ_j Q_ij g_ij, W_I = Q(g − ḡ)/N      (one fused row loop)
 //     dẐ_I += W_I Ẑ/τ,  dẐ += W_Iᵀ Ẑ_I/τ                  (GEMMs)
 //   The loss is a scalar, so the gradient computed here, scaled by grad_output in backward, is exact.
 //   Memory: a few B × N panels (B from a byte budget), never N × N.
 //
-//   levels > 1 (KERNELS.md §3): P, Q materialized, powers R_l = R_{l−1} P incrementally, the divergence
+//   levels > 1 (docs/kernels.md §3): P, Q materialized, powers R_l = R_{l−1} P incrementally, the divergence
 //   as an elementwise pass per level, backward through the adjoint products
 //     adj(R_{l−1}) += adj(R_l) Qᵀ,  adj(Q) += R_{l−1}ᵀ adj(R_l).
 //

@@ -1,4 +1,4 @@
-// Symmetric InfoNCE (CLIP) loss on CUDA, both directions in one op, O(B·N) extra memory (KERNELS.md §4).
+// Symmetric InfoNCE (CLIP) loss on CUDA, both directions in one op, O(B·N) extra memory (docs/kernels.md §4).
 //
 //   L = s · A Bᵀ (rows already normalized by the caller; s = logit_scale itself, a device scalar)
 //   r_i = lse_j L_ij,  c_j = lse_i L_ij

@@ -11,7 +11,7 @@
 //                (= ½M̃(2 log M̃ − log Õ − log Ã) without its cancellation; csrc/common/divergence.h)
 //   "js":        term = ½[O log(O/M) + A log(A/M)], M = (O + A)/2 (level 1 from log-probabilities)
 //
-// Gradient (KERNELS.md §1, §3): level 1, g = ∂term/∂Q, ḡ_i = Σ_j Q_ij g_ij, dS^Z = W = Q∘(g − ḡ)/N;
+// Gradient (docs/kernels.md §1, §3): level 1, g = ∂term/∂Q, ḡ_i = Σ_j Q_ij g_ij, dS^Z = W = Q∘(g − ḡ)/N;
 //   levels: adj(A_L) = c_L G_L, adj(A_{l−1}) = c_{l−1}G_{l−1} + adj(A_l)Qᵀ, adj(Q) += A_{l−1}ᵀ adj(A_l),
 //   G_l = ∂D_l/∂A_l, c_l = w_l/L where the hinge is open (else 0); dS^Z = Q∘(adj(Q) − rowsum(Q∘adj(Q))) + c_1W_1.
 //   chain: cosine dẐ = (dS + dSᵀ)Ẑ/τ;  rbf K = S∘dS, dẐ = 2γ[(K + Kᵀ)Ẑ − (K·1 + Kᵀ·1)∘Ẑ].
@@ -19,11 +19,11 @@
 //   The loss is a scalar, so the gradient computed here and scaled by grad_output in backward is exact.
 //
 // Pass structure:
-//   level 1 (KERNELS.md §2a), per row panel I of B rows (B from a byte budget, STRUCTURE_OPS_CUDA_PANEL_MB):
+//   level 1 (docs/kernels.md §2a), per row panel I of B rows (B from a byte budget, STRUCTURE_OPS_CUDA_PANEL_MB):
 //     Gram panels X̂_I X̂ᵀ, Ẑ_I Ẑᵀ by at::mm (cuBLAS; honours torch's float32 matmul precision / TF32),
 //     ONE fused row kernel (l1_rows_kernel, a block per row) → ℓ_i, W_I (rbf: S∘W_I and its row sums),
 //     dẐ_I += αW_IẐ, dẐ += αW_IᵀẐ_I by at::addmm (α = 1/τ, or 2γ for rbf). Memory: 2–4 B × N panels.
-//   levels > 1 (KERNELS.md §3): P, Q materialized (the row kernel turns the N×N Gram matrices into P, Q in
+//   levels > 1 (docs/kernels.md §3): P, Q materialized (the row kernel turns the N×N Gram matrices into P, Q in
 //     place and writes W_1), powers by at::mm, level_div_kernel (fused divergence epilogue: row losses and
 //     G_l = ∂D_l/∂power in one pass), the margin gate on the device (finalize_levels_kernel, no host sync),
 //     adjoint products by at::addmm, softmax_bwd_kernel (softmax Jacobian + c_1W_1, rbf: ∘S), chain GEMMs.

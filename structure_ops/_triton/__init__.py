@@ -1,7 +1,7 @@
 """The Triton backend: fused, memory-bounded kernels for structure_loss, clip_loss and knn.
 
 Modules (each kernel states its math at the top):
-  _common.py        precision policy (KERNELS.md §6), block-size helpers, interpreter detection
+  _common.py        precision policy (docs/kernels.md §6), block-size helpers, interpreter detection
   structure.py      structure_loss host entry: level 1 by row panels (pass a) or flash tiles (pass b),
                     levels > 1 by materialized powers with a fused divergence epilogue
   structure_flash.py  level 1, pass (b): fully fused tiles, online log-sum-exp, O(N) saved state

@@ -15,7 +15,7 @@ _PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision for inputs of ``dtype`` (KERNELS.md §6).
+    """tl.dot input precision for inputs of ``dtype`` (docs/kernels.md §6).
 
     fp32 follows torch.get_float32_matmul_precision(): "highest" → IEEE fp32, "high"/"medium" → TF32
     (Triton has no bf16 mode for fp32 operands; "medium" allows TF32). bf16/fp16 use tensor cores with
@@ -91,7 +91,7 @@ def log1p(x):
 
 @triton.jit
 def level1_terms(a, b, eps, ln2, JS: tl.constexpr):
-    # The level-1 divergence, elementwise, from log-probabilities a = log P, b = log Q (KERNELS.md §1).
+    # The level-1 divergence, elementwise, from log-probabilities a = log P, b = log Q (docs/kernels.md §1).
     # Returns P, Q, term, Q∘g, P∘g_o with g = ∂term/∂Q, g_o = ∂term/∂P up to additive constants (they cancel in
     # g − ḡ because Σ_j Q_ij = 1). ``eps`` and ``ln2`` come in the compute dtype (a float literal would be fp32).
     p = tl.exp(a)

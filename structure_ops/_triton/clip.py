@@ -1,4 +1,4 @@
-r"""Symmetric InfoNCE (CLIP) loss, both directions in one op, as Triton kernels (KERNELS.md §4).
+r"""Symmetric InfoNCE (CLIP) loss, both directions in one op, as Triton kernels (docs/kernels.md §4).
 
 Same semantics and return conventions as the C++ ops ``structure_ops::clip_fwd`` / ``clip_bwd``
 (csrc/cpu/clip_cpu.cpp); the inputs are already L2-normalized by the caller and ``logit_scale`` is the
@@ -35,7 +35,7 @@ needs a cross-program reduction of dB (atomics: not deterministic) or an N × d 
 bitwise deterministic with O(N) extra memory (2N lse + the O(N²/BM) column partial buffer of the
 forward; the backward keeps only per-row-block ds partials).
 
-Precision (KERNELS.md §6): fp32 tiles use tl.dot(input_precision=dot_precision(fp32)) ("ieee" for
+Precision (docs/kernels.md §6): fp32 tiles use tl.dot(input_precision=dot_precision(fp32)) ("ieee" for
 torch's "highest", TF32 otherwise); bf16/fp16 use tensor cores with fp32 accumulation; fp64 uses fp64
 dots (DMMA on sm_80/sm_90). Log-sum-exp and softmax math run in fp32 (fp64 for fp64 inputs). In the
 backward the bracket E = e^{L−r} + e^{L−c} − 2δ ∈ [−2, 2] is cast to the input dtype for the second

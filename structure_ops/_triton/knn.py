@@ -1,4 +1,4 @@
-r"""k nearest neighbours by inner product, streamed top-k in Triton (KERNELS.md §5).
+r"""k nearest neighbours by inner product, streamed top-k in Triton (docs/kernels.md §5).
 
 Same semantics as the C++ op ``structure_ops::knn`` (csrc/cpu/knn_cpu.cpp) and the oracle
 ``structure_ops.reference.knn``: for every row i, the k columns j ≠ i with the largest (A Aᵀ)_ij, best
@@ -31,7 +31,7 @@ ascending — no stable sort needed. NaN becomes −inf before packing; −0.0 b
 and the padding columns get INT64_MIN, below every real key (o(v) > −2³¹ for every non-NaN v), and
 since k ≤ N − 1 they are never selected.
 
-Precision (KERNELS.md §6): the similarities are what the C++ op computes (an fp32 GEMM of the inputs
+Precision (docs/kernels.md §6): the similarities are what the C++ op computes (an fp32 GEMM of the inputs
 upcast to fp32) up to the summation order: bf16/fp16 products are exact in fp32 and accumulated in fp32
 on tensor cores; fp32 inputs follow torch.get_float32_matmul_precision() (TF32 for "high"/"medium",
 which can reorder near-ties compared with the C++ op; "highest" gives IEEE fp32).

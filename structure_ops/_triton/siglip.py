@@ -31,7 +31,7 @@ dA and dB from one tile: that needs a cross-program reduction of dB (atomics, no
 N × d partial per row block. GEMM FLOPs, C = ⌈d / BLOCK_DO⌉ output chunks (C = 1 for d ≤ 256, 2 at
 d = 512): with gradients (4C + 4) M N d (8 N² d for C = 1), loss only 2 M N d.
 
-Precision (KERNELS.md §6): fp32 tiles use tl.dot(input_precision=dot_precision(fp32)); bf16/fp16 use
+Precision (docs/kernels.md §6): fp32 tiles use tl.dot(input_precision=dot_precision(fp32)); bf16/fp16 use
 tensor cores with fp32 accumulation; fp64 uses fp64 dots. The epilogue runs in fp32 (fp64 for fp64
 inputs). In the gradient GEMM the factor N·w = ±σ ∈ [−1, 1] is cast to the operand dtype and s/N is
 applied to the fp32 accumulator afterwards (no 1/N-sized value is rounded to fp16).

@@ -12,7 +12,7 @@ the same thing, option codes as in structure_ops/_options.py):
       "js":        term = ½ [O log(O/M) + A log(A/M)],  M = (O + A)/2 (level 1 from log-probabilities)
     R_S = (1/L) Σ_l w_l · relu(D_l − margin),  w_l = 1 ("none") or 1/l ("inverse")
 
-Gradient (KERNELS.md §1, §3), computed in the forward call (the loss is a scalar: backward only scales it):
+Gradient (docs/kernels.md §1, §3), computed in the forward call (the loss is a scalar: backward only scales it):
     level 1:  g = ∂term/∂Q, ḡ_i = Σ_j Q_ij g_ij, dS^Z = W = Q∘(g − ḡ)/N     (dS^X: same with P, ∂term/∂P)
     levels:   adj(A_L) = c_L G_L,  adj(A_{l−1}) = c_{l−1} G_{l−1} + adj(A_l) Qᵀ,  adj(Q) += A_{l−1}ᵀ adj(A_l),
               G_l = ∂D_l/∂A_l, c_l = w_l/L when the margin gate is open (else 0);
@@ -20,11 +20,11 @@ Gradient (KERNELS.md §1, §3), computed in the forward call (the loss is a scal
     chain:    cosine dẐ = (dS + dSᵀ) Ẑ / τ;   rbf K = S∘dS, dẐ = 2γ [(K + Kᵀ) Ẑ − (K·1 + Kᵀ·1)∘Ẑ]
 
 Pass structures:
-  level 1, mode "rows" (KERNELS.md §2a): row panels I of B rows (B from the panel budget): the Gram panels
+  level 1, mode "rows" (docs/kernels.md §2a): row panels I of B rows (B from the panel budget): the Gram panels
     X̂_I X̂ᵀ, Ẑ_I Ẑᵀ by torch GEMMs, then ONE fused Triton row kernel (``_l1_rows_kernel``) per panel → ℓ_i and W_I
     (rbf: S∘W_I and its row sums), then GEMMs dẐ_I += W_I Ẑ/τ, dẐ += W_Iᵀ Ẑ_I/τ. Memory: 2–4 B × N panels.
-  level 1, mode "flash" (KERNELS.md §2b): structure_flash.structure_level1_flash (O(N) memory); margin on top.
-  levels > 1 (KERNELS.md §3): the level-1 row kernel also writes P, Q (and W_1) into N × N buffers; powers by one
+  level 1, mode "flash" (docs/kernels.md §2b): structure_flash.structure_level1_flash (O(N) memory); margin on top.
+  levels > 1 (docs/kernels.md §3): the level-1 row kernel also writes P, Q (and W_1) into N × N buffers; powers by one
     torch GEMM per level and side; ``_level_div_kernel`` is the fused divergence epilogue of each level (row
     losses and G_l in one pass); the adjoint products by torch GEMMs; ``_softmax_bwd_kernel`` applies the softmax
     Jacobian, adds c_1 W_1 and (rbf) multiplies by S.

@@ -1,4 +1,4 @@
-r"""STRUCTURE level 1, pass structure (b) of KERNELS.md §2: flash-style fused tiles, O(N) saved state.
+r"""STRUCTURE level 1, pass structure (b) of docs/kernels.md §2: flash-style fused tiles, O(N) saved state.
 
 Math (X̂ = xh: N × d_x, Ẑ = zh: N × d_z, both already normalized and centered):
 
@@ -8,7 +8,7 @@ Math (X̂ = xh: N × d_x, Ẑ = zh: N × d_z, both already normalized and center
       "structure": term = ¼ (P̃ + Q̃) log1p((P̃ − Q̃)² / (4 P̃ Q̃)),  P̃ = P + ε, Q̃ = Q + ε
       "js":        term = ½ [P log(P/M) + Q log(Q/M)],  log(Q/M) = ln2 − softplus(a − b)   (no ε)
 
-Gradient (KERNELS.md §1), the loss being a scalar it is computed in the same call:
+Gradient (docs/kernels.md §1), the loss being a scalar it is computed in the same call:
 
     Q∘g: "structure" ¼ Q T − ¼ P̃ (Q/Q̃),   T = log1p(...);   "js" ½ Q log(Q/M)
     ḡ_i = Σ_j Q_ij g_ij,   W = Q∘(g − ḡ)/N
@@ -37,7 +37,7 @@ FLOP model (GEMM FLOPs; see ``flash_flops``), n_c = ⌈max(d of the requested gr
 
     A: 2N²(d_x + d_z)    B: 2N²(d_x + d_z)    C: n_c · 2N²(d_x + d_z) + 2N²(d_z [grad_z] + d_x [grad_x])
 
-  = 14 N² d for d_x = d_z = d ≤ BLOCK_D with grad_z only (KERNELS.md §2b); 4N²d without gradients. A wider d
+  = 14 N² d for d_x = d_z = d ≤ BLOCK_D with grad_z only (docs/kernels.md §2b); 4N²d without gradients. A wider d
   recomputes the S tiles once per feature chunk (n_c > 1): for d ≥ 512 the row-panel pass (a) is usually cheaper.
   Special functions per (i, j) entry: A 1 exp per side; B 2 exp + 1 log (+1 exp for js) and 2–3 divisions;
   C twice B's; rbf adds 1 exp per side and pass for the kernel value.
@@ -441,7 +441,7 @@ def structure_level1_flash(
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Level-1 STRUCTURE core divergence and its gradients, flash-style (KERNELS.md §2b), O(N) extra memory.
+    r"""Level-1 STRUCTURE core divergence and its gradients, flash-style (docs/kernels.md §2b), O(N) extra memory.
 
     D = (1/N) Σ_ij term(P_ij, Q_ij) with P = softmax_rows(S(X̂)), Q = softmax_rows(S(Ẑ)) — no margin, no level
     weighting (the caller applies both). Equivalent to ``structure_ops.reference.structure_core(xh, zh, levels=1,

@@ -3,7 +3,7 @@
 An encoder maps a batch of inputs (captions, or images as paths / PIL images) to a list of pooled (B, d)
 tensors, one per layer, named by ``layer_names``. Everything runs under ``torch.inference_mode``.
 
-Pooling (SPEC.md §4): ``cls`` (token 0; DINOv2/ViT), ``mean`` (attention-masked mean over tokens;
+Pooling (docs/spec.md §4): ``cls`` (token 0; DINOv2/ViT), ``mean`` (attention-masked mean over tokens;
 sentence-transformers), ``last`` (the last non-padding token). Hooked CNN blocks are averaged over space.
 """
 

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC.md §5): zero-shot classification and image↔text retrieval on aligned embeddings.
+"""Evaluation (docs/spec.md §5): zero-shot classification and image↔text retrieval on aligned embeddings.
 
 Zero-shot: class embedding = mean over prompt templates of the normalized aligned text embeddings,
 renormalized; logits = 100·cos(image, class); top-1 / top-5 accuracy.

@@ -1,4 +1,4 @@
-"""Alignment heads (SPEC.md §4): linear, and the residual low-rank MLP.
+"""Alignment heads (docs/spec.md §4): linear, and the residual low-rank MLP.
 
 MLP head: z = P x + α · W₂ Dropout(GELU(W₁ x)), P orthogonal (no bias), W₁ of rank ``rank``, W₂ zero-initialised,
 α = sigmoid(gate logit).

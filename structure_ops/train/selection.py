@@ -1,4 +1,4 @@
-"""Layer selection (SPEC.md §3): score every (vision layer, text layer) pair, pick the best or the last.
+"""Layer selection (docs/spec.md §3): score every (vision layer, text layer) pair, pick the best or the last.
 
 Mutual kNN: each layer's kNN lists are computed once (``structure_ops.knn``, streamed top-k, ties to the
 lower index) and every pair only intersects two (n, k) index tables, so the cost is (L_v + L_t) top-k passes
@@ -147,7 +147,7 @@ def _score(image_feats, text_feats, ia, ta, rows, metric, k, backend):
     else:
         kk = None
         unbiased = metric == "cka_unbiased"
-        # Rows are L2-normalized first, as for mutual kNN (SPEC.md §3).
+        # Rows are L2-normalized first, as for mutual kNN (docs/spec.md §3).
         txt = [F.normalize(text_feats[b][rows].double(), dim=1) for b in ta]
         for i, a in enumerate(ia):
             xa = F.normalize(image_feats[a][rows].double(), dim=1)

@@ -1,4 +1,4 @@
-"""Training of the two alignment heads with CLIP + λ·STRUCTURE (SPEC.md §2, §4).
+"""Training of the two alignment heads with CLIP + λ·STRUCTURE (docs/spec.md §2, §4).
 
 AdamW (β = 0.9, 0.95), cosine learning-rate schedule, grad-norm clipping per head, early stopping on the
 validation loss (the full objective at λ, i.e. after warm-up, so that the λ ramp does not look like a
@@ -272,7 +272,7 @@ class Trainer:
 
     def lr_range_test(self, steps: int = 100, lr_min: float = 1e-7, lr_max: float = 10.0,
                       smoothing: float = 0.98) -> tuple[float, list[tuple[float, float]]]:
-        """Leslie Smith's test (SPEC.md §4): the LR at the steepest descent of the smoothed loss, divided by 5.
+        """Leslie Smith's test (docs/spec.md §4): the LR at the steepest descent of the smoothed loss, divided by 5.
 
         Runs on throw-away heads under a forked RNG, so the training that follows is unaffected.
         """
