@@ -11,7 +11,7 @@ from torch import nn
 from . import functional as F_
 from ._backends import check_name as check_backend_name
 
-__all__ = ["StructureLoss", "ClipLoss", "StructureClipLoss", "StructureClipOutput"]
+__all__ = ["StructureLoss", "ClipLoss", "StructureClipLoss", "StructureClipOutput", "SigLipLoss", "StructureSigLipLoss"]
 
 
 class StructureLoss(nn.Module):
@@ -160,3 +160,82 @@ class StructureClipLoss(nn.Module):
         r_txt = self.structure(xt, bt)
         structure = 0.5 * (r_img + r_txt)
         return StructureClipOutput(clip + lam_t * structure, clip, structure, r_img, r_txt, lam_t)
+
+
+class SigLipLoss(nn.Module):
+    """Pairwise sigmoid loss (SigLIP) with a learnable scale and bias, initialized as in the SigLIP paper.
+
+    Args:
+        init_logit_scale: initial t' (s = exp(t')); log 10 in the paper.
+        init_logit_bias: initial bias b; −10 in the paper.
+        learnable: hold t' and b as parameters (default) or as fixed float64 buffers.
+        normalize: L2-normalize rows. backend: see :func:`structure_ops.siglip_loss`.
+    ``forward(image, text, logit_scale=None, logit_bias=None)``: explicit values (the multiplier s and β) override.
+    """
+
+    def __init__(
+        self,
+        init_logit_scale: float = math.log(10.0),
+        init_logit_bias: float = -10.0,
+        *,
+        learnable: bool = True,
+        normalize: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        check_backend_name(backend)
+        t = torch.tensor(F_._check_number("init_logit_scale", init_logit_scale), dtype=torch.float64)
+        b = torch.tensor(F_._check_number("init_logit_bias", init_logit_bias), dtype=torch.float64)
+        if learnable:
+            self.log_logit_scale = nn.Parameter(t.float())
+            self.logit_bias = nn.Parameter(b.float())
+        else:  # float64, so that float64 inputs see the values to full precision (the loss casts them)
+            self.register_buffer("log_logit_scale", t)
+            self.register_buffer("logit_bias", b)
+        self.normalize, self.backend = normalize, backend
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_logit_scale.exp()
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        logit_scale: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        scale = self.logit_scale if logit_scale is None else logit_scale
+        bias = self.logit_bias if logit_bias is None else logit_bias
+        return F_.siglip_loss(image, text, scale, bias, normalize=self.normalize, backend=self.backend)
+
+
+class StructureSigLipLoss(StructureClipLoss):
+    r"""SigLIP + STRUCTURE: L = L_siglip + λ_t · ½ [R_S(X_img, a) + R_S(X_txt, b)], with the warm-up, the
+    extra unimodal rows and the output of :class:`StructureClipLoss` (whose code it runs: only the contrastive
+    term differs). The ``clip`` member is a :class:`SigLipLoss` and the output's ``clip`` field holds L_siglip.
+
+    Args:
+        lam, warmup, structure_use_only_unimodal, backend, **structure_options: as StructureClipLoss.
+        init_logit_scale, init_logit_bias, learnable: of the :class:`SigLipLoss` (t' = log 10, b = −10, learned).
+        structure_temperature: τ of R_S (0.05, the paper's value; SigLIP's scale is not a temperature to tie to).
+    """
+
+    def __init__(
+        self,
+        lam: float = 10.0,
+        warmup: int = 1000,
+        *,
+        init_logit_scale: float = math.log(10.0),
+        init_logit_bias: float = -10.0,
+        learnable: bool = True,
+        structure_temperature: float = 0.05,
+        structure_use_only_unimodal: bool = False,
+        backend: str = "auto",
+        **structure_options,
+    ) -> None:
+        super().__init__(
+            lam, warmup, temperature=structure_temperature, structure_temperature=structure_temperature,
+            structure_use_only_unimodal=structure_use_only_unimodal, backend=backend, **structure_options,
+        )  # fmt: skip
+        self.clip = SigLipLoss(init_logit_scale, init_logit_bias, learnable=learnable, backend=backend)
