@@ -691,6 +691,8 @@ def cost(op: str, impl: str, n: int, dims: dict, mode: str = "fwd+bwd", dtype: s
         phases, info, notes = _siglip(n, dims, mode, dtype, precision, impl, design, sms, panel_mb)
     else:
         raise ValueError(f"no roofline model for op {op!r}")
+    if "gemm_class" not in info:
+        info["gemm_class"] = next((p.gemm_class for p in phases if p.gemm_flops), None)
     return Cost(op, impl, design, phases, notes, info)
 
 

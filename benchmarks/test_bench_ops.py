@@ -20,6 +20,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _harness as H  # noqa: E402
+import roofline  # noqa: E402
 
 pytest.importorskip("pytest_benchmark")
 torch = pytest.importorskip("torch")
@@ -84,6 +85,10 @@ def test_op(benchmark, op: str, provider: str, mode: str) -> None:
     flops = H.OPS[op].flops(N, dims, mode, params)
     benchmark.group = f"{op} {mode} N={N} " + " ".join(f"{k}={v}" for k, v in dims.items())
     benchmark.extra_info.update(op=op, provider=provider, mode=mode, N=N, dims=dims, flops=flops)
+    # the kernel's roofline model (benchmarks/roofline.py): FLOPs incl. recomputation, exp/log ops, memory bytes
+    model = roofline.annotate({"op": op, "provider": provider, "mode": mode, "N": N, "dims": dims,
+                               "dtype": "float32", "params": params}, None)  # fmt: skip
+    benchmark.extra_info.update({k: v for k, v in model.items() if k.startswith(("model_", "roofline_"))})
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
     if benchmark.stats is not None:
         benchmark.extra_info["gflops_median"] = flops / benchmark.stats.stats.median / 1e9

@@ -395,3 +395,20 @@ def test_compare_runs_ratios(tmp_path):
     _write_run(tmp_path, "after_", {"cpu": 3.0, "reference": 2.0})  # cpu 3x slower on the same machine
     bad = subprocess.run([sys.executable, script, str(tmp_path), "--fail-above", "1.2"], capture_output=True, text=True)
     assert bad.returncode == 1, bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("op", ["structure", "clip", "knn"])
+def test_annotate_gpu_suite_records(op):
+    # gpu_suite's records carry provider, dtype, mode, N; op, dims and params come from the sweep (knn gets the
+    # structure params there, so k falls back to "rice")
+    dims = {"structure": RL.STRUCT_DIMS, "clip": RL.CLIP_DIMS, "knn": RL.KNN_DIMS}[op]
+    mode = "fwd" if op == "knn" else "fwd+bwd"
+    providers = ["reference", "compile_reference", "cuda", "triton_rows"] + (
+        ["chunked", "triton_flash"] if op == "structure" else ["inf_cl"] if op == "clip" else []
+    )
+    for prov in providers:
+        for dtype in ("float32", "bfloat16"):
+            rec = {"provider": prov, "dtype": dtype, "mode": mode, "N": 16384, "median_s": 0.05}
+            RL.annotate(rec, RL.H200, op=op, dims=dims, params={"levels": 1, "temperature": 0.05}, precision="high")
+            assert "roofline_error" not in rec, rec
+            assert rec["bound_s"] > 0 and rec["fraction_of_bound"] == pytest.approx(rec["bound_s"] / 0.05)
