@@ -195,6 +195,14 @@ def test_level1_rows_closed_form_and_harness_flop_model():
                 assert RL.cost("structure", impl, n, dims, mode, "float32").gemm_flops == want
             assert H.OPS["structure"].flops(n, dims, mode, {"levels": 1}) == want
         assert H.OPS["clip"].flops(n, {"d": 512}, "fwd+bwd", {}) == RL.cost("clip", "cpu", n, {"d": 512}).gemm_flops
+    # levels > 1: the backends run exactly the reference's products (powers, adjoints), counted above for "ideal"
+    for levels in (2, 3):
+        for mode in ("fwd", "fwd+bwd"):
+            p = {"levels": levels}
+            want = RL.cost("structure", "ideal", 4096, RL.STRUCT_DIMS, mode, params=p).gemm_flops
+            assert want == H.OPS["structure"].flops(4096, RL.STRUCT_DIMS, mode, p)
+            for impl in ("cpu", "cuda", "triton_rows"):
+                assert RL.cost("structure", impl, 4096, RL.STRUCT_DIMS, mode, params=p).gemm_flops == want, impl
 
 
 # ---------------------------------------------------------------------------------------------------
