@@ -61,6 +61,9 @@ __all__ = [
     "StructureLoss",
     "ClipLoss",
     "StructureClipLoss",
+    "siglip_loss",
+    "SigLipLoss",
+    "StructureSigLipLoss",
 ]
 
 GRAD_MODES = ("ddp", "exact")
@@ -195,8 +198,7 @@ def _rows_logits(u: torch.Tensor, start: int, stop: int, similarity: str, temper
     gram = u[start:stop] @ u.T
     if similarity == "cosine":
         return gram / temperature
-    sq = (u * u).sum(dim=1)
-    return torch.exp(-gamma * (sq[start:stop, None] + sq[None, :] - 2.0 * gram))
+    return torch.exp(-gamma * _reference.rbf_sq_dist(u, gram, start))
 
 
 def _rows_partial_torch(xh, zh, start, stop, *, temperature, similarity, gamma, divergence, eps):
@@ -385,4 +387,113 @@ class StructureClipLoss(M.StructureClipLoss):
         # Same members, same parameter names (checkpoints are interchangeable), sharded forwards.
         group = dict(process_group=process_group, grad_mode=grad_mode)
         self.clip = ClipLoss(temperature, learnable=learnable_temperature, backend=backend, **group)
+        self.structure = StructureLoss(**group, **self.structure.options)
+
+
+# ---------------------------------------------------------------------------------------------------
+# SigLIP: rank r computes its image rows against all N gathered texts (only the texts are gathered: every
+# pair (i, j) with i in shard r is in exactly one rank's panel), partial_r = (1/N) Σ_{i in r} Σ_j term_ij.
+# The compiled backends run the fused op on the n_r × N panel (row_offset = start_r); the reference backend
+# materializes it in plain PyTorch. Same gradient contract as clip_loss.
+# ---------------------------------------------------------------------------------------------------
+def _siglip_partial_torch(image, tg, scale, bias, start: int, n: int) -> torch.Tensor:
+    """(1/N) Σ_{i, j} −log σ(y_ij z_ij) for the image rows [start, start + m) of the global batch (plain PyTorch)."""
+    cdt = _reference.compute_dtype(image.dtype)
+    image, tg, scale, bias = image.to(cdt), tg.to(cdt), scale.to(cdt), bias.to(cdt)
+    rows = torch.arange(image.shape[0], device=image.device)[:, None] + start
+    cols = torch.arange(n, device=image.device)[None, :]
+    labels = 2.0 * (rows == cols).to(cdt) - 1.0
+    return -F.logsigmoid(labels * (scale * image @ tg.T + bias)).sum() / n
+
+
+def siglip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    *,
+    group=None,
+    normalize: bool = True,
+    grad_mode: str = "ddp",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SigLIP loss of :func:`structure_ops.siglip_loss` on the global batch (normalized by the global N);
+    image, text are this rank's rows (row i of each is a pair); ``logit_scale`` and ``logit_bias`` must be
+    the same on every rank. Each rank runs the fused op of ``backend`` on its n_r × N panel against the
+    gathered texts. Returns the same 0-dim value on every rank; ``grad_mode`` as for :func:`clip_loss`.
+    (open_clip's SigLipLoss instead returns a per-rank loss normalized by the local batch size: for equal
+    shards its mean over ranks equals this value.)
+    """
+    k = world_size(group)
+    if k == 1:
+        _grad_scale(grad_mode, 1)
+        return F_.siglip_loss(image, text, logit_scale, logit_bias, normalize=normalize, backend=backend)
+    error = None
+    try:
+        F_._check_pair("image", image, "text", text, min_rows=0, same_width=True)
+        scale = F_._clip_scale(logit_scale, image, normalize).reshape(())
+        bias = F_._clip_scale(logit_bias, image, normalize, name="logit_bias").reshape(())
+        _backends.check_name(backend)
+        c = _grad_scale(grad_mode, k)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    sizes = _exchange("siglip_loss", group, {"image": image, "text": text}, error, (normalize, grad_mode, backend))
+    if normalize:  # row-local: normalize before gathering
+        image = _reference.normalize_rows(image)
+        text = _reference.normalize_rows(text)
+    tg = _gather(text, sizes, group)
+    rank = dist.get_rank(group)
+    start, n = sum(sizes[:rank]), sum(sizes)
+    name = _backends.select("siglip_loss", backend, (image, tg))
+    if name == "reference":
+        partial = _siglip_partial_torch(image, tg, scale, bias, start, n).to(image.dtype)
+    else:
+        partial = F_._siglip_call(name, image, tg, scale, bias, start)
+    total = partial.detach().clone()
+    dist.all_reduce(total, group=group)
+    return _with_grad(total, partial * c)
+
+
+class SigLipLoss(M.SigLipLoss):
+    """:class:`structure_ops.SigLipLoss` over a process group: ``forward(image, text, logit_scale=None,
+    logit_bias=None)`` with this rank's rows. Its scale and bias are replicated parameters: under the "ddp"
+    contract wrap it (or a model containing it) in DDP so their gradients are averaged."""
+
+    def __init__(self, *args, process_group=None, grad_mode: str = "ddp", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _grad_scale(grad_mode, 1)
+        self.process_group, self.grad_mode = process_group, grad_mode
+
+    def forward(self, image, text, logit_scale=None, logit_bias=None) -> torch.Tensor:
+        scale = self.logit_scale if logit_scale is None else logit_scale
+        bias = self.logit_bias if logit_bias is None else logit_bias
+        return siglip_loss(
+            image, text, scale, bias, group=self.process_group, normalize=self.normalize, grad_mode=self.grad_mode,
+            backend=self.backend,
+        )  # fmt: skip
+
+
+class StructureSigLipLoss(M.StructureSigLipLoss):
+    """:class:`structure_ops.StructureSigLipLoss` over a process group; same arguments plus ``process_group``
+    and ``grad_mode`` (see :class:`StructureClipLoss` here for the extra rows and the replicated parameters)."""
+
+    def __init__(
+        self,
+        lam: float = 10.0,
+        warmup: int = 1000,
+        *,
+        process_group=None,
+        grad_mode: str = "ddp",
+        init_logit_scale: float = math.log(10.0),
+        init_logit_bias: float = -10.0,
+        learnable: bool = True,
+        backend: str = "auto",
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            lam, warmup, init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias, learnable=learnable,
+            backend=backend, **kwargs,
+        )  # fmt: skip
+        group = dict(process_group=process_group, grad_mode=grad_mode)
+        self.clip = SigLipLoss(init_logit_scale, init_logit_bias, learnable=learnable, backend=backend, **group)
         self.structure = StructureLoss(**group, **self.structure.options)
