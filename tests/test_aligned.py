@@ -27,6 +27,7 @@ from structure_ops.train.features import load_features  # noqa: E402
 from structure_ops.train.trainer import embed  # noqa: E402
 
 TEMPLATES = ["a {c}.", "the digit {c}."]
+TRAIN = ["--layers", "layer1,layer1", "--head", "mlp", "--dim", "8", "--epochs", "4", "--lr", "1e-2", "--warmup", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +62,13 @@ def trained(tmp_path_factory):
         im.save(root / "zs" / D.DIGIT_NAMES[lab] / f"{i}.png")
     run = root / "run"
     args = ["--template", TEMPLATES[0], "--template", TEMPLATES[1]]
-    assert cli(["extract", "--captions", str(root / "pairs.csv"), "--vision", str(vit), "--text", str(bert), "--out",
-                str(run), "--zero-shot", str(root / "zs"), *args, "--val", "8", "--test", "8"]) == 0
-    # layers that are not the last ones, so a wrong layer index would show
-    assert cli(["train", "--run", str(run), "--layers", "layer1,layer1", "--head", "mlp", "--dim", "8", "--epochs", "4",
-                "--lr", "1e-2", "--warmup", "1"]) == 0
-    assert cli(["evaluate", "--run", str(run)]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STRUCTURE_OPS_CACHE", str(root / "cache"))  # not the user's cache folder
+        assert cli(["extract", "--captions", str(root / "pairs.csv"), "--vision", str(vit), "--text", str(bert),
+                    "--out", str(run), "--zero-shot", str(root / "zs"), *args, "--val", "8", "--test", "8"]) == 0
+        # layers that are not the last ones, so a wrong layer index would show
+        assert cli(["train", "--run", str(run), *TRAIN]) == 0
+        assert cli(["evaluate", "--run", str(run)]) == 0
     return root, run
 
 
@@ -243,3 +245,19 @@ def test_bad_templates_and_inputs(trained, tmp_path, capsys):
         model.encode_text([])
     with pytest.raises(FileNotFoundError, match="no trained heads named 'other'"):
         AlignedModel.from_run(run, "other")
+
+
+def test_named_runs(trained, tmp_path):
+    _, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    first = AlignedModel.from_run(copy)
+    assert cli(["train", "--run", str(copy), *TRAIN, "--name", "second", "--seed", "1"]) == 0
+    with pytest.raises(ValueError, match="--name"):
+        AlignedModel.from_run(copy)  # two training runs: which one must be said
+    second = AlignedModel.from_run(copy, "second")
+    again = AlignedModel.from_run(copy, first.meta["name"])
+    assert second.meta["name"] == "second" and again.meta["name"] == first.meta["name"]
+    texts = ["a bold seven.", "a zero."]
+    torch.testing.assert_close(again.encode_text(texts), first.encode_text(texts))
+    assert (second.encode_text(texts) - first.encode_text(texts)).abs().max() > 1e-4  # another seed, other heads

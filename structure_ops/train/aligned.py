@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import string
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -183,23 +182,15 @@ def encoder_from_description(description: dict, *, base: str | os.PathLike | Non
 # ---------------------------------------------------------------------------------------------------------
 # where a run keeps its trained heads
 def find_heads(run: str | os.PathLike, name: str | None = None) -> Path:
-    """The heads file of training run ``name`` inside a run folder (the only one if ``name`` is None)."""
+    """The heads file of training run ``name`` of a run folder (``<run>/train/<name>/heads.safetensors``; with
+    ``name=None`` the only training run). Run folders written before named runs keep ``<run>/train/heads.safetensors``."""
+    from .pipeline import resolve_name, train_dir
+
     run = Path(run)
-    found = sorted(run.glob("**/heads.safetensors"))
-    if name is not None:
-        hits = [p for p in found if p.parent.name == name]
-        if len(hits) == 1:
-            return hits[0]
-        names = sorted({p.parent.name for p in found})
-        raise FileNotFoundError(f"{run}: no trained heads named {name!r}; trained: {names or 'none'}")
-    if (run / "train" / HEADS_NAME).is_file():
-        return run / "train" / HEADS_NAME
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise FileNotFoundError(f"{run}: no trained heads (run `structure-ops train --run {run}` first)")
-    raise ValueError(f"{run} holds {len(found)} trained models ({', '.join(sorted(p.parent.name for p in found))}); "
-                     "choose one with name=… (--name)")
+    legacy = run / "train" / HEADS_NAME
+    if name is None and legacy.is_file():
+        return legacy
+    return train_dir(run, resolve_name(run, name)) / HEADS_NAME
 
 
 def _read_heads(path: Path) -> tuple[dict, dict]:
@@ -255,19 +246,12 @@ class ZeroShotResult:
 
 
 def check_templates(templates) -> list[str]:
-    """Zero-shot prompt templates: each must contain ``{c}`` and no other field."""
+    """Zero-shot prompt templates (default ``a photo of a {c}.``): each must contain ``{c}`` and no other field."""
+    from .data import check_templates as check
+
     if isinstance(templates, str):
         templates = [templates]
-    out = []
-    for t in templates or DEFAULT_TEMPLATES:
-        try:
-            fields = {f for _, f, _, _ in string.Formatter().parse(t) if f is not None}
-        except ValueError as e:
-            raise ValueError(f"template {t!r} is not a format string: {e}") from None
-        if fields != {"c"}:
-            raise ValueError(f"template {t!r} must contain {{c}} (the class name) and no other field, has {sorted(fields)}")
-        out.append(t)
-    return out
+    return check(list(templates) if templates else list(DEFAULT_TEMPLATES))
 
 
 class AlignedModel:
@@ -332,8 +316,9 @@ class AlignedModel:
             encs.append(given)
         image_head, text_head = _build_heads(state, meta)
         zs = manifest.get("zero_shot") or {}
-        info = {"run": str(run.resolve()), "name": name or heads_path.parent.name, "heads": str(heads_path.resolve()),
-                "config": meta.get("config"), "best_epoch": meta.get("best_epoch"), "dataset": manifest.get("dataset")}
+        info = {"run": str(run.resolve()), "name": meta.get("name") or heads_path.parent.name,
+                "heads": str(heads_path.resolve()), "config": meta.get("config"), "best_epoch": meta.get("best_epoch"),
+                "dataset": manifest.get("dataset"), "trained_on": meta.get("provenance")}
         return cls(encs[0], encs[1], image_head, text_head, tuple(meta["layers"]), templates=zs.get("templates"),
                    meta=info, batch_size=batch_size)
 
@@ -523,7 +508,8 @@ def export_run(run: str | os.PathLike, folder: str | os.PathLike, name: str | No
         d["source"] = src
         descs[key] = d
     zs = manifest.get("zero_shot") or {}
-    provenance = {"run": str(run.resolve()), "name": name or heads_path.parent.name, "config": meta.get("config"),
-                  "best_epoch": meta.get("best_epoch"), "dataset": manifest.get("dataset")}
+    provenance = {"run": str(run.resolve()), "name": meta.get("name") or heads_path.parent.name,
+                  "config": meta.get("config"), "best_epoch": meta.get("best_epoch"), "dataset": manifest.get("dataset"),
+                  "trained_on": meta.get("provenance")}
     heads_meta = {"layers": meta["layers"], "config": meta["config"], "d_in": meta["d_in"]}
     return write_export(folder, descs, state, heads_meta, zs.get("templates"), provenance, copy_encoders=copy_encoders)
