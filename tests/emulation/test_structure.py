@@ -1,0 +1,216 @@
+"""csrc/cuda/structure_cuda.cu, emulated on the CPU (README.md), against the float64 oracle and the C++ CPU op.
+
+Every oracle case runs under one of the schedules of conftest.SCHEDULES (block and thread orders, block sizes of
+the row kernels from 32 to 1024 threads); the order tests run the same inputs under every order and require
+bitwise-equal outputs (the kernels claim determinism: no atomics, fixed reduction trees).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import level_values, opts, oracle, rel_err
+
+from .cases import (
+    L1_CASES,
+    ML_CASES,
+    STRUCTURE_TOL,
+    call,
+    check_structure,
+    force_panel_rows,
+    l1_id,
+    ml_id,
+    pick_margin,
+    prepared,
+    rows_call,
+)
+from .conftest import SCHEDULES, schedule_id
+
+TOL = STRUCTURE_TOL
+L1_PARAMS = [(c, torch.float32, SCHEDULES[i % 4]) for i, c in enumerate(L1_CASES)] + [
+    (L1_CASES[1], torch.float64, SCHEDULES[2]),
+    (L1_CASES[3], torch.float64, SCHEDULES[1]),
+]
+ML_PARAMS = [(c, torch.float64, SCHEDULES[(i + 1) % 4]) for i, c in enumerate(ML_CASES[:4])] + [
+    (ML_CASES[1], torch.float32, SCHEDULES[0]),
+    (ML_CASES[3], torch.float32, SCHEDULES[2]),
+]
+
+
+def _ids(params, idf):
+    return [f"{idf(c)}-{'f64' if d == torch.float64 else 'f32'}-{schedule_id(s)}" for c, d, s in params]
+
+
+def cpu_op():
+    return torch.ops.structure_ops.structure_fwd
+
+
+@pytest.mark.usefixtures("cpu_ext")
+class TestOracle:
+    @pytest.mark.parametrize(("case", "dtype", "sched"), L1_PARAMS, ids=_ids(L1_PARAMS, l1_id))
+    def test_level1(self, emu_structure, case, dtype, sched, monkeypatch):
+        emu = emu_structure
+        xh, zh = prepared(case["n"], case["dx"], case["dz"], dtype=dtype)
+        o, gxf = case["o"], case["grad_x"]
+        force_panel_rows(monkeypatch, 5, case["n"], gxf, True, dtype)
+        emu.reset_stats()
+        with emu.schedule(**sched):
+            check_structure(call(emu.ops.structure_fwd, xh, zh, o, gxf), oracle(xh, zh, o), TOL[dtype], xh, zh, gxf)
+            om = opts(**{**o, "margin": 0.5 * level_values(xh, zh, o)[0]})  # an active margin
+            check_structure(call(emu.ops.structure_fwd, xh, zh, om, gxf), oracle(xh, zh, om), TOL[dtype], xh, zh, gxf)
+            out = call(emu.ops.structure_fwd, xh, zh, o, False, False)  # no gradient at all
+            check_structure(out, oracle(xh, zh, o), TOL[dtype], xh, zh, False, False)
+        st = emu.stats()
+        assert st["launches"] > 0 and st["threads"] > 0  # the kernels really ran here
+        if sched["block"]:
+            bound = 512 if dtype == torch.float64 else 1024
+            assert st["overridden"] > 0 and st["max_overridden"] == min(sched["block"], bound)
+
+    @pytest.mark.parametrize(("case", "dtype", "sched"), ML_PARAMS, ids=_ids(ML_PARAMS, ml_id))
+    def test_levels(self, emu_structure, case, dtype, sched):
+        emu = emu_structure
+        xh, zh = prepared(case["n"], case["dx"], case["dz"], dtype=dtype, seed=1)
+        o = pick_margin(xh, zh, case["o"], case["margin"])
+        ref = oracle(xh, zh, o)
+        with emu.schedule(**sched):
+            gxf = case["grad_x"]
+            check_structure(call(emu.ops.structure_fwd, xh, zh, o, gxf), ref, TOL[dtype], xh, zh, gxf)
+            check_structure(call(emu.ops.structure_fwd, xh, zh, o, True, False), ref, TOL[dtype], xh, zh, True, False)
+
+    @pytest.mark.parametrize(
+        ("n", "dx", "dz", "o"),
+        [(2, 1, 1, opts(levels=2, similarity=1)), (3, 1, 4, opts(divergence=1, temperature=0.5)),
+         (33, 2, 1, opts(levels=2, weighting=1, divergence=1))],
+        ids=["n2-d1-L2-rbf", "n3-d1-js", "n33-L2-js"],
+    )  # fmt: skip
+    def test_tiny_shapes(self, emu_structure, n, dx, dz, o):
+        """N = 2, d = 1, and N = 33 (one warp + 1 row); N = 1 is refused like the CPU op."""
+        xh, zh = prepared(n, dx, dz, dtype=torch.float64, seed=5)
+        with emu_structure.schedule("shuffled", seed=3, block=64):
+            out = call(emu_structure.ops.structure_fwd, xh, zh, o)
+        check_structure(out, oracle(xh, zh, o), 1e-10, xh, zh)
+        cpu = call(cpu_op(), xh, zh, o)
+        for u, v in zip(out, cpu, strict=True):
+            assert rel_err(u, v) <= 1e-12
+        one = (torch.randn(1, dx, dtype=torch.float64), torch.randn(1, dz, dtype=torch.float64))
+        for op in (emu_structure.ops.structure_fwd, cpu_op()):
+            with pytest.raises(RuntimeError, match="at least N = 2 rows"):
+                call(op, *one, o)
+
+    @pytest.mark.parametrize("levels", [1, 3])
+    def test_margin_clips_everything(self, emu_structure, levels):
+        xh, zh = prepared(13, 5, 3, seed=2)
+        o = opts(levels=levels, weighting=1)
+        o["margin"] = 2.0 * max(level_values(xh, zh, o))
+        loss, gx, gz = call(emu_structure.ops.structure_fwd, xh, zh, o)
+        assert loss.item() == 0.0 and torch.count_nonzero(gx) == 0 and torch.count_nonzero(gz) == 0
+
+    def test_rows_fwd_matches_cpu_op(self, emu_structure, monkeypatch):
+        n = 37
+        xh, zh = prepared(n, 5, 17, dtype=torch.float64, seed=7)
+        o = opts(temperature=0.1, similarity=1, divergence=1, gamma=1.5)
+        force_panel_rows(monkeypatch, 4, n, True, True, torch.float64)
+        shards = [(0, 10), (10, 10), (10, 11), (11, n)]
+        with emu_structure.schedule("reversed", block=96):
+            parts = [rows_call(emu_structure.ops.structure_rows_fwd, xh, zh, a, b, o) for a, b in shards]
+        ref = oracle(xh, zh, o)
+        for k in range(3):
+            assert rel_err(sum(p[k] for p in parts), ref[k]) <= 1e-10
+        for (a, b), part in zip(shards, parts, strict=True):
+            cpu = rows_call(torch.ops.structure_ops.structure_rows_fwd, xh, zh, a, b, o)
+            for u, v in zip(part, cpu, strict=True):
+                assert u.dtype == v.dtype and u.shape == v.shape
+                assert (u - v).abs().max().item() <= 1e-12
+        with pytest.raises(RuntimeError, match="row_begin <= row_end <= N = 37"):
+            rows_call(emu_structure.ops.structure_rows_fwd, xh, zh, 4, 38, o)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+    def test_half_matches_cpu_op(self, emu_structure, dtype):
+        xh, zh = prepared(13, 17, 5, dtype=dtype, seed=4)
+        for o in (opts(), opts(levels=2, divergence=1, temperature=0.1), opts(similarity=1)):
+            with emu_structure.schedule("shuffled", seed=4, block=256):
+                ours = call(emu_structure.ops.structure_fwd, xh, zh, o)
+            cpu = call(cpu_op(), xh, zh, o)
+            for u, v in zip(ours, cpu, strict=True):
+                assert u.dtype == v.dtype == dtype and u.shape == v.shape
+                assert rel_err(u, v) <= 1e-2
+            check_structure(ours, oracle(xh, zh, o), 1e-2, xh, zh)
+
+    def test_host_block_sizes(self, emu_structure):
+        """N = 520 and 1100: the host itself picks 64 and 128 threads per row block (two and four warps)."""
+        for n in (520, 1100):
+            xh, zh = prepared(n, 5, 7, seed=3)
+            o = opts(temperature=0.1)
+            emu_structure.reset_stats()
+            check_structure(call(emu_structure.ops.structure_fwd, xh, zh, o, False), oracle(xh, zh, o), 2e-5, xh, zh,
+                            False)  # fmt: skip
+            blocks = emu_structure.kernel_blocks()
+            assert blocks["l1_rows_kernel"] == (64 if n == 520 else 128) and blocks["finalize_level1_kernel"] == 256
+
+    def test_non_finite_like_cpu(self, emu_structure):
+        """NaN or ±inf inputs: the NaN/inf pattern of every output equals the C++ CPU op's (no silent finite values)."""
+        xh, zh = prepared(13, 5, 3, dtype=torch.float64, seed=8)
+        for where, value in (((2, 1), float("nan")), ((4, 0), float("inf")), ((0, 2), float("-inf"))):
+            for side in ("x", "z"):
+                x, z = xh.clone(), zh.clone()
+                (x if side == "x" else z)[where] = value
+                for o in (opts(), opts(levels=2, margin=0.1), opts(similarity=1, divergence=1)):
+                    ours = call(emu_structure.ops.structure_fwd, x, z, o)
+                    cpu = call(cpu_op(), x, z, o)
+                    assert not torch.isfinite(ours[0]), (side, value, o)
+                    for u, v in zip(ours, cpu, strict=True):
+                        assert torch.equal(u.isnan(), v.isnan()) and torch.equal(u.isinf(), v.isinf()), (side, value, o)
+
+    def test_checks_and_memory_estimate(self, emu_structure, monkeypatch):
+        emu = emu_structure
+        xh, zh = prepared(13, 5, 3)
+        monkeypatch.setenv("STRUCTURE_OPS_CUDA_MEM_LIMIT_MB", "0.001")
+        with pytest.raises(RuntimeError, match=r"levels=2 materializes about 0\.00 GiB .* N=13, more than STRUCTURE_OPS"):
+            call(emu.ops.structure_fwd, xh, zh, opts(levels=2))
+        assert torch.isfinite(call(emu.ops.structure_fwd, xh, zh, opts())[0])
+        monkeypatch.delenv("STRUCTURE_OPS_CUDA_MEM_LIMIT_MB")
+        for bad, msg in (
+            (opts(levels=0), "levels must be >= 1"),
+            (opts(eps=0.0), "eps must be > 0"),
+            (opts(divergence=2), "unknown divergence code"),
+            (opts(weighting=3), "unknown weighting code"),
+        ):
+            with pytest.raises(RuntimeError, match=msg):
+                call(emu.ops.structure_fwd, xh, zh, bad)
+        with pytest.raises(RuntimeError, match="same dtype"):
+            call(emu.ops.structure_fwd, xh, zh.double(), opts())
+
+
+ORDER_CASES = [
+    (opts(), torch.float32),
+    (opts(similarity=1, divergence=1, gamma=1.5), torch.float32),
+    (opts(levels=3, weighting=1, similarity=1, divergence=1, margin=0.01), torch.float64),
+    (opts(levels=2, temperature=0.1), torch.float32),
+]
+
+
+@pytest.mark.parametrize("block", [None, 96], ids=["host", "b96"])
+@pytest.mark.parametrize(("o", "dtype"), ORDER_CASES, ids=["L1", "L1-rbf-js", "L3-rbf-js-f64", "L2"])
+def test_order_independent(emu_structure, o, dtype, block, monkeypatch):
+    """The same inputs under every block/thread order (and two shuffles) give bitwise-equal outputs."""
+    xh, zh = prepared(37, 5, 17, dtype=dtype, seed=3)
+    force_panel_rows(monkeypatch, 5, 37, True, True, dtype)
+    results = []
+    for order, seed in (("inorder", 0), ("reversed", 0), ("shuffled", 1), ("shuffled", 2)):
+        with emu_structure.schedule(order, seed=seed, block=block):
+            results.append(call(emu_structure.ops.structure_fwd, xh, zh, o))
+    for other in results[1:]:
+        for u, v in zip(results[0], other, strict=True):
+            assert torch.equal(u, v)
+    check_structure(results[0], oracle(xh, zh, o), TOL[dtype], xh, zh)
+
+
+def test_launch_bounds_enforced(emu_structure):
+    """fp64 row kernels are bounded at 512 threads: an override to 1024 is clamped (the emulation reads the
+    kernel's __launch_bounds__), and the result still matches the oracle."""
+    xh, zh = prepared(13, 5, 3, dtype=torch.float64, seed=2)
+    emu_structure.reset_stats()
+    with emu_structure.schedule("inorder", block=1024):
+        out = call(emu_structure.ops.structure_fwd, xh, zh, opts(levels=2))
+    assert emu_structure.stats()["clamped"] > 0
+    check_structure(out, oracle(xh, zh, opts(levels=2)), 1e-10, xh, zh)
