@@ -7,7 +7,8 @@ Optimized backends are tested against this module, never the other way round.
 STRUCTURE regularizer (docs/spec.md §1), per input U ∈ {X, Z}:
 
     Û = center(normalize(U))            (or normalize(center(U)) with center_first=True)
-    S = Û Ûᵀ / τ                        (cosine)   or   S_ij = exp(-γ ‖û_i - û_j‖²)   (rbf)
+    S = Û Ûᵀ / τ                        (cosine)   or   S_ij = exp(-γ ‖û_i - û_j‖²)   (rbf; the squared
+                                        distance clamped at 0, exactly 0 on the diagonal)
     P = softmax(S, dim=1),   P⁽ˡ⁾ = Pˡ
     D_l = (1/N) Σ_ij ½ M̃ (2 log M̃ - log Õ - log Ã),   Õ = O + ε, Ã = A + ε, M̃ = (Õ + Ã)/2
     R_S = (1/L) Σ_l w_l · max(D_l - margin, 0),          w_l = 1 or 1/l
@@ -128,8 +129,17 @@ def similarity(u: torch.Tensor, *, similarity: str = "cosine", temperature: floa
     gram = u @ u.T
     if similarity == "cosine":
         return gram / temperature
+    return torch.exp(-gamma * rbf_sq_dist(u, gram))
+
+
+def rbf_sq_dist(u: torch.Tensor, gram: torch.Tensor, row0: int = 0) -> torch.Tensor:
+    """‖û_i − û_j‖² = ‖û_i‖² + ‖û_j‖² − 2⟨û_i, û_j⟩ for the rows [row0, row0 + gram.shape[0]) of u against
+    all rows, clamped at 0 and exactly 0 on the diagonal: rounding leaves ~1e-7 (fp32) there, which a large
+    γ turns into exp(−γ·1e-7) ≪ 1 for the self-similarity, or, when negative, into an overflowing exp."""
     sq = (u * u).sum(dim=1)
-    return torch.exp(-gamma * (sq[:, None] + sq[None, :] - 2.0 * gram))
+    d2 = (sq[row0 : row0 + gram.shape[0], None] + sq[None, :] - 2.0 * gram).clamp_min(0.0)
+    rows = torch.arange(row0, row0 + gram.shape[0], device=u.device)[:, None]
+    return torch.where(rows == torch.arange(u.shape[0], device=u.device)[None, :], 0.0, d2)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import G, rel_err, require_cpu_extension
+from helpers import G, loss_and_grads, rel_err, require_cpu_extension
 
 import structure_ops as so
 from structure_ops import reference as R
@@ -139,3 +139,46 @@ def test_reference_half_inputs_compute_in_fp32(dtype, options):
     a, t = G(8, 4, torch.sin, 1, 0, dtype=dtype), G(8, 4, torch.cos, 1, 0, dtype=dtype)
     c = so.clip_loss(a, t, 20.0, backend="reference")
     assert c.dtype == dtype and rel_err(c, R.clip_loss(a.double(), t.double(), 20.0)) < 2 * TOL[dtype]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. rbf: squared distances clamped at 0, exactly 0 on the diagonal
+# ---------------------------------------------------------------------------------------------------
+def test_rbf_sq_dist_is_nonnegative_with_exact_zero_diagonal():
+    u = R.prepare(G(12, 7, torch.sin, 1, 1, dtype=torch.float32))
+    d2 = R.rbf_sq_dist(u, u @ u.T)
+    assert torch.equal(torch.diagonal(d2), torch.zeros(12)) and bool((d2 >= 0).all())
+    rows = R.rbf_sq_dist(u, u[3:7] @ u.T, row0=3)  # a row panel (the distributed shard)
+    assert torch.equal(rows, d2[3:7])
+    torch.testing.assert_close(d2.double(), torch.cdist(u.double(), u.double()).square(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gamma", [1e6, 1e9])
+def test_rbf_huge_gamma_separated_rows(backend, dtype, gamma):
+    # Well-separated rows: every off-diagonal kernel value underflows and P = I on both sides, so R_S = 0
+    # exactly (before the fix: ~1e-4 at γ = 1e6 in fp32 from exp(−γ·rounding) on the diagonal, NaN at 1e9).
+    x, z = G(8, 5, torch.sin, 1, 1, dtype=dtype), G(8, 4, torch.cos, 0.5, 0.3, dtype=dtype)
+    zg = z.clone().requires_grad_(True)
+    loss = so.structure_loss(x, zg, similarity="rbf", gamma=gamma, backend=_need(backend))
+    (gz,) = torch.autograd.grad(loss, zg)
+    ref = R.structure_loss(x.double(), z.double(), similarity="rbf", gamma=gamma)
+    assert ref.item() == 0.0
+    assert _finite(loss, gz) and abs(loss.item()) < 1e-30 and gz.abs().max().item() < 1e-30
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("levels", [1, 2])
+def test_rbf_huge_gamma_near_duplicate_rows_matches_oracle(backend, levels):
+    # Rows 1e-3 apart: γ = 1e6 puts γ‖û_i − û_j‖² at O(1), a non-trivial softmax (float64: the GEMM-form
+    # distance is accurate to ~1e-16 here).
+    base = G(4, 6, torch.sin, 1, 1)
+    x = base.repeat(3, 1) + 1e-3 * G(12, 6, torch.cos, 0.7, 0.2)
+    z = base[:, :5].repeat(3, 1) + 1e-3 * G(12, 5, torch.sin, 0.3, 0.9)
+    loss, _, gz = loss_and_grads(lambda a, b: so.structure_loss(a, b, similarity="rbf", gamma=1e6, levels=levels,
+                                                                backend=_need(backend)), x, z)
+    ref, _, gref = loss_and_grads(lambda a, b: R.structure_loss(a, b, similarity="rbf", gamma=1e6, levels=levels), x, z)
+    assert ref.item() > 1e-3  # the case is not degenerate
+    assert rel_err(loss, ref) < 1e-6 and rel_err(gz, gref) < 1e-6
+

@@ -74,8 +74,15 @@ void logits_row(T* row, int64_t n, const Options& o, const std::vector<T>& sq, i
   } else {
     const T g = T(o.gamma), si = sq[i];
     const T* sqp = sq.data();
+    // The squared distance is clamped at 0 (rounding makes it slightly negative for near-duplicate rows)
+    // and exactly 0 on the diagonal (rounding leaves ~1e-7 there in fp32: exp(−γ·1e-7) ≪ 1 for large γ).
+    // `d < 0 ? 0 : d` keeps a NaN distance NaN.
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) row[j] = fexp(-g * (si + sqp[j] - T(2) * row[j]));
+    for (int64_t j = 0; j < n; ++j) {
+      const T d = si + sqp[j] - T(2) * row[j];
+      row[j] = fexp(-g * (d < T(0) ? T(0) : d));
+    }
+    row[i] = T(1);
   }
 }
 

@@ -86,10 +86,12 @@ struct RowLaunch {
 // ------------------------------------------------------------------------------------------------------------
 // Logit of entry j from its Gram value g = ⟨û_i, û_j⟩: g/τ (cosine) or exp(−γ(‖û_i‖² + ‖û_j‖² − 2g)) (rbf),
 // the CPU op's formula and evaluation order.
+// rbf: the squared distance is clamped at 0 and exactly 0 on the diagonal (i == j), as on the CPU.
 template <typename T, bool RBF>
-__device__ __forceinline__ T logit(T g, T sq_i, const T* __restrict__ sq, int j, T inv_tau, T gamma) {
+__device__ __forceinline__ T logit(T g, T sq_i, const T* __restrict__ sq, int i, int j, T inv_tau, T gamma) {
   if constexpr (RBF) {
-    return exp(-gamma * (sq_i + sq[j] - T(2) * g));
+    const T d = sq_i + sq[j] - T(2) * g;
+    return i == j ? T(1) : exp(-gamma * (d < T(0) ? T(0) : d));
   } else {
     return g * inv_tau;
   }
@@ -162,16 +164,16 @@ __global__ void __launch_bounds__(RowLaunch<T>::kMaxThreads) l1_rows_kernel(cons
   // pass 1
   T mx = T(-INFINITY), lx = T(0), mz = T(-INFINITY), lz = T(0);
   for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    online_lse(mx, lx, logit<T, RBF>(gxr[j], sqxi, a.sqx, j, inv_tau, gamma));
-    online_lse(mz, lz, logit<T, RBF>(gzr[j], sqzi, a.sqz, j, inv_tau, gamma));
+    online_lse(mx, lx, logit<T, RBF>(gxr[j], sqxi, a.sqx, int(gi), j, inv_tau, gamma));
+    online_lse(mz, lz, logit<T, RBF>(gzr[j], sqzi, a.sqz, int(gi), j, inv_tau, gamma));
   }
   const T lse_x = block_lse(mx, lx), lse_z = block_lse(mz, lz);
 
   // pass 2
   T acc = T(0), gbx = T(0), gbz = T(0);
   for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    const T sx = logit<T, RBF>(gxr[j], sqxi, a.sqx, j, inv_tau, gamma);
-    const T sz = logit<T, RBF>(gzr[j], sqzi, a.sqz, j, inv_tau, gamma);
+    const T sx = logit<T, RBF>(gxr[j], sqxi, a.sqx, int(gi), j, inv_tau, gamma);
+    const T sz = logit<T, RBF>(gzr[j], sqzi, a.sqz, int(gi), j, inv_tau, gamma);
     T p, q;
     Terms<T> t;
     if constexpr (JS) {
@@ -273,7 +275,7 @@ __global__ void __launch_bounds__(RowLaunch<T>::kMaxThreads)
   for (int j = threadIdx.x; j < n; j += blockDim.x) {
     T ds = p[base + j] * (adj[base + j] - dot) + c1 * w[base + j];
     if constexpr (RBF) {
-      ds *= logit<T, true>(grow[j], sqi, sq, j, T(0), gamma);
+      ds *= logit<T, true>(grow[j], sqi, sq, int(gi), j, T(0), gamma);
       k += ds;
     }
     w[base + j] = ds;

@@ -76,7 +76,7 @@ _P_INV_TAU, _P_GAMMA, _P_EPS, _P_INV_N, _P_LN2, _P_TINY = range(6)
 
 
 @triton.jit
-def _tile_logits(g_rows, sq_ptr, sq_i, offs, cmask, mask, inv_tau, gamma, RBF: tl.constexpr):
+def _tile_logits(g_rows, sq_ptr, sq_i, offs, cmask, mask, inv_tau, gamma, RBF: tl.constexpr, gi):
     # A [BLOCK_M, BLOCK_N] tile of logits from Gram rows g_ij = ⟨û_i, û_j⟩ (g_rows: [BLOCK_M, 1] row pointers,
     # offs/cmask: [1, BLOCK_N] columns, sq_i: [BLOCK_M, 1]). Padding gets −1e30, not −inf: its probability is
     # still exactly 0 (every real row has a real logit in its first block), and padded lanes never evaluate
@@ -84,7 +84,11 @@ def _tile_logits(g_rows, sq_ptr, sq_i, offs, cmask, mask, inv_tau, gamma, RBF: t
     g = tl.load(g_rows + offs, mask=mask, other=0.0)
     if RBF:
         sq_j = tl.load(sq_ptr + offs, mask=cmask, other=0.0)
-        s = tl.exp(-gamma * (sq_i + sq_j - 2.0 * g))
+        # rbf (gi: [BLOCK_M] global rows): squared distance clamped at 0 (NaN kept), exactly 0 on the diagonal.
+        d2 = sq_i + sq_j - 2.0 * g
+        d2 = tl.where(d2 < 0.0, 0.0, d2)
+        d2 = tl.where(gi[:, None] == offs, 0.0, d2)
+        s = tl.exp(-gamma * d2)
     else:
         s = g * inv_tau
     return tl.where(mask, s, -1e30)
@@ -148,8 +152,8 @@ def _l1_rows_kernel(
         offs = start + cols
         cmask = offs < n
         mask = rmask[:, None] & cmask
-        sx = _tile_logits(gx_rows, sqx_ptr, sqx_i, offs, cmask, mask, inv_tau, gamma, RBF)
-        sz = _tile_logits(gz_rows, sqz_ptr, sqz_i, offs, cmask, mask, inv_tau, gamma, RBF)
+        sx = _tile_logits(gx_rows, sqx_ptr, sqx_i, offs, cmask, mask, inv_tau, gamma, RBF, gi)
+        sz = _tile_logits(gz_rows, sqz_ptr, sqz_i, offs, cmask, mask, inv_tau, gamma, RBF, gi)
         mx_new = tl.maximum(m_x, row_max(sx))
         mz_new = tl.maximum(m_z, row_max(sz))
         l_x = l_x * tl.exp(m_x - mx_new) + row_sum(tl.exp(sx - mx_new[:, None]))
@@ -167,8 +171,8 @@ def _l1_rows_kernel(
         offs = start + cols
         cmask = offs < n
         mask = rmask[:, None] & cmask
-        a = _tile_logits(gx_rows, sqx_ptr, sqx_i, offs, cmask, mask, inv_tau, gamma, RBF) - lse_x
-        b_ = _tile_logits(gz_rows, sqz_ptr, sqz_i, offs, cmask, mask, inv_tau, gamma, RBF) - lse_z
+        a = _tile_logits(gx_rows, sqx_ptr, sqx_i, offs, cmask, mask, inv_tau, gamma, RBF, gi) - lse_x
+        b_ = _tile_logits(gz_rows, sqz_ptr, sqz_i, offs, cmask, mask, inv_tau, gamma, RBF, gi) - lse_z
         p, q, val, qg, pg = level1_terms(a, b_, eps, ln2, JS)
         acc += row_sum(tl.where(mask, val, 0.0))
         if GRAD_Z:
@@ -196,7 +200,7 @@ def _l1_rows_kernel(
             cmask = offs < n
             mask = rmask[:, None] & cmask
             if GRAD_Z:
-                sz = _tile_logits(gz_rows, sqz_ptr, sqz_i, offs, cmask, mask, inv_tau, gamma, RBF)
+                sz = _tile_logits(gz_rows, sqz_ptr, sqz_i, offs, cmask, mask, inv_tau, gamma, RBF, gi)
                 q = tl.exp(sz - lse_z)
                 w = (tl.load(wz_rows + offs, mask=mask, other=0.0) - q * gbar_z) * inv_n
                 if RBF_K:
@@ -204,7 +208,7 @@ def _l1_rows_kernel(
                     ks_z += row_sum(w)
                 tl.store(wz_rows + offs, w, mask=mask)
             if GRAD_X:
-                sx = _tile_logits(gx_rows, sqx_ptr, sqx_i, offs, cmask, mask, inv_tau, gamma, RBF)
+                sx = _tile_logits(gx_rows, sqx_ptr, sqx_i, offs, cmask, mask, inv_tau, gamma, RBF, gi)
                 p = tl.exp(sx - lse_x)
                 w = (tl.load(wx_rows + offs, mask=mask, other=0.0) - p * gbar_x) * inv_n
                 if RBF_K:
@@ -328,7 +332,7 @@ def _softmax_bwd_kernel(
         w1 = tl.load(w_ptr + base + offs, mask=mask, other=0.0)
         ds = p * (adj - rdot) + c1 * w1
         if RBF:
-            s = _tile_logits(g_rows, sq_ptr, sq_i, offs, cmask, mask, inv_tau, gamma, RBF)
+            s = _tile_logits(g_rows, sq_ptr, sq_i, offs, cmask, mask, inv_tau, gamma, RBF, gi)
             ds = tl.where(mask, s * ds, 0.0)
             ks += row_sum(ds)
         tl.store(w_ptr + base + offs, ds, mask=mask)

@@ -114,7 +114,11 @@ def _logits_tile(
     if SIM == 0:
         s = acc * scale
     else:
-        s = tl.exp(-gamma * (sq_i[:, None] + sq_j[None, :] - 2.0 * acc))
+        # squared distance clamped at 0 (NaN kept) and exactly 0 on the diagonal, as the other backends
+        d2 = sq_i[:, None] + sq_j[None, :] - 2.0 * acc
+        d2 = tl.where(d2 < 0.0, 0.0, d2)
+        d2 = tl.where(rows_i[:, None] == rows_j[None, :], 0.0, d2)
+        s = tl.exp(-gamma * d2)
     return s
 
 
