@@ -81,14 +81,18 @@ def render(rows: list[dict]) -> str:
             f"| {r['op']} | {r['provider']} | {r['mode']} | {r['N']} | {dims} | {r['threads']} | "
             f"{r['before_s'] * 1e3:.1f} ms | {r['after_s'] * 1e3:.1f} ms | {r['ratio']:.2f}{' *' if r['noisy'] else ''} | {norm} |"
         )
-    out += ["", "| op | provider | points | geomean after / before | geomean normalized |", "|---|---|--:|--:|--:|"]
+    out += [
+        "",
+        "| op | provider | threads | points | geomean after / before | geomean normalized |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["op"], r["provider"]), []).append(r)
-    for (op, prov), rs in sorted(groups.items()):
+        groups.setdefault((r["op"], r["provider"], r["threads"] or 0), []).append(r)
+    for (op, prov, threads), rs in sorted(groups.items()):
         g = _gmean([r["ratio"] for r in rs])
         gn = _gmean([r["normalized"] for r in rs if r["normalized"]])
-        out.append(f"| {op} | {prov} | {len(rs)} | {g:.2f} | {'–' if gn is None else f'{gn:.2f}'} |")
+        out.append(f"| {op} | {prov} | {threads} | {len(rs)} | {g:.2f} | {'–' if gn is None else f'{gn:.2f}'} |")
     if any(r["noisy"] for r in rows):
         out.append("\n\\* other processes kept > 0.2 cores busy while one of the two points was timed")
     return "\n".join(out)
