@@ -61,6 +61,30 @@ def _check_number(name: str, value, *, positive: bool = False, nonnegative: bool
     return value
 
 
+def _check_range(op: str, cdt: torch.dtype, temperature: float, gamma: float, eps: float, similarity: str,
+                 divergence: str) -> None:
+    """Options whose use would overflow (or round to 0 in) the compute dtype ``cdt`` of ``op``: a ValueError
+    naming the option, its value and the dtype's limit, instead of an inf/NaN loss. Centered unit rows have
+    |⟨û_i, û_j⟩| ≤ 4 and ‖û_i − û_j‖² ≤ 16, so the logits reach 4/τ (differences 8/τ) and γ·16."""
+    fi = torch.finfo(cdt)
+    hint = "" if cdt == torch.float64 else " (or pass float64 inputs)"
+    if similarity == "cosine" and 8.0 / temperature > fi.max:
+        raise ValueError(
+            f"{op}: temperature={temperature:g} overflows the {cdt} computation: the logit differences reach "
+            f"8/temperature, above {cdt}'s max {fi.max:.4g}; use temperature >= {8.0 / fi.max:.4g}{hint}"
+        )
+    if similarity == "rbf" and 16.0 * gamma > fi.max:
+        raise ValueError(
+            f"{op}: gamma={gamma:g} overflows the {cdt} computation: gamma·‖û_i − û_j‖² reaches 16·gamma, above "
+            f"{cdt}'s max {fi.max:.4g}; use gamma <= {fi.max / 16:.4g}{hint}"
+        )
+    if divergence == "structure" and not fi.tiny <= eps <= fi.max / 4:
+        raise ValueError(
+            f"{op}: eps={eps:g} is outside what the {cdt} computation can hold: it must lie in "
+            f"[{fi.tiny:.4g} ({cdt}'s smallest normal number), {fi.max / 4:.4g}]{hint}"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------
 # STRUCTURE
 # ---------------------------------------------------------------------------------------------------
@@ -130,6 +154,8 @@ def structure_loss(
     temperature, margin, gamma, eps, w_code, s_code, d_code = _structure_options(
         levels, temperature, weighting, margin, centering, center_first, similarity, gamma, divergence, eps
     )
+    _check_range("structure_loss", _reference.compute_dtype(x.dtype, z.dtype), temperature, gamma, eps, similarity,
+                 divergence)
 
     name = _backends.select("structure_loss", backend, (x, z))
     if name == "reference":
@@ -161,6 +187,7 @@ def _clip_scale(logit_scale, image: torch.Tensor, normalize, name: str = "logit_
     (also used by structure_ops.distributed); returns it as a one-element tensor in image's dtype and
     device (a number becomes a constant tensor)."""
     if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
+        _check_scale_range(name, float(logit_scale), image.dtype)
         logit_scale = torch.tensor(float(logit_scale), dtype=image.dtype, device=image.device)
     if not isinstance(logit_scale, torch.Tensor):
         raise TypeError(f"{name} must be a one-element tensor or a number, got {type(logit_scale).__name__}")
@@ -170,7 +197,30 @@ def _clip_scale(logit_scale, image: torch.Tensor, normalize, name: str = "logit_
         raise TypeError(f"{name} must have a floating-point dtype, got {_desc(logit_scale)}")
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
+    _check_scale_range(name, logit_scale, image.dtype)
     return logit_scale.to(device=image.device, dtype=image.dtype)
+
+
+def _check_scale_range(name: str, value: torch.Tensor | float, dtype: torch.dtype) -> None:
+    """The scalar is cast to the inputs' dtype and the logits of normalized rows reach ±|value|, their
+    differences 2|value|: refuse values that overflow there, and NaN/inf, with the dtype's limit. Checked
+    wherever the value is readable without a device sync (CPU tensors outside torch.compile); a CUDA
+    parameter that diverges shows up as a NaN/inf loss instead."""
+    if isinstance(value, float):
+        v = value
+    elif torch.compiler.is_compiling() or value.device.type != "cpu":
+        return
+    else:
+        try:
+            v = float(value.detach().reshape(()))
+        except RuntimeError:  # a tensor without data (fake, or under a torch.func transform)
+            return
+    limit = torch.finfo(dtype).max / 2
+    if not abs(v) <= limit:
+        raise ValueError(
+            f"{name}={v:g} is not finite or overflows the {dtype} logits: |{name}| must be <= {limit:.4g} "
+            f"(half of {dtype}'s max, the logit differences reach 2·|{name}|)"
+        )
 
 
 def clip_loss(

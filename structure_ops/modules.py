@@ -44,8 +44,7 @@ class ClipLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.05, *, learnable: bool = False, normalize: bool = True, backend: str = "auto"):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        temperature = F_._check_number("temperature", temperature, positive=True)  # NaN/inf refused here
         init = torch.tensor(math.log(1.0 / temperature), dtype=torch.float64)
         if learnable:
             self.log_logit_scale = nn.Parameter(init.float())
@@ -100,8 +99,7 @@ class StructureClipLoss(nn.Module):
         **structure_options,
     ) -> None:
         super().__init__()
-        if lam < 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
+        lam = F_._check_number("lam", lam, nonnegative=True)  # NaN/inf refused here, not at step 1000
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
         self.lam, self.warmup = float(lam), warmup

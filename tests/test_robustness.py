@@ -182,3 +182,68 @@ def test_rbf_huge_gamma_near_duplicate_rows_matches_oracle(backend, levels):
     assert ref.item() > 1e-3  # the case is not degenerate
     assert rel_err(loss, ref) < 1e-6 and rel_err(gz, gref) < 1e-6
 
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Options that overflow the compute dtype: a clear error (or a correct value); NaN/inf module options
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "dtype,options,match",
+    [
+        (torch.float32, {"temperature": 1e-39}, r"temperature=1e-39 .*float32.*max 3\.403e\+38"),
+        (torch.float32, {"similarity": "rbf", "gamma": 1e39}, r"gamma=1e\+39 .*float32.*max 3\.403e\+38"),
+        (torch.float32, {"eps": 1e-50}, r"eps=1e-50 .*float32.*1\.175e-38"),
+        (torch.bfloat16, {"eps": 1e-40}, r"eps=1e-40 .*float32"),  # bf16 computes in fp32
+        (torch.float64, {"temperature": 1e-308}, r"temperature=1e-308 .*float64"),
+    ],
+    ids=["tau-fp32", "gamma-fp32", "eps-fp32", "eps-bf16", "tau-fp64"],
+)
+def test_structure_options_that_overflow_raise_naming_option_value_and_limit(backend, dtype, options, match):
+    x, z = G(8, 5, torch.sin, 1, 1, dtype=dtype), G(8, 4, torch.cos, 0.5, 0.3, dtype=dtype)
+    with pytest.raises(ValueError, match=match):
+        so.structure_loss(x, z, backend=_need(backend), **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_inputs_with_options_beyond_the_half_range_compute_correctly(backend, dtype):
+    # 1/τ = 1e6 and ε = 1e5 exceed fp16's 65 504, but half inputs are computed in fp32: a correct value.
+    x, z = G(8, 5, torch.sin, 1, 1, dtype=dtype), G(8, 4, torch.cos, 0.5, 0.3, dtype=dtype)
+    for options in ({"temperature": 1e-6}, {"eps": 1e5}, {"eps": 1e-30}):
+        loss = so.structure_loss(x, z, backend=_need(backend), **options)
+        ref = R.structure_loss(x.double(), z.double(), **options)
+        assert loss.dtype == dtype and torch.isfinite(loss)
+        assert abs(loss.item() - ref.item()) <= 2 * TOL[dtype] * abs(ref.item()) + 1e-6, (options, loss, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_logit_scale_that_overflows_raises(backend):
+    a, t = G(8, 4, torch.sin, 1, 0), G(8, 4, torch.cos, 1, 0)
+    _need(backend)
+    with pytest.raises(ValueError, match=r"logit_scale=100000 .*float16.*3\.275e\+04"):
+        so.clip_loss(a.half(), t.half(), 1e5, backend=backend)
+    with pytest.raises(ValueError, match=r"logit_scale=1e\+39 .*float32"):
+        so.clip_loss(a.float(), t.float(), torch.tensor(1e39, dtype=torch.float64), backend=backend)
+    with pytest.raises(ValueError, match=r"logit_scale=nan is not finite"):
+        so.clip_loss(a, t, float("nan"), backend=backend)
+    # the largest allowed value gives the oracle's value
+    s = torch.finfo(torch.float16).max / 2
+    out = so.clip_loss(a.half(), t.half(), s, backend=backend)
+    ref = R.clip_loss(a.half().double(), t.half().double(), torch.tensor(s, dtype=torch.float16).double())
+    assert torch.isfinite(out) and rel_err(out, ref) < 2 * TOL[torch.float16]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_modules_refuse_nonfinite_hyper_parameters_at_construction(bad):
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        so.ClipLoss(temperature=bad)
+    with pytest.raises(ValueError, match="lam must be finite"):
+        so.StructureClipLoss(lam=bad)
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        so.StructureClipLoss(temperature=bad)
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        so.StructureClipLoss(structure_temperature=bad)
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        so.StructureLoss(temperature=bad)
+    with pytest.raises(ValueError, match="margin must be finite"):
+        so.StructureLoss(margin=bad)
