@@ -34,7 +34,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 SHIM = HERE / "cuda_emu.h"
-NAMES = ("structure", "clip", "knn")
+NAMES = ("structure", "clip", "knn", "siglip")
 ORDERS = ("inorder", "reversed", "shuffled")
 
 # Kernels whose result must not depend on the block size the host picks (strided loops over blockDim.x and
@@ -46,8 +46,12 @@ BLOCK_GENERIC = {
     "clip": ("clip_fwd_finalize_kernel", "clip_bwd_rows_kernel", "clip_bwd_finalize_kernel",
              "scale_accumulate_kernel"),
     "knn": ("knn_sanitize_kernel", "knn_drop_diag_kernel"),
+    "siglip": ("siglip_rows_kernel", "siglip_finalize_kernel", "siglip_scale_kernel"),
 }  # fmt: skip
-GRID_STRIDE = {"structure": (), "clip": ("scale_accumulate_kernel",), "knn": ("knn_sanitize_kernel",)}
+GRID_STRIDE = {
+    "structure": (), "clip": ("scale_accumulate_kernel",), "knn": ("knn_sanitize_kernel",),
+    "siglip": ("siglip_scale_kernel",),
+}  # fmt: skip
 # Every kernel each file defines (the launch rewrite must find a launch of each).
 KERNELS = {
     "structure": ("l1_rows_kernel", "level_div_kernel", "softmax_bwd_kernel", "sq_norms_kernel",
@@ -55,6 +59,7 @@ KERNELS = {
     "clip": ("clip_fwd_tile_kernel", "clip_fwd_merge_kernel", "clip_fwd_finalize_kernel", "clip_bwd_rows_kernel",
              "clip_bwd_finalize_kernel", "scale_accumulate_kernel"),
     "knn": ("knn_topk_rows_kernel", "knn_sanitize_kernel", "knn_drop_diag_kernel"),
+    "siglip": ("siglip_rows_kernel", "siglip_finalize_kernel", "siglip_scale_kernel"),
 }  # fmt: skip
 
 

@@ -50,6 +50,11 @@ def emu_knn():
     return _emulated("knn")
 
 
+@pytest.fixture(scope="session")
+def emu_siglip():
+    return _emulated("siglip")
+
+
 @pytest.fixture(autouse=True)
 def _no_cuda_knobs(monkeypatch):
     for name in ("STRUCTURE_OPS_CUDA_PANEL_MB", "STRUCTURE_OPS_CUDA_MEM_LIMIT_MB"):

