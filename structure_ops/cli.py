@@ -604,6 +604,11 @@ def _preflight(a) -> None:
             check_encoder_source(spec, "image" if name == "vision" else "text")
 
 
+# RuntimeErrors that come from the user's settings or data, not from a bug: a backend that cannot run the
+# inputs (e.g. STRUCTURE_OPS_BACKEND=cuda on a CPU machine), an LR range test that diverges on the data.
+_USER_RUNTIME_ERRORS = ("cannot run them:", "LR range test diverged")
+
+
 def _error_message(e: BaseException) -> str:
     if isinstance(e, PermissionError):
         return f"permission denied: {e.filename or e} (a read-only folder?)"
@@ -639,6 +644,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (CliError, OSError, ValueError) as e:  # user errors: one line, no traceback
         print(f"structure-ops {a.command}: error: {_error_message(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # only the runtime errors that a user causes: the rest keep their traceback
+        if not any(s in str(e) for s in _USER_RUNTIME_ERRORS):
+            raise
+        print(f"structure-ops {a.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

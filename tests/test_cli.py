@@ -228,3 +228,10 @@ def test_embed_and_zero_shot_input_errors(tmp_path, capsys):
     _one_line_error(capsys, ["zero-shot", "--run", str(tmp_path), "--images", str(tmp_path)], "--classes")
     _one_line_error(capsys, ["zero-shot", "--run", str(tmp_path), "--images", str(tmp_path), "--classes", "cat"],
                     "at least 2 classes")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_backend_from_the_environment_that_cannot_run(tmp_path, capsys, monkeypatch):
+    run = _precomputed_run(tmp_path)
+    monkeypatch.setenv("STRUCTURE_OPS_BACKEND", "cuda")
+    _one_line_error(capsys, ["train", "--run", run, *TRAIN], "STRUCTURE_OPS_BACKEND", "cannot run them")
