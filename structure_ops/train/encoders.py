@@ -168,7 +168,9 @@ class HFEncoder(Encoder):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         # ``name`` identifies the model in cache keys and logs (a built-in's install path varies by machine).
-        self.name, self.modality, self.pooling, self.max_length = name or str(model), modality, pooling, max_length
+        local = Path(model).is_dir()
+        self.name = name or (Path(model).resolve().name if local else str(model))  # a folder: its name (no path)
+        self.modality, self.pooling, self.max_length = modality, pooling, max_length
         try:
             self.model = AutoModel.from_pretrained(model, dtype=self.dtype).to(self.device).eval()
         except OSError as e:
