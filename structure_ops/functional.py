@@ -35,17 +35,25 @@ def _check_matrix(name: str, t, min_rows: int = 2) -> None:
         raise ValueError(f"{name} needs N >= {min_rows} rows and d >= 1 columns, got {_desc(t)}")
 
 
-def _check_pair(an: str, a, bn: str, b, min_rows: int = 2, same_width: bool = False) -> None:
+def _check_pair(an: str, a, bn: str, b, min_rows: int = 2, same_width: bool = False, mixed_dtype: bool = False) -> None:
     _check_matrix(an, a, min_rows)
     _check_matrix(bn, b, min_rows)
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"{an} and {bn} must have the same number of rows N: {an} has {_desc(a)}, {bn} has {_desc(b)}")
     if same_width and a.shape[1] != b.shape[1]:
         raise ValueError(f"{an} and {bn} must have the same width: {an} has {_desc(a)}, {bn} has {_desc(b)}")
-    if a.dtype != b.dtype:
+    if a.dtype != b.dtype and not mixed_dtype:
         raise TypeError(f"{an} and {bn} must have the same dtype: {an} has {_desc(a)}, {bn} has {_desc(b)}")
     if a.device != b.device:
         raise ValueError(f"{an} and {bn} must be on the same device: {an} has {_desc(a)}, {bn} has {_desc(b)}")
+
+
+def _promote(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixed input dtypes (e.g. frozen fp32 features with bf16 head outputs under AMP): both inputs are cast
+    to the wider dtype (torch.promote_types) and the op computes there; autograd casts each gradient back
+    to its input's dtype. A no-op when the dtypes agree."""
+    wide = torch.promote_types(a.dtype, b.dtype)
+    return a.to(wide), b.to(wide)
 
 
 def _check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
@@ -132,7 +140,9 @@ def structure_loss(
 
     Args:
         x: frozen encoder features, shape (N, d_x). Gradients flow into x too if it requires grad.
-        z: aligned embeddings, shape (N, d_z), same rows as x. Same dtype and device as x.
+        z: aligned embeddings, shape (N, d_z), same rows as x, same device as x. The dtypes may differ
+            (AMP: fp32 features, bf16 head outputs): the op computes in the wider dtype and each gradient is
+            returned in its input's dtype. fp16/bf16 are computed in fp32 by every backend.
         levels: number of random-walk levels L >= 1 (P¹ … Pᴸ).
         temperature: τ > 0 of the cosine similarity logits (unused for "rbf").
         weighting: "none" (w_l = 1) or "inverse" (w_l = 1/l).
@@ -146,11 +156,12 @@ def structure_loss(
         backend: "auto" | "reference" | "cpu" | "triton" | "cuda" (see structure_ops.info).
 
     Returns:
-        0-dim tensor, dtype of the inputs.
+        0-dim tensor in the wider of the inputs' dtypes.
 
     Equivalent to :func:`structure_ops.reference.structure_loss`.
     """
-    _check_pair("x", x, "z", z)
+    _check_pair("x", x, "z", z, mixed_dtype=True)
+    x, z = _promote(x, z)
     temperature, margin, gamma, eps, w_code, s_code, d_code = _structure_options(
         levels, temperature, weighting, margin, centering, center_first, similarity, gamma, divergence, eps
     )
@@ -245,9 +256,11 @@ def clip_loss(
         backend: see :func:`structure_loss`.
 
     Returns:
-        0-dim tensor, dtype of the inputs. Equivalent to :func:`structure_ops.reference.clip_loss`.
+        0-dim tensor in the wider of the inputs' dtypes (mixed dtypes compute there; each gradient comes
+        back in its input's dtype). Equivalent to :func:`structure_ops.reference.clip_loss`.
     """
-    _check_pair("image", image, "text", text, same_width=True)
+    _check_pair("image", image, "text", text, same_width=True, mixed_dtype=True)
+    image, text = _promote(image, text)
     scale = _clip_scale(logit_scale, image, normalize)
 
     name = _backends.select("clip_loss", backend, (image, text))

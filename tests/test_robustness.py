@@ -247,3 +247,59 @@ def test_modules_refuse_nonfinite_hyper_parameters_at_construction(bad):
         so.StructureLoss(temperature=bad)
     with pytest.raises(ValueError, match="margin must be finite"):
         so.StructureLoss(margin=bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Mixed precision: compute in the wider dtype, each gradient in its input's dtype
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "dx,dz", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+              (torch.float64, torch.float32)],
+)  # fmt: skip
+def test_structure_loss_mixed_dtypes(backend, dx, dz):
+    x, z = structured_pair(dx, dz)
+    xg, zg = x.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    loss = so.structure_loss(xg, zg, backend=_need(backend))
+    gx, gz = torch.autograd.grad(loss, (xg, zg))
+    x64, z64 = x.double().requires_grad_(True), z.double().requires_grad_(True)
+    ref = R.structure_loss(x64, z64)
+    rx, rz = torch.autograd.grad(ref, (x64, z64))
+    wide = torch.promote_types(dx, dz)
+    assert loss.dtype == wide and gx.dtype == dx and gz.dtype == dz
+    tol = TOL[torch.float32 if wide in HALF else wide]
+    assert rel_err(loss, ref) < 4 * tol
+    assert rel_err(gx, rx) < 4 * max(tol, TOL[dx]) and rel_err(gz, rz) < 4 * max(tol, TOL[dz])
+
+
+def structured_pair(dx, dz):
+    x, z = G(12, 6, torch.sin, 1, 1), G(12, 5, torch.cos, 0.5, 0.3)
+    return x.to(dx), z.to(dz)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_loss_mixed_dtypes(backend):
+    a, t = G(8, 4, torch.sin, 1, 0, dtype=torch.float32), G(8, 4, torch.cos, 1, 0, dtype=torch.bfloat16)
+    ag, tg = a.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    loss = so.clip_loss(ag, tg, 20.0, backend=_need(backend))
+    ga, gt = torch.autograd.grad(loss, (ag, tg))
+    ref = R.clip_loss(a.double(), t.double(), 20.0)
+    assert loss.dtype == torch.float32 and ga.dtype == torch.float32 and gt.dtype == torch.bfloat16
+    assert rel_err(loss, ref) < 4 * TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_structure_clip_loss_amp_pattern(backend):
+    # Frozen fp32 features, bf16 head outputs (the standard AMP pattern).
+    _need(backend)
+    fi, ft = G(10, 6, torch.sin, 1, 1, dtype=torch.float32), G(10, 5, torch.cos, 0.5, 0.3, dtype=torch.float32)
+    ei = G(10, 4, torch.sin, 0.3, 0.2, dtype=torch.bfloat16).requires_grad_(True)
+    et = G(10, 4, torch.cos, 0.4, 0.1, dtype=torch.bfloat16).requires_grad_(True)
+    out = so.StructureClipLoss(lam=2.0, warmup=0, backend=backend)(ei, et, fi, ft)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and ei.grad.dtype == torch.bfloat16 and et.grad.dtype == torch.bfloat16
+    e64, t64 = ei.detach().double(), et.detach().double()
+    ref = R.clip_loss(e64, t64, 20.0) + 2.0 * 0.5 * (
+        R.structure_loss(fi.double(), e64) + R.structure_loss(ft.double(), t64)
+    )
+    assert rel_err(out.loss, ref) < 2e-2  # the clip term is computed in bf16 (both of its inputs are bf16)
