@@ -79,6 +79,12 @@ def _clip_flops(n: int, dims: dict, mode: str, params: dict) -> float:
     return (2.0 if mode == "fwd" else 8.0) * n * n * dims["d"]
 
 
+def _siglip_flops(n: int, dims: dict, mode: str, params: dict) -> float:
+    """Row panels, gradient in forward (csrc/cpu/siglip_cpu.cpp): fwd 2N²d; fwd+bwd 6N²d (the logits panel,
+    dA = s·w B and dB += s·wᵀ A)."""
+    return (2.0 if mode == "fwd" else 6.0) * n * n * dims["d"]
+
+
 def _knn_flops(n: int, dims: dict, mode: str, params: dict) -> float:
     """2N²d per side (the Gram panels); the selection is not counted."""
     return 2.0 * n * n * dims["d"]
@@ -109,6 +115,20 @@ OPS: dict[str, OpDef] = {
         ("d",),
         MODES,
         _clip_flops,
+        {
+            ("reference", "fwd"): 4,
+            ("reference", "fwd+bwd"): 8,
+            ("compile_reference", "fwd"): 4,
+            ("compile_reference", "fwd+bwd"): 8,
+            ("cpu", "fwd"): 1,
+            ("cpu", "fwd+bwd"): 1,
+        },
+    ),
+    "siglip": OpDef(
+        "siglip",
+        ("d",),
+        MODES,
+        _siglip_flops,
         {
             ("reference", "fwd"): 4,
             ("reference", "fwd+bwd"): 8,
@@ -180,6 +200,10 @@ def make_inputs(op: str, n: int, dims: dict, dtype: str = "float32", seed: int =
     if op == "clip":
         scale = torch.tensor(1.0 / 0.07)  # open_clip's initial logit_scale.exp()
         return [a.to(dt).requires_grad_(grad), b.to(dt).requires_grad_(grad), scale.to(dt).requires_grad_(grad)]
+    if op == "siglip":  # the SigLIP paper's initialization: s = exp(log 10), β = −10
+        scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+        return [a.to(dt).requires_grad_(grad), b.to(dt).requires_grad_(grad), scale.to(dt).requires_grad_(grad),
+                bias.to(dt).requires_grad_(grad)]  # fmt: skip
     if op == "knn":
         return [a.to(dt)]
     if op == "mutual_knn":
@@ -216,6 +240,13 @@ def make_fn(op: str, provider: str, params: dict, n: int, compile_backend: str =
 
         def cpu(image, text, scale):
             return so.clip_loss(image, text, scale, backend="cpu")
+    elif op == "siglip":
+
+        def ref(image, text, scale, bias):
+            return R.siglip_loss(image, text, scale, bias)
+
+        def cpu(image, text, scale, bias):
+            return so.siglip_loss(image, text, scale, bias, backend="cpu")
     elif op == "knn":
         k = resolve_k(params, n)
 

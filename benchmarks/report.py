@@ -24,7 +24,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROVIDERS = ("reference", "compile_reference", "cpu")
 SHORT = {"reference": "ref", "compile_reference": "compiled ref", "cpu": "cpu"}
-OP_ORDER = ("structure", "clip", "knn", "mutual_knn")
+OP_ORDER = ("structure", "clip", "siglip", "knn", "mutual_knn")
 MODE_ORDER = ("fwd", "fwd+bwd")
 MARK_OPEN, MARK_CLOSE = "<!-- BENCHMARK TABLE -->", "<!-- /BENCHMARK TABLE -->"
 
