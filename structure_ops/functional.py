@@ -7,6 +7,7 @@ float64 oracle), which the test-suite keeps true for every backend, dtype and op
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 
@@ -46,6 +47,27 @@ def _check_pair(an: str, a, bn: str, b, min_rows: int = 2, same_width: bool = Fa
         raise TypeError(f"{an} and {bn} must have the same dtype: {an} has {_desc(a)}, {bn} has {_desc(b)}")
     if a.device != b.device:
         raise ValueError(f"{an} and {bn} must be on the same device: {an} has {_desc(a)}, {bn} has {_desc(b)}")
+
+
+def _select(op: str, backend: str, tensors) -> str:
+    """The backend for ``op`` (structure_ops._backends.select), with torch.func in mind: the compiled
+    backends compute gradients inside their forward and cannot run under grad/vjp/jacrev/vmap. Under a
+    transform "auto" takes the reference backend (plain autograd, which the transforms support) and an
+    explicit compiled backend raises an error naming the op and backend="reference"."""
+    name = _backends.select(op, backend, tensors)
+    if name == "reference" or torch.compiler.is_compiling() or not _under_functorch(tensors):
+        return name
+    if backend == "auto" and not os.environ.get("STRUCTURE_OPS_BACKEND"):
+        return "reference"
+    raise RuntimeError(
+        f"{op}: the {name!r} backend does not support torch.func transforms (grad, vjp, jacrev, vmap): its "
+        f"kernels compute the gradient inside the forward pass; pass backend='reference' to {op} under torch.func"
+    )
+
+
+def _under_functorch(tensors) -> bool:
+    is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return is_wrapped is not None and any(isinstance(t, torch.Tensor) and is_wrapped(t) for t in tensors)
 
 
 def _promote(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +190,7 @@ def structure_loss(
     _check_range("structure_loss", _reference.compute_dtype(x.dtype, z.dtype), temperature, gamma, eps, similarity,
                  divergence)
 
-    name = _backends.select("structure_loss", backend, (x, z))
+    name = _select("structure_loss", backend, (x, z))
     if name == "reference":
         return _reference.structure_loss(
             x, z, levels=levels, temperature=temperature, weighting=weighting, margin=margin, centering=centering,
@@ -263,7 +285,7 @@ def clip_loss(
     image, text = _promote(image, text)
     scale = _clip_scale(logit_scale, image, normalize)
 
-    name = _backends.select("clip_loss", backend, (image, text))
+    name = _select("clip_loss", backend, (image, text, scale))
     if name == "reference":
         return _reference.clip_loss(image, text, scale.reshape(()), normalize=normalize).reshape(())
     if normalize:

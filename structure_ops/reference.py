@@ -386,9 +386,10 @@ def knn(a: torch.Tensor, k: int | str = "rice") -> torch.Tensor:
     n = a.shape[0]
     k = resolve_k(k, n)
     sim = torch.nan_to_num(a @ a.T, nan=float("-inf"))
-    off = ~torch.eye(n, dtype=torch.bool, device=a.device)
-    cols = torch.arange(n, device=a.device).expand(n, n)[off].view(n, n - 1)  # column ids without j = i
-    order = torch.sort(sim[off].view(n, n - 1), dim=1, descending=True, stable=True).indices[:, :k]
+    # Column ids without j = i, by arithmetic (no boolean mask, so meta tensors work): row i skips column i.
+    j = torch.arange(n - 1, device=a.device)[None, :]
+    cols = j + (j >= torch.arange(n, device=a.device)[:, None]).long()
+    order = torch.sort(sim.gather(1, cols), dim=1, descending=True, stable=True).indices[:, :k]
     return cols.gather(1, order)
 
 

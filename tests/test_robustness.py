@@ -303,3 +303,48 @@ def test_structure_clip_loss_amp_pattern(backend):
         R.structure_loss(fi.double(), e64) + R.structure_loss(ft.double(), t64)
     )
     assert rel_err(out.loss, ref) < 2e-2  # the clip term is computed in bf16 (both of its inputs are bf16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. torch.func on every backend; knn and mutual_knn on meta tensors
+# ---------------------------------------------------------------------------------------------------
+def _func_cases(backend):
+    x, z = G(8, 5, torch.sin, 1, 1), G(8, 4, torch.cos, 0.5, 0.3)
+    s = torch.tensor(3.0, dtype=torch.float64)
+    return {
+        "grad": (lambda: torch.func.grad(lambda zz: so.structure_loss(x, zz, backend=backend))(z),
+                 lambda: torch.func.grad(lambda zz: R.structure_loss(x, zz))(z)),
+        "jacrev": (lambda: torch.func.jacrev(lambda zz: so.structure_loss(x, zz, levels=2, backend=backend))(z),
+                   lambda: torch.func.jacrev(lambda zz: R.structure_loss(x, zz, levels=2))(z)),
+        "vjp-clip": (lambda: torch.func.vjp(lambda a: so.clip_loss(a, z, s, backend=backend), x[:, :4])[1](s)[0],
+                     lambda: torch.func.vjp(lambda a: R.clip_loss(a, z, s), x[:, :4])[1](s)[0]),
+        "grad-logit-scale": (lambda: torch.func.grad(lambda t: so.clip_loss(x[:, :4], z, t, backend=backend))(s),
+                             lambda: torch.func.grad(lambda t: R.clip_loss(x[:, :4], z, t))(s)),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["grad", "jacrev", "vjp-clip", "grad-logit-scale"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_torch_func_transforms_work(backend, case):
+    got, expect = _func_cases(backend)[case]
+    torch.testing.assert_close(got(), expect(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("case", ["grad", "jacrev", "vjp-clip", "grad-logit-scale"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_func_on_compiled_backends_names_op_and_reference(backend, case):
+    got, _ = _func_cases(_need(backend))[case]
+    op = "clip_loss" if "clip" in case or "logit" in case else "structure_loss"
+    with pytest.raises(RuntimeError, match=rf"{op}: the '{backend}' backend does not support torch.func .*backend='reference'"):
+        got()
+
+
+def test_knn_and_mutual_knn_on_meta_tensors():
+    a = torch.empty(9, 5, device="meta")
+    out = so.knn(a, 3)
+    assert out.device.type == "meta" and out.shape == (9, 3) and out.dtype == torch.int64
+    score = so.mutual_knn(a, torch.empty(9, 4, device="meta"), 2)
+    assert score.device.type == "meta" and score.shape == ()
+    # the arithmetic column ids give the same lists as before: the diagonal excluded, ties to the lower index
+    b = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]], dtype=torch.float64)
+    assert R.knn(b, 3).tolist() == [[1, 3, 4], [0, 3, 4], [4, 0, 1], [0, 1, 4], [2, 0, 1]]
