@@ -41,6 +41,7 @@ ranks blocked in a collective.
 from __future__ import annotations
 
 import math
+import numbers
 import zlib
 
 import torch
@@ -102,12 +103,44 @@ def _meta_device(group, tensors) -> torch.device:
     return torch.device("cpu")
 
 
+_PER_TENSOR = 5  # rows, width, dtype, requires-grad, trailing-dims checksum
+
+
+def _canonical(value):
+    """Options in a form whose repr is the same on every rank for numerically equal values: 1, 1.0 and
+    numpy.float64(1.0) all become 1.0 (bools and strings stay as they are)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_canonical(v) for v in value)
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, numbers.Real):  # ints too: equal ints are equal floats
+        return float(value)
+    return repr(value)
+
+
+def agree(op: str, group, values: dict, compare: tuple[str, ...] | None = None, why: str = "") -> None:
+    """Raise the same ValueError on every rank unless every rank passes numerically equal ``values[k]`` for
+    k in ``compare`` (default: all; a dict of numbers, one small all-gather; the others are only reported).
+    Used before collectives whose occurrence depends on these values."""
+    keys = list(values)
+    mine = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=_meta_device(group, ()))
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, mine, group=group)
+    table = [r.tolist() for r in out]
+    idx = [keys.index(k) for k in (compare if compare is not None else keys)]
+    if any([r[i] for i in idx] != [table[0][i] for i in idx] for r in table):
+        per_rank = {name: [r[i] for r in table] for i, name in enumerate(keys)}
+        raise ValueError(
+            f"{op}: {', '.join(keys[i] for i in idx)} must be equal on every rank{why}; per rank: {per_rank}"
+        )
+
+
 def _exchange(op: str, group, tensors: dict, error: Exception | None, options: tuple = ()) -> list[int]:
     """All-gather (error flag, options checksum, and per tensor: rows, width, dtype, requires-grad) and
     raise the same error on every rank if any rank's inputs are invalid or inconsistent with the others'.
     Returns the row counts of the first tensor on every rank."""
     vals = list(tensors.values())
-    row = [int(error is not None), zlib.crc32(repr(options).encode())]
+    row = [int(error is not None), zlib.crc32(repr(_canonical(options)).encode())]
     for t in vals:
         ok = error is None and isinstance(t, torch.Tensor)
         row += [
@@ -115,6 +148,7 @@ def _exchange(op: str, group, tensors: dict, error: Exception | None, options: t
             math.prod(t.shape[1:]) if ok else -1,  # width (the product of the trailing dims)
             _DTYPES.index(t.dtype) if ok and t.dtype in _DTYPES else -1,
             int(ok and t.requires_grad and torch.is_grad_enabled()),
+            zlib.crc32(repr(tuple(t.shape[1:])).encode()) if ok else -1,  # the trailing dims themselves
         ]
     mine = torch.tensor(row, dtype=torch.int64, device=_meta_device(group, vals))
     out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
@@ -129,9 +163,14 @@ def _exchange(op: str, group, tensors: dict, error: Exception | None, options: t
     if len({m[1] for m in table}) > 1:
         raise ValueError(f"{op}: the options differ across ranks; every rank must pass the same options ({options})")
     for i, name in enumerate(tensors):
-        rows, width, dtype, grad = ([m[2 + 4 * i + j] for m in table] for j in range(4))
+        rows, width, dtype, grad, trailing = ([m[2 + _PER_TENSOR * i + j] for m in table] for j in range(_PER_TENSOR))
         if len(set(width)) > 1:
             raise ValueError(f"{op}: {name} must have the same width on every rank, got widths {width} (rows {rows})")
+        if len(set(trailing)) > 1:
+            raise ValueError(
+                f"{op}: {name} must have the same trailing dims (shape[1:]) on every rank; this rank has "
+                f"{tuple(vals[i].shape[1:])}, and the ranks' shapes agree only in the product {width[0]}"
+            )
         if len(set(dtype)) > 1:
             names = [str(_DTYPES[d]) if d >= 0 else "other" for d in dtype]
             raise TypeError(f"{op}: {name} must have the same dtype on every rank, got {names}")
@@ -244,18 +283,23 @@ def structure_loss(
     if k == 1:
         _grad_scale(grad_mode, 1)
         return F_.structure_loss(x, z, **options)
-    error = None
+    # Everything that can fail on one rank (validation, the backend's availability) runs before the first
+    # collective, and its outcome is exchanged: an error is raised on every rank, never left as a hang.
+    error, name = None, None
     try:
-        F_._check_pair("x", x, "z", z, min_rows=0)
+        F_._check_pair("x", x, "z", z, min_rows=0, mixed_dtype=True)
         temperature, margin, gamma, eps, _, s_code, d_code = F_._structure_options(
             levels, temperature, weighting, margin, centering, center_first, similarity, gamma, divergence, eps
         )
-        _backends.check_name(backend)
+        F_._check_range("structure_loss", _reference.compute_dtype(x.dtype, z.dtype), temperature, gamma, eps,
+                        similarity, divergence)  # fmt: skip
         c = _grad_scale(grad_mode, k)
-    except (TypeError, ValueError) as exc:
+        wide = torch.promote_types(x.dtype, z.dtype)
+        name = _backends.select("structure_loss", backend, (x.new_empty(0, dtype=wide),))
+    except (TypeError, ValueError, RuntimeError) as exc:
         error = exc
-    sizes = _exchange("structure_loss", group, {"x": x, "z": z}, error, (tuple(options.items()), grad_mode))
-    xg, zg = _gather(x, sizes, group), _gather(z, sizes, group)
+    sizes = _exchange("structure_loss", group, {"x": x, "z": z}, error, (tuple(options.items()), grad_mode, name))
+    xg, zg = F_._promote(_gather(x, sizes, group), _gather(z, sizes, group))
 
     if levels > 1:
         full = F_.structure_loss(xg, zg, **options)
@@ -266,15 +310,16 @@ def structure_loss(
     rank = dist.get_rank(group)
     start = sum(sizes[:rank])
     stop = start + sizes[rank]
-    if _backends.select("structure_loss", backend, (xh, zh)) in ("cpu", "cuda"):  # both register the row-range op
+    if name in ("cpu", "cuda"):  # both register the row-range op
         grad_on = torch.is_grad_enabled()
         partial, _, _ = torch.ops.structure_ops.structure_rows_fwd(
             xh, zh, start, stop, temperature, s_code, gamma, d_code, eps,
             grad_on and xh.requires_grad, grad_on and zh.requires_grad,
         )  # fmt: skip
     else:
+        cdt = _reference.compute_dtype(xh.dtype)  # fp16/bf16 in fp32, as the single-process reference
         partial = _rows_partial_torch(
-            xh, zh, start, stop, temperature=temperature, similarity=similarity, gamma=gamma,
+            xh.to(cdt), zh.to(cdt), start, stop, temperature=temperature, similarity=similarity, gamma=gamma,
             divergence=divergence, eps=eps,
         )  # fmt: skip
     total = partial.detach().clone()
@@ -282,7 +327,7 @@ def structure_loss(
     shifted = total - margin
     # The hinge acts on the global D_1: its gate multiplies every rank's partial gradient.
     gate = (shifted > 0).to(partial.dtype)
-    return _with_grad(torch.relu(shifted), partial * (gate * c))
+    return _with_grad(torch.relu(shifted), partial * (gate * c)).to(xg.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,15 +352,19 @@ def clip_loss(
     if k == 1:
         _grad_scale(grad_mode, 1)
         return F_.clip_loss(image, text, logit_scale, normalize=normalize, backend=backend)
-    error = None
+    error, name, s_value = None, None, None
     try:
-        F_._check_pair("image", image, "text", text, min_rows=0, same_width=True)
+        F_._check_pair("image", image, "text", text, min_rows=0, same_width=True, mixed_dtype=True)
+        image, text = F_._promote(image, text)
         scale = F_._clip_scale(logit_scale, image, normalize).reshape(())
-        _backends.check_name(backend)
+        s_value = float(scale.detach())  # compared across ranks (the exchange syncs anyway)
+        name = _backends.select("clip_loss", backend, (image,))
         c = _grad_scale(grad_mode, k)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
         error = exc
-    sizes = _exchange("clip_loss", group, {"image": image, "text": text}, error, (normalize, grad_mode, backend))
+    sizes = _exchange(
+        "clip_loss", group, {"image": image, "text": text}, error, (normalize, grad_mode, name, ("logit_scale", s_value))
+    )
     if normalize:  # row-local: normalize before gathering
         image = _reference.normalize_rows(image)
         text = _reference.normalize_rows(text)
@@ -323,12 +372,15 @@ def clip_loss(
     rank = dist.get_rank(group)
     start = sum(sizes[:rank])
     labels = torch.arange(start, start + sizes[rank], device=image.device)
+    out_dtype = image.dtype
+    cdt = _reference.compute_dtype(out_dtype)  # fp16/bf16 logits in fp32
+    image, text, ig, tg, scale = image.to(cdt), text.to(cdt), ig.to(cdt), tg.to(cdt), scale.to(cdt)
     ce_img = F.cross_entropy((scale * image) @ tg.T, labels, reduction="sum")
     ce_txt = F.cross_entropy((scale * text) @ ig.T, labels, reduction="sum")
     partial = 0.5 * (ce_img + ce_txt) / sum(sizes)
     total = partial.detach().clone()
     dist.all_reduce(total, group=group)
-    return _with_grad(total, partial * c)
+    return _with_grad(total, partial * c).to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -385,9 +437,20 @@ class StructureClipLoss(M.StructureClipLoss):
             lam, warmup, temperature=temperature, learnable_temperature=learnable_temperature, backend=backend, **kwargs
         )
         # Same members, same parameter names (checkpoints are interchangeable), sharded forwards.
+        self.process_group = process_group
         group = dict(process_group=process_group, grad_mode=grad_mode)
         self.clip = ClipLoss(temperature, learnable=learnable_temperature, backend=backend, **group)
         self.structure = StructureLoss(**group, **self.structure.options)
+
+    def _check_schedule(self, step: int, lam_t: float) -> None:
+        # λ_t decides whether the structure term (and its collectives) runs: a rank with a different
+        # step (λ_t = 0 during warm-up on one rank only) or λ must raise everywhere, not desynchronize.
+        if world_size(self.process_group) > 1:
+            agree(
+                type(self).__name__, self.process_group, {"lambda_t": lam_t, "lam": self.lam, "step": step},
+                compare=("lambda_t", "lam"),
+                why=" (λ_t decides whether the structure term's collectives run; pass the same step on every rank)",
+            )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -497,3 +560,4 @@ class StructureSigLipLoss(M.StructureSigLipLoss):
         group = dict(process_group=process_group, grad_mode=grad_mode)
         self.clip = SigLipLoss(init_logit_scale, init_logit_bias, learnable=learnable, backend=backend, **group)
         self.structure = StructureLoss(**group, **self.structure.options)
+

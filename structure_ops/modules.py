@@ -119,6 +119,9 @@ class StructureClipLoss(nn.Module):
             return self.lam
         return self.lam * min(1.0, max(0, step - 1) / self.warmup)
 
+    def _check_schedule(self, step: int, lam_t: float) -> None:
+        """Hook run before any loss term (structure_ops.distributed checks that every rank agrees on λ_t)."""
+
     def _rows(self, feats, emb, extra, name):
         if extra is None:
             if self.use_only_unimodal:
@@ -147,6 +150,7 @@ class StructureClipLoss(nn.Module):
                 self.step_count += 1
             step = int(self.step_count)
         lam_t = self.lambda_at(step)
+        self._check_schedule(step, lam_t)
         clip = self.clip(image_emb, text_emb)
         if lam_t == 0.0:
             zero = clip.new_zeros(())
