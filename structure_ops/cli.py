@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the default when no warm-up is given is 0.05")
     tr.add_argument("--levels", type=int, default=1)
     tr.add_argument("--temperature", type=float, default=0.05)
+    tr.add_argument("--loss", choices=("clip", "siglip"), default="clip",
+                    help="contrastive term: clip (InfoNCE at --temperature) or siglip (pairwise sigmoid, learnable "
+                         "scale and bias initialised at 10 and -10; R_S keeps τ = --temperature)")
     tr.add_argument("--lr", type=float, help="learning rate (default: LR range test)")
     tr.add_argument("--epochs", type=int, default=1000, help="at most; early stopping ends sooner")
     tr.add_argument("--batch-size", type=int, help="default: adapts to the training set (a power of two near n/8, "
@@ -324,7 +327,7 @@ def _cmd_train(a) -> None:
     cfg = TrainConfig(head=a.head, dim=a.dim, lam=a.lam, warmup=a.warmup, warmup_epochs=a.warmup_epochs,
                       warmup_frac=a.warmup_frac, levels=a.levels, temperature=a.temperature, lr=a.lr, epochs=a.epochs,
                       batch_size=a.batch_size, patience=a.patience, seed=a.seed, backend=a.backend,
-                      device=device or a.device)
+                      device=device or a.device, loss=a.loss)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TrainingWarning)
         warnings.simplefilter("always", UserWarning)

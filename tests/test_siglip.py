@@ -413,3 +413,32 @@ def test_n16384_runs_in_bounded_memory():
     nn_bytes = 16384 * 16384 * 4
     assert out["finite"] and math.isfinite(out["loss"])
     assert out["extra"] < 160 * 2**20, f"peak RSS grew by {out['extra'] / 2**20:.0f} MiB (one N×N fp32: {nn_bytes / 2**20:.0f} MiB)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training layer: --loss siglip
+# ---------------------------------------------------------------------------------------------------
+def test_trainer_with_siglip_loss(tmp_path):
+    from structure_ops.train.trainer import TrainConfig, Trainer
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(96, 6, generator=g)
+    xi, xt = torch.tanh(z @ torch.randn(6, 20, generator=g)), torch.tanh(z @ torch.randn(6, 14, generator=g))
+    cfg = TrainConfig(dim=8, lam=2.0, warmup=3, lr=3e-3, epochs=8, batch_size=32, patience=50, head="linear",
+                      checkpoint_every=0, loss="siglip", backend="cpu")  # fmt: skip
+    trainer = Trainer(cfg, xi[:72], xt[:72], xi[72:], xt[72:], out_dir=tmp_path, progress=False)
+    res = trainer.fit()
+    assert res.history[-1]["train_clip"] < res.history[0]["train_clip"]  # the SigLIP term (the "clip" field) falls
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["objective"]["clip.logit_bias"].item() != -10.0  # the SigLIP bias is a learned parameter
+    with pytest.raises(ValueError, match="loss must be 'clip' or 'siglip'"):
+        TrainConfig(loss="sigmoid")
+
+
+def test_cli_accepts_loss_siglip():
+    from structure_ops import cli
+
+    parser = cli.build_parser()
+    a = parser.parse_args(["train", "--run", "r", "--loss", "siglip"])
+    assert a.loss == "siglip"
+    assert parser.parse_args(["train", "--run", "r"]).loss == "clip"

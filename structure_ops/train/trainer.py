@@ -85,6 +85,7 @@ class TrainConfig:
     device: str = "auto"
     unimodal_only: bool = False  # R_S on the extra unimodal rows alone
     checkpoint_every: int = 10  # epochs; 0: only at the end
+    loss: str = "clip"  # contrastive term: "clip" (InfoNCE) | "siglip" (pairwise sigmoid, learnable scale and bias)
 
     def __post_init__(self) -> None:
         for name in ("dim", "epochs", "batch_size", "patience", "rank"):
@@ -104,6 +105,8 @@ class TrainConfig:
             raise ValueError("batch_size must be >= 2 (contrastive losses need pairs)")
         if self.lam < 0 or self.temperature <= 0 or (self.lr is not None and self.lr <= 0):
             raise ValueError(f"need lam >= 0, temperature > 0, lr > 0: got {self.lam}, {self.temperature}, {self.lr}")
+        if self.loss not in ("clip", "siglip"):
+            raise ValueError(f"loss must be 'clip' or 'siglip', got {self.loss!r}")
         self.betas = tuple(self.betas)
 
     def to_json(self) -> dict:
@@ -157,6 +160,16 @@ def _dist():
 
 
 def _objective(cfg: TrainConfig, world: int, warmup: int) -> nn.Module:
+    if cfg.loss == "siglip":  # SigLIP's own init (s = 10, β = −10, learned); R_S keeps τ = the temperature option
+        from .. import distributed as D
+        from ..modules import StructureSigLipLoss
+
+        kwargs = dict(
+            lam=cfg.lam, warmup=warmup, structure_temperature=cfg.structure_temperature or cfg.temperature,
+            structure_use_only_unimodal=cfg.unimodal_only, backend=cfg.backend, levels=cfg.levels,
+            weighting=cfg.weighting,
+        )  # fmt: skip
+        return D.StructureSigLipLoss(**kwargs) if world > 1 else StructureSigLipLoss(**kwargs)
     kwargs = dict(
         lam=cfg.lam, warmup=warmup, temperature=cfg.temperature, learnable_temperature=cfg.learnable_temperature,
         structure_temperature=cfg.structure_temperature, structure_use_only_unimodal=cfg.unimodal_only,
