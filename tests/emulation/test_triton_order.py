@@ -2,7 +2,7 @@
 equal the in-order run bit for bit. Small shapes and small blocks, so that every launch has several programs.
 
 The Triton modules are called through their module functions (structure_fwd, structure_level1_flash, clip_fwd,
-clip_bwd, knn) with small tile overrides; a deliberately order-dependent kernel shows that the mode can fail.
+clip_bwd, knn, siglip_fwd) with small tile overrides; a deliberately order-dependent kernel shows that the mode can fail.
 """
 
 from __future__ import annotations
@@ -156,3 +156,18 @@ def test_knn(path):
     from .cases import knn_oracle
 
     assert torch.equal(base, knn_oracle(a, 6))
+
+
+def test_siglip():
+    from structure_ops._triton import siglip as G
+
+    from .cases import clip_data
+
+    a64, b64 = clip_data(20, 5, seed=5)
+    a, b = a64.to(torch.float32), b64.to(torch.float32)
+    s, beta = torch.tensor(10.0), torch.tensor(-3.0)
+
+    def fn():
+        return G.siglip_fwd(a, b, s, beta, 0, True, True, block_m=16, block_n=16, block_d=16, block_do=16)
+
+    _assert_same(*_run_orders(fn))
