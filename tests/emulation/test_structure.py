@@ -217,3 +217,28 @@ def test_launch_bounds_enforced(emu_structure):
         out = call(emu_structure.ops.structure_fwd, xh, zh, opts(levels=2))
     assert emu_structure.stats()["clamped"] > 0
     check_structure(out, oracle(xh, zh, opts(levels=2)), 1e-10, xh, zh)
+
+
+@pytest.mark.parametrize(
+    "o", [opts(temperature=0.1), opts(similarity=1, divergence=1, gamma=1.5), opts(temperature=0.05, eps=1e-6)],
+    ids=["cosine", "rbf-js", "cosine-t0.05"],
+)
+def test_tf32_gemms_within_model_tolerance(emu_structure, o):
+    """The GPU test of TF32 ("high" precision) takes its tolerance from hardware.level1_emulated(..., "tf32")
+    (tolerances.structure_tf32). Here the emulated kernels run with every GEMM operand rounded to tf32 as cuBLAS
+    rounds it (gemm_models.cublas_tf32): the error of the whole pipeline must stay within that tolerance, and the
+    rounding must really act (the error exceeds the IEEE-fp32 run's by far)."""
+    from .gemm_models import cublas_tf32
+
+    xh, zh = prepared(96, 24, 16, seed=16)
+    ref = oracle(xh, zh, o)
+    kw = dict(temperature=o["temperature"], similarity=("cosine", "rbf")[o["similarity"]], gamma=o["gamma"],
+              divergence=("structure", "js")[o["divergence"]], eps=o["eps"])  # fmt: skip
+    tols = tolerances.structure_tf32(xh, zh, ref, floor=tolerances.FP32_FLOOR["small"], **kw)
+    ieee = call(emu_structure.ops.structure_fwd, xh, zh, o)
+    with cublas_tf32() as counts:
+        out = call(emu_structure.ops.structure_fwd, xh, zh, o)
+    assert counts["gemms"] >= 4
+    errs = [rel_err(u, r) for u, r in zip(out, ref, strict=True)]
+    assert all(e <= t for e, t in zip(errs, tols, strict=True)), (errs, tols)
+    assert errs[2] > 10 * rel_err(ieee[2], ref[2]), (errs, rel_err(ieee[2], ref[2]))
