@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from ._ops import extension_error
+from ._ops import cuda_targets, extension_error
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
@@ -55,8 +55,11 @@ def check_name(backend: str) -> None:
         raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
 
 
-def reasons(backend: str, op: str, devices: tuple[str, ...], dtypes: tuple[torch.dtype, ...]) -> list[str]:
-    """Why ``backend`` cannot run ``op`` on tensors of these device types and dtypes; [] means it can."""
+def reasons(
+    backend: str, op: str, devices: tuple[str, ...], dtypes: tuple[torch.dtype, ...], cuda_index: int | None = None
+) -> list[str]:
+    """Why ``backend`` cannot run ``op`` on tensors of these device types and dtypes; [] means it can.
+    ``cuda_index``: the CUDA tensors' device (None: the current one), for the cuda backend's architecture check."""
     check_name(backend)
     on = set(devices)
     out: list[str] = []
@@ -92,7 +95,35 @@ def reasons(backend: str, op: str, devices: tuple[str, ...], dtypes: tuple[torch
     err = extension_error("_C_cuda")
     if err:
         out.append(err)
+    if not out:  # only now ask the GPU: the checks above are free
+        why = cuda_arch_reason(cuda_index)
+        if why:
+            out.append(why)
     return out
+
+
+_CAPABILITIES: dict[int, tuple[int, int]] = {}
+
+
+def cuda_capability(index: int | None = None) -> tuple[int, int]:
+    """Compute capability of CUDA device ``index`` (None: the current device), cached per device."""
+    if index is None:
+        index = torch.cuda.current_device()
+    if index not in _CAPABILITIES:
+        _CAPABILITIES[index] = tuple(torch.cuda.get_device_capability(index))
+    return _CAPABILITIES[index]
+
+
+def cuda_arch_reason(index: int | None = None) -> str | None:
+    """Why the CUDA build cannot run on device ``index``: e.g. "structure_ops._C_cuda was built for sm_90a,
+    this GPU is sm_100 ..."; None when the build's targets run on it, or when they are unknown (then the
+    kernels' own "no kernel image" error is the report)."""
+    from ._build import arch_mismatch
+
+    targets = cuda_targets()
+    if not targets or not torch.cuda.is_available():
+        return None
+    return arch_mismatch(targets, cuda_capability(index))
 
 
 def describe(tensors) -> str:
@@ -103,10 +134,16 @@ def _signature(tensors) -> tuple[tuple[str, ...], tuple[torch.dtype, ...]]:
     return tuple(sorted({t.device.type for t in tensors})), tuple({t.dtype: None for t in tensors})
 
 
+def _cuda_index(tensors) -> int | None:
+    return next((t.device.index for t in tensors if t.device.type == "cuda"), None)
+
+
 @torch.compiler.assume_constant_result
-def _select(op: str, backend: str, devices: tuple[str, ...], dtypes: tuple[torch.dtype, ...]) -> str:
+def _select(
+    op: str, backend: str, devices: tuple[str, ...], dtypes: tuple[torch.dtype, ...], cuda_index: int | None = None
+) -> str:
     """The chosen backend's name, or "!" + the explanation. Evaluated once per signature under
-    torch.compile (so the registry's imports and environment lookups never enter a graph)."""
+    torch.compile (so the registry's imports, environment lookups and device queries never enter a graph)."""
     requested = backend
     if backend == "auto":
         backend = os.environ.get("STRUCTURE_OPS_BACKEND", "auto") or "auto"
@@ -114,16 +151,16 @@ def _select(op: str, backend: str, devices: tuple[str, ...], dtypes: tuple[torch
         for name in AUTO_ORDER:
             if name == "triton" and "cuda" not in devices:
                 continue  # the interpreter is for tests: CPU tensors reach Triton only when asked for by name
-            if not reasons(name, op, devices, dtypes):
+            if not reasons(name, op, devices, dtypes, cuda_index):
                 return name
     if backend not in BACKENDS:
         via = " (from STRUCTURE_OPS_BACKEND)" if requested == "auto" else ""
         return f"!backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}{via}"
-    if not reasons(backend, op, devices, dtypes):
+    if not reasons(backend, op, devices, dtypes, cuda_index):
         return backend
     lines = [f"backend={backend!r}" + (" (from STRUCTURE_OPS_BACKEND)" if requested == "auto" else "") + " cannot run them:"]
     for name in BACKENDS:
-        r = reasons(name, op, devices, dtypes)
+        r = reasons(name, op, devices, dtypes, cuda_index)
         lines.append(f"  {name}: " + ("available" if not r else "; ".join(r)))
     return "!" + "\n".join(lines)
 
@@ -134,7 +171,7 @@ def select(op: str, backend: str, tensors) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     devices, dtypes = _signature(tensors)
-    name = _select(op, backend, devices, dtypes)
+    name = _select(op, backend, devices, dtypes, _cuda_index(tensors))
     if name.startswith("!"):
         raise RuntimeError(f"{op}: inputs [{describe(tensors)}]: {name[1:]}")
     return name
@@ -143,4 +180,4 @@ def select(op: str, backend: str, tensors) -> str:
 def availability(op: str, tensors) -> dict[str, list[str]]:
     """{backend: reasons} for ``op`` on ``tensors`` (used by ``python -m structure_ops.info``)."""
     devices, dtypes = _signature(tensors)
-    return {name: reasons(name, op, devices, dtypes) for name in BACKENDS}
+    return {name: reasons(name, op, devices, dtypes, _cuda_index(tensors)) for name in BACKENDS}

@@ -232,6 +232,8 @@ def extension_error(name: str) -> str | None:
             _check_build_info()
         except ImportError as exc:
             _EXTENSIONS[name] = f"structure_ops.{name} is not built or failed to load ({exc})"
+        except Exception as exc:  # noqa: BLE001 - e.g. a registration error: report it, never fail the import
+            _EXTENSIONS[name] = f"structure_ops.{name} failed to load ({type(exc).__name__}: {exc})"
     return _EXTENSIONS[name]
 
 
@@ -263,6 +265,69 @@ def _check_build_info() -> None:
         )
 
 
-# Register the CPU kernels now, so torch.ops.structure_ops.* work right after `import structure_ops`
-# (a missing build is reported by the registry and `python -m structure_ops.info`, not raised here).
+_CUDA_TARGETS: list = []
+
+
+def cuda_targets() -> list[str] | None:
+    """The CUDA targets the build of structure_ops._C_cuda contains ("sm_90a": machine code, "compute_90":
+    PTX), from the build metadata; None when unknown (no metadata, or a build from before it was recorded)."""
+    if not _CUDA_TARGETS:
+        info = build_info() or {}
+        targets = info.get("cuda_targets")
+        _CUDA_TARGETS.append(list(targets) if isinstance(targets, list) and targets else None)
+    return _CUDA_TARGETS[0]
+
+
+ALLOW_MISSING_CUDA_ENV = "STRUCTURE_OPS_ALLOW_MISSING_CUDA_EXT"
+
+
+def cuda_build_problem(cuda_available: bool, ext_error: str | None, capability=None, targets=None) -> str | None:
+    """Why a machine with a GPU cannot run the CUDA backend it should have, or None.
+
+    On a machine where torch sees a GPU, a missing or unloadable structure_ops._C_cuda, or a build whose
+    targets do not run on the GPU (``capability``, ``targets`` as from ``cuda_targets()``), would turn every
+    CUDA test into a skip: a false green. The test-suite fails at start-up on such a problem unless
+    STRUCTURE_OPS_ALLOW_MISSING_CUDA_EXT=1. Without a GPU there is nothing to check (None).
+    """
+    if not cuda_available:
+        return None
+    if ext_error:
+        return (f"a CUDA GPU is visible but {ext_error}; build it with `STRUCTURE_OPS_BUILD_CUDA=1 "
+                "pip install --no-build-isolation -e .`")
+    if capability is not None:
+        from ._build import arch_mismatch
+
+        return arch_mismatch(targets, capability)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton implementations of the structure_ops::triton_* ops, registered here at import for CUDA tensors
+# (and CPU tensors: the interpreter) as thin wrappers that import structure_ops._triton.ops, and with it
+# triton, on their first call. So raw torch.ops.structure_ops.triton_* work on CUDA tensors right after
+# `import structure_ops`, and importing the package still never imports triton. structure_ops/_triton/ops.py
+# holds the host functions (TRITON_IMPLS) and registers nothing itself: a second registration of the same
+# op and dispatch key raises on torch < 2.12.
+# ---------------------------------------------------------------------------------------------------
+TRITON_OPS = ("triton_structure_fwd", "triton_clip_fwd", "triton_clip_bwd", "triton_knn", "triton_siglip_fwd")
+
+
+def _triton_kernel(op: str):
+    def kernel(*args):
+        from ._triton import ops as impls  # the first call imports triton and compiles nothing yet
+
+        return impls.TRITON_IMPLS[op](*args)
+
+    kernel.__name__ = kernel.__qualname__ = f"{op}_kernel"
+    return kernel
+
+
+for _op in TRITON_OPS:
+    torch.library.register_kernel(f"structure_ops::{_op}", ("cuda", "cpu"), _triton_kernel(_op))
+
+
+# Register every compiled implementation now, so torch.ops.structure_ops.* work on CPU and CUDA tensors
+# right after `import structure_ops`. Loading an extension neither imports triton nor queries CUDA; a missing
+# or broken build is reported by the registry and `python -m structure_ops.info`, not raised here.
 extension_error("_C")
+extension_error("_C_cuda")

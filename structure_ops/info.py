@@ -13,8 +13,8 @@ import sys
 import torch
 
 from . import __version__
-from ._backends import AUTO_ORDER, OPS, _select, _signature, availability
-from ._ops import build_info, extension_error
+from ._backends import AUTO_ORDER, OPS, _select, _signature, availability, cuda_arch_reason
+from ._ops import build_info, cuda_targets, extension_error
 
 
 def _version(module: str) -> str:
@@ -36,23 +36,29 @@ def report() -> str:
         f"CPU threads: {torch.get_num_threads()}; float32 matmul precision: {torch.get_float32_matmul_precision()}",
     ]
     cuda = torch.cuda.is_available()
-    if cuda:
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            lines.append(f"GPU {i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, sm_{p.major}{p.minor}")
-    else:
-        lines.append("GPU: none visible")
     lines.append(f"build: {build_info() or 'no build metadata (extension not built from this tree)'}")
     for ext in ("_C", "_C_cuda"):
         err = extension_error(ext)
         lines.append(f"extension structure_ops.{ext}: " + ("loaded" if err is None else err))
+    targets = cuda_targets()
+    lines.append(f"CUDA build targets: {', '.join(targets) if targets else 'none recorded'}")
+    if cuda:
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"GPU {i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, sm_{p.major}{p.minor}")
+            if targets and extension_error("_C_cuda") is None:
+                why = cuda_arch_reason(i)
+                lines.append("    the CUDA build runs on it" if why is None else f"    {why}")
+    else:
+        lines.append("GPU: none visible")
     lines.append(f"auto order: {' > '.join(AUTO_ORDER)}")
     devices = ["cpu"] + (["cuda"] if cuda else [])
     for device in devices:
         sample = (torch.empty(2, 2, device=device),)
         for op in OPS:
             devs, dtypes = _signature(sample)
-            lines.append(f"[{op} on {device} float32] auto -> {_select(op, 'auto', devs, dtypes)}")
+            index = 0 if device == "cuda" else None
+            lines.append(f"[{op} on {device} float32] auto -> {_select(op, 'auto', devs, dtypes, index)}")
             for name, why in availability(op, sample).items():
                 lines.append(f"    {name:9s} " + ("OK" if not why else "no: " + "; ".join(why)))
     return "\n".join(lines)

@@ -13,7 +13,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from helpers import require_cpu_extension  # noqa: E402
+from helpers import cuda_setup_problem, require_cpu_extension  # noqa: E402
+
+
+def pytest_configure(config):
+    """On a machine with a GPU, a CUDA extension that is missing, does not load or was built for other GPUs
+    fails the run here, before any test: otherwise every CUDA test would skip (a false green). Set
+    STRUCTURE_OPS_ALLOW_MISSING_CUDA_EXT=1 to run without it (the CUDA tests then skip, with their reason)."""
+    problem = cuda_setup_problem()
+    if problem:
+        raise pytest.UsageError(f"{problem}. (Set STRUCTURE_OPS_ALLOW_MISSING_CUDA_EXT=1 to run the tests without it.)")
 
 
 @pytest.fixture(autouse=True)

@@ -66,6 +66,21 @@ def random_orthogonal(d: int, seed: int = 0) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))  # Haar-distributed, det ±1
 
 
+def cuda_setup_problem(environ=None) -> str | None:
+    """Why this machine's CUDA set-up would make the CUDA tests skip although a GPU is visible (conftest fails
+    the run on it), or None: no GPU, STRUCTURE_OPS_ALLOW_MISSING_CUDA_EXT=1, or a loadable build covering the GPU."""
+    import os
+
+    from structure_ops._ops import ALLOW_MISSING_CUDA_ENV, cuda_build_problem, cuda_targets, extension_error
+
+    environ = os.environ if environ is None else environ
+    if environ.get(ALLOW_MISSING_CUDA_ENV) == "1" or not torch.cuda.is_available():
+        return None
+    err = extension_error("_C_cuda")
+    capability = None if err else tuple(torch.cuda.get_device_capability())
+    return cuda_build_problem(True, err, capability, cuda_targets())
+
+
 def require_cpu_extension() -> None:
     """The CPU suite needs the C++ extension; a missing build is a failure here, never a skip."""
     err = structure_ops._ops.extension_error("_C")

@@ -1,13 +1,18 @@
-"""Compile every CUDA source of csrc/cuda with nvcc for sm_80 and sm_90a, without a GPU and against the
-headers of whatever torch is installed (the CPU wheel works; see docs/building.md), and report registers and
-spills per kernel from ``-Xptxas -v``. CI runs it; any compile error fails the run (and spills with
---no-spills).
+"""Compile every CUDA source of csrc/cuda with nvcc the way the GPU machine's build does, without a GPU and
+against the headers of whatever torch is installed (the CPU wheel works; see docs/building.md), and report
+registers and spills per kernel from ``-Xptxas -v``. CI runs it; any compile error fails the run (and spills
+with --no-spills).
 
-    python tools/nvcc_check.py [--arch 80 --arch 90a] [--jobs 2] [--no-spills] [files...]
+    python tools/nvcc_check.py [--arch-list "8.0;9.0a"] [--std c++17] [--jobs 2] [--no-spills] [files...]
 
-The CPU torch wheel lacks c10/cuda/impl/cuda_cmake_macros.h: -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in
-for it, and the sources avoid ATen/cuda/CUDAContext.h (c10/cuda/CUDAStream.h and CUDAGuard.h are enough).
-The real build, link and run happen with a CUDA torch on the GPU machine (pip install -e .).
+The command mirrors ``pip install --no-build-isolation -e .`` with STRUCTURE_OPS_BUILD_CUDA=1 on the GPU machine
+(torch 2.11): torch's own nvcc flags (cpp_extension.COMMON_NVCC_FLAGS, -fPIC, the -gencode list torch makes of
+TORCH_CUDA_ARCH_LIST, -DTORCH_API_INCLUDE_EXTENSION_H, -DTORCH_EXTENSION_NAME), the flags setup.py adds
+(structure_ops/_build.py: nvcc_flags) and -std=c++17, torch 2.11's standard for extensions (torch >= 2.13 uses
+c++20; --std c++20 checks that). The CPU torch wheel lacks c10/cuda/impl/cuda_cmake_macros.h:
+-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for it (only when it is missing), and the sources avoid
+ATen/cuda/CUDAContext.h (c10/cuda/CUDAStream.h and CUDAGuard.h are enough). The real build, link and run
+happen with a CUDA torch on the GPU machine.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -34,14 +40,44 @@ def find_nvcc() -> str | None:
     return None
 
 
-def command(nvcc: str, src: str, archs: list[str], out: str) -> list[str]:
-    import torch
+def _build_module():
+    spec = importlib.util.spec_from_file_location("_structure_ops_build", os.path.join(ROOT, "structure_ops", "_build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
-    inc = os.path.join(os.path.dirname(torch.__file__), "include")
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    return [nvcc, "-std=c++20", "-O3", "-c", src, "-o", out, *gencode, "-Xptxas", "-v",
-            "-I", inc, "-I", os.path.join(inc, "torch", "csrc", "api", "include"), "-I", sysconfig.get_paths()["include"],
-            "-I", os.path.join(ROOT, "csrc"), "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DTORCH_EXTENSION_NAME=_C_cuda"]
+
+def arch_flags(arch_list: str) -> list[str]:
+    """The -gencode flags torch's build makes of TORCH_CUDA_ARCH_LIST=arch_list."""
+    from torch.utils import cpp_extension
+
+    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    try:
+        return cpp_extension._get_cuda_arch_flags()
+    finally:
+        if old is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = old
+
+
+def flags(arch_list: str, std: str) -> list[str]:
+    """Everything but the nvcc path, the source and the output: includes, defines, torch's and setup.py's flags."""
+    import torch
+    from torch.utils import cpp_extension
+
+    includes = list(cpp_extension.include_paths()) + [sysconfig.get_paths()["include"], os.path.join(ROOT, "csrc")]
+    defines = ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C_cuda"]
+    torch_inc = os.path.join(os.path.dirname(torch.__file__), "include")
+    if not os.path.exists(os.path.join(torch_inc, "c10", "cuda", "impl", "cuda_cmake_macros.h")):
+        defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")  # the CPU wheel
+    return ([f"-I{p}" for p in includes] + defines + list(cpp_extension.COMMON_NVCC_FLAGS)
+            + ["--compiler-options", "-fPIC"] + _build_module().nvcc_flags(False) + arch_flags(arch_list) + [f"-std={std}"])
+
+
+def command(nvcc: str, src: str, common: list[str], out: str) -> list[str]:
+    return [nvcc, "-c", src, "-o", out, *common]
 
 
 def _demangle(names: list[str]) -> dict[str, str]:
@@ -88,20 +124,30 @@ def parse_ptxas(text: str) -> list[dict]:
     return rows
 
 
-def compile_one(nvcc: str, src: str, archs: list[str], tmp: str) -> dict:
+def compile_one(nvcc: str, src: str, common: list[str], tmp: str) -> dict:
     out = os.path.join(tmp, os.path.basename(src) + ".o")
     t = time.perf_counter()
-    proc = subprocess.run(command(nvcc, src, archs, out), capture_output=True, text=True)
+    proc = subprocess.run(command(nvcc, src, common, out), capture_output=True, text=True)
     return {"file": os.path.relpath(src, ROOT), "ok": proc.returncode == 0, "seconds": time.perf_counter() - t,
             "log": proc.stdout + proc.stderr, "kernels": parse_ptxas(proc.stdout + proc.stderr)}
+
+
+def _legacy_arch(a: str) -> str:
+    """--arch 90a -> "9.0a" (the TORCH_CUDA_ARCH_LIST spelling)."""
+    m = re.fullmatch(r"(\d+)(\d)([af]?)", a)
+    if not m:
+        raise SystemExit(f"--arch takes e.g. 80 or 90a, got {a!r}")
+    return f"{m.group(1)}.{m.group(2)}{m.group(3)}"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="*", help="sources (default: csrc/cuda/*.cu and *.cpp)")
-    p.add_argument("--arch", action="append", help="e.g. 80, 90a (repeatable; default 80 and 90a)")
+    p.add_argument("--arch-list", help='TORCH_CUDA_ARCH_LIST to mirror (default: setup.py\'s, "8.0;9.0a")')
+    p.add_argument("--arch", action="append", help="e.g. 80, 90a (repeatable; shorthand for --arch-list)")
+    p.add_argument("--std", default=None, help="C++ standard (default c++17: what the GPU machine's torch 2.11 uses)")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--no-spills", action="store_true")
+    p.add_argument("--no-spills", action="store_true", help="fail on any register spill")
     a = p.parse_args(argv)
     nvcc = find_nvcc()
     if nvcc is None:
@@ -111,11 +157,14 @@ def main(argv=None) -> int:
     if not files:
         print("no CUDA sources in csrc/cuda", file=sys.stderr)
         return 1
-    archs = a.arch or ["80", "90a"]
+    build = _build_module()
+    arch_list = a.arch_list or (";".join(_legacy_arch(x) for x in a.arch) if a.arch else build.DEFAULT_CUDA_ARCHS)
+    common = flags(arch_list, a.std or build.CUDA_STD)
+    print("nvcc " + " ".join(command(nvcc, "<source>", common, "<object>")[1:]), flush=True)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp, cf.ThreadPoolExecutor(max(1, a.jobs)) as pool:
-        results = list(pool.map(lambda f: compile_one(nvcc, f, archs, tmp), files))
+        results = list(pool.map(lambda f: compile_one(nvcc, f, common, tmp), files))
     failed, spilled = [], []
     for r in results:
         print(f"{r['file']}: {'ok' if r['ok'] else 'FAILED'} ({r['seconds']:.0f} s)")
@@ -127,7 +176,8 @@ def main(argv=None) -> int:
             print(f"    {k['arch']:7s} {k['regs'] if k['regs'] is not None else '?':>4} regs {k['spill_bytes']:6d} B spilled  {k['kernel']}{flag}")
             if k["spill_bytes"]:
                 spilled.append(k)
-    print(f"\n{len(results) - len(failed)}/{len(results)} sources compiled for {', '.join('sm_' + x for x in archs)}; "
+    targets = build.targets_from_gencode(common)
+    print(f"\n{len(results) - len(failed)}/{len(results)} sources compiled for {', '.join(targets)} with -std={a.std or build.CUDA_STD}; "
           f"{len(spilled)} kernel builds with register spills")
     return 1 if failed or (a.no_spills and spilled) else 0
 

@@ -1,20 +1,16 @@
-"""Registers the Triton host functions as implementations of the structure_ops::triton_* ops.
+"""The Triton host functions that implement the structure_ops::triton_* ops (TRITON_IMPLS).
 
-Schemas, fake kernels and autograd live in structure_ops/_ops.py (shared with the C++ backends). The
-implementations are registered for CUDA tensors and, for the interpreter (TRITON_INTERPRET=1, tests without a
-GPU), for CPU tensors; the registry only routes CPU tensors here when backend="triton" is explicit.
+Schemas, fake kernels, autograd and the registration live in structure_ops/_ops.py (shared with the C++
+backends). The implementations are registered for CUDA tensors and, for the interpreter (TRITON_INTERPRET=1,
+tests without a GPU), for CPU tensors; the registry only routes CPU tensors here when backend="triton" is explicit.
 """
 
 from __future__ import annotations
-
-import torch
 
 from . import clip as _clip
 from . import knn as _knn
 from . import siglip as _siglip
 from . import structure as _structure
-
-_DEVICES = ("cuda", "cpu")
 
 
 def _structure_fwd(xh, zh, levels, temperature, weighting, margin, similarity, gamma, divergence, eps, mode, grad_x, grad_z):
@@ -36,14 +32,18 @@ def _knn_op(a, k):
     return _knn.knn(a.contiguous(), k)
 
 
-torch.library.register_kernel("structure_ops::triton_structure_fwd", _DEVICES, _structure_fwd)
-torch.library.register_kernel("structure_ops::triton_clip_fwd", _DEVICES, _clip_fwd)
-torch.library.register_kernel("structure_ops::triton_clip_bwd", _DEVICES, _clip_bwd)
-torch.library.register_kernel("structure_ops::triton_knn", _DEVICES, _knn_op)
-
-
 def _siglip_fwd(image, text, logit_scale, logit_bias, row_offset, grad_image, grad_text):
     return _siglip.siglip_fwd(image.contiguous(), text.contiguous(), logit_scale, logit_bias, row_offset, grad_image, grad_text)
 
 
-torch.library.register_kernel("structure_ops::triton_siglip_fwd", _DEVICES, _siglip_fwd)
+# The implementations of the structure_ops::triton_* ops. structure_ops/_ops.py registers them at import
+# (for CUDA and CPU tensors) as wrappers that import this module on their first call: this module must not
+# register them again (a second registration of an op and dispatch key raises on torch < 2.12). A new
+# triton_* op goes into this table and into structure_ops._ops.TRITON_OPS.
+TRITON_IMPLS = {
+    "triton_structure_fwd": _structure_fwd,
+    "triton_clip_fwd": _clip_fwd,
+    "triton_clip_bwd": _clip_bwd,
+    "triton_knn": _knn_op,
+    "triton_siglip_fwd": _siglip_fwd,
+}
