@@ -491,23 +491,24 @@ def siglip_loss(
     if k == 1:
         _grad_scale(grad_mode, 1)
         return F_.siglip_loss(image, text, logit_scale, logit_bias, normalize=normalize, backend=backend)
-    error = None
+    error, name, values = None, None, None
     try:
-        F_._check_pair("image", image, "text", text, min_rows=0, same_width=True)
+        F_._check_pair("image", image, "text", text, min_rows=0, same_width=True, mixed_dtype=True)
+        image, text = F_._promote(image, text)
         scale = F_._clip_scale(logit_scale, image, normalize).reshape(())
         bias = F_._clip_scale(logit_bias, image, normalize, name="logit_bias").reshape(())
-        _backends.check_name(backend)
+        values = (("logit_scale", float(scale.detach())), ("logit_bias", float(bias.detach())))  # compared across ranks
+        name = F_._select("siglip_loss", backend, (image, text, scale, bias))
         c = _grad_scale(grad_mode, k)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
         error = exc
-    sizes = _exchange("siglip_loss", group, {"image": image, "text": text}, error, (normalize, grad_mode, backend))
+    sizes = _exchange("siglip_loss", group, {"image": image, "text": text}, error, (normalize, grad_mode, name, values))
     if normalize:  # row-local: normalize before gathering
         image = _reference.normalize_rows(image)
         text = _reference.normalize_rows(text)
     tg = _gather(text, sizes, group)
     rank = dist.get_rank(group)
     start, n = sum(sizes[:rank]), sum(sizes)
-    name = _backends.select("siglip_loss", backend, (image, tg))
     if name == "reference":
         partial = _siglip_partial_torch(image, tg, scale, bias, start, n).to(image.dtype)
     else:

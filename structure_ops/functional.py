@@ -334,13 +334,15 @@ def siglip_loss(
         backend: see :func:`structure_loss`.
 
     Returns:
-        0-dim tensor, dtype of the inputs. Equivalent to :func:`structure_ops.reference.siglip_loss`.
+        0-dim tensor in the wider of the inputs' dtypes (mixed dtypes compute there; each gradient comes
+        back in its input's dtype). Equivalent to :func:`structure_ops.reference.siglip_loss`.
     """
-    _check_pair("image", image, "text", text, same_width=True)
+    _check_pair("image", image, "text", text, same_width=True, mixed_dtype=True)
+    image, text = _promote(image, text)
     scale = _clip_scale(logit_scale, image, normalize)
     bias = _clip_scale(logit_bias, image, normalize, name="logit_bias")
 
-    name = _backends.select("siglip_loss", backend, (image, text))
+    name = _select("siglip_loss", backend, (image, text, scale, bias))
     if name == "reference":
         return _reference.siglip_loss(image, text, scale.reshape(()), bias.reshape(()), normalize=normalize).reshape(())
     if normalize:

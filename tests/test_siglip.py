@@ -333,7 +333,6 @@ def test_bad_inputs(backend):
         ((a, torch.ones(5, 3, dtype=F64), 1.0, 0.0), ValueError, r"image and text must have the same number of rows N"),
         ((a, torch.ones(4, 5, dtype=F64), 1.0, 0.0), ValueError, r"image and text must have the same width"),
         ((a, a[0], 1.0, 0.0), ValueError, r"text must be a 2-D \(N, d\) tensor"),
-        ((a, a.float(), 1.0, 0.0), TypeError, r"image and text must have the same dtype"),
         ((a.long(), a.long(), 1.0, 0.0), TypeError, r"image must have a floating-point dtype"),
         ((a[:1], a[:1], 1.0, 0.0), ValueError, r"image needs N >= 2 rows"),
         ((a, a, torch.ones(2, dtype=F64), 0.0), ValueError, r"logit_scale must be a scalar \(one element\)"),

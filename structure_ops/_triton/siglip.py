@@ -28,8 +28,8 @@ block of its side and streaming the other side's rows in column tiles:
 Every output element is written by exactly one program and the partials are summed in a fixed order:
 deterministic, no atomics, no N × N buffer (extra memory O(M/BLOCK_M)). Why two roles rather than emitting
 dA and dB from one tile: that needs a cross-program reduction of dB (atomics, not deterministic) or an
-N × d partial per row block. GEMM FLOPs, C = ⌈d / BLOCK_DO⌉ output chunks (C = 1 for d ≤ 256, 2 at
-d = 512): with gradients (4C + 4) M N d (8 N² d for C = 1), loss only 2 M N d.
+N × d partial per row block. GEMM FLOPs, C = ⌈d / BLOCK_DO⌉ output chunks per role (launch_config: BLOCK_DO
+≤ 256, ≤ 128 for fp32 role 1 and fp64): with gradients (2C₀ + 2C₁ + 4) M N d (8 N² d for C = 1), loss only 2 M N d.
 
 Precision (docs/kernels.md §6): fp32 tiles use tl.dot(input_precision=dot_precision(fp32)); bf16/fp16 use
 tensor cores with fp32 accumulation; fp64 uses fp64 dots. The epilogue runs in fp32 (fp64 for fp64
@@ -43,19 +43,29 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, _add, compute_dtype, dot_precision, log1p, next_pow2, row_sum
+from ._common import (
+    INTERPRET,
+    _add,
+    compute_dtype,
+    device_guard,
+    dot_operand,
+    dot_precision,
+    log1p,
+    next_pow2,
+    row_sum,
+)
 
 __all__ = ["siglip_fwd", "launch_config", "gemm_flops", "AOT_KERNELS"]
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def gemm_flops(m: int, n: int, d: int, grad: bool = True, block_do: int = 256) -> int:
-    """GEMM FLOPs of one call (the module docstring's model)."""
+def gemm_flops(m: int, n: int, d: int, grad: bool = True, block_do: tuple[int, int] = (256, 128)) -> int:
+    """GEMM FLOPs of one call (the module docstring's model; ``block_do`` of roles 0 and 1)."""
     if not grad:
         return 2 * m * n * d
-    c = -(-d // block_do)
-    return (4 * c + 4) * m * n * d
+    c0, c1 = (-(-d // b) for b in block_do)
+    return (2 * c0 + 2 * c1 + 4) * m * n * d
 
 
 @triton.jit
@@ -67,7 +77,7 @@ def _siglip_kernel(
     MX, MY, D, OFFSET, NORM,  # NORM = N (text rows), the loss normalizer
     ROLE: tl.constexpr, GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr = False,
 ):
     # Math (module docstring): for this program's row block I of X and every column block J of Y,
     #   P_IJ = X_I Y_Jᵀ, z = s·P + β, positive pairs: j = o + i (role 0) / i = o + j (role 1, X = B)
@@ -105,6 +115,9 @@ def _siglip_kernel(
             if UPCAST:  # the interpreter miscomputes bf16 dots: feed it fp32 (exact products)
                 x = x.to(tl.float32)
                 y = y.to(tl.float32)
+            # fp32 at TF32: operands rounded to nearest (ties away) as cuBLAS, not truncated (_common.py)
+            x = dot_operand(x, ROUND_TF32)
+            y = dot_operand(y, ROUND_TF32)
             dot = tl.dot(x, tl.trans(y), dot, input_precision=DOT_PRECISION, out_dtype=ACC)
         z = dot * s + beta
         if ROLE == 0:
@@ -125,7 +138,9 @@ def _siglip_kernel(
             yo = tl.load(y_blk + cl[:, None] * D + dos[None, :], mask=col_ok[:, None] & do_ok[None, :], other=0.0)
             if UPCAST:
                 yo = yo.to(tl.float32)
-            out = tl.dot(w.to(yo.dtype), yo, out, input_precision=DOT_PRECISION, out_dtype=ACC)
+            wo = dot_operand(w.to(yo.dtype), ROUND_TF32)
+            yo = dot_operand(yo, ROUND_TF32)
+            out = tl.dot(wo, yo, out, input_precision=DOT_PRECISION, out_dtype=ACC)
         y_blk += BLOCK_N * D
 
     if GRAD:
@@ -179,22 +194,21 @@ def _check(image, text, logit_scale, logit_bias, row_offset: int) -> None:
         raise RuntimeError(f"siglip_fwd (triton): image must be a CUDA tensor, got {image.device}")
 
 
-def launch_config(d: int, dtype: torch.dtype, grad: bool, interpret: bool = INTERPRET) -> dict:
-    """The launch configuration the host uses for width ``d``, input ``dtype`` and gradient flag: the
-    constexpr blocks and num_warps. BLOCK_DO covers all of d up to a cap (one output chunk), so the fp32
-    accumulator fits in registers; with grad=False BLOCK_DO is unused (16)."""
+def launch_config(d: int, dtype: torch.dtype, grad: bool, role: int = 0, interpret: bool = INTERPRET) -> dict:
+    """The launch configuration the host uses for width ``d``, input ``dtype``, gradient flag and owner
+    ``role``: the constexpr blocks and num_warps. BLOCK_DO covers all of d up to a cap (one output chunk), so
+    the fp32 accumulator fits in registers; with grad=False BLOCK_DO is unused (16). The shapes are the ones
+    that ptxas compiles without spills for sm_90 (python -m structure_ops._triton.aot): the fp32/fp64 gradient
+    tiles are 16 columns wide (the epilogue's temporaries plus a BLOCK_M × BLOCK_DO accumulator), role 1 fp32
+    caps BLOCK_DO at 128."""
     if interpret:  # few programs, big blocks: the interpreter pays per program and per op
         bm, bn, bd, w, cap = 32, 32, min(64, max(16, next_pow2(d))), 4, 128
     elif dtype == torch.float64:
-        bm, bn, bd, w, cap = 32, 32, 16, 4, 128
+        bm, bn, bd, w, cap = 32, 16 if grad else 32, 16, 4, 128
     elif dtype == torch.float32:
-        bm, bn, bd, w, cap = 64, 32, 32, 8, 256
-        if not grad:
-            bn = 64
+        bm, bn, bd, w, cap = 64, 16 if grad else 64, 32, 8, 128 if role == 1 else 256
     else:
-        bm, bn, bd, w, cap = 64, 32, 64, 8, 256
-        if not grad:
-            bm, bn = 128, 64
+        bm, bn, bd, w, cap = 64, 32 if grad else 64, 64, 8, 256
     bdo = min(cap, max(16, next_pow2(d))) if grad else 16
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DO": bdo, "num_warps": w}
 
@@ -233,8 +247,8 @@ def siglip_fwd(
     upcast = INTERPRET and a.dtype == torch.bfloat16
     prec = dot_precision(a.dtype)
 
-    def config(grad: bool) -> dict:
-        cfg = launch_config(d, a.dtype, grad)
+    def config(grad: bool, role: int) -> dict:
+        cfg = launch_config(d, a.dtype, grad, role)
         for key, v in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_D", block_d), ("BLOCK_DO", block_do)):
             if v is None or (key == "BLOCK_DO" and not grad):
                 continue
@@ -243,30 +257,31 @@ def siglip_fwd(
             cfg[key] = v
         return cfg
 
-    if m == 0:  # an empty row shard: its part of the loss and of every gradient is 0
-        zero = torch.zeros((), device=dev, dtype=torch.float64)
-        parts = (zero, zero, zero)
-        if grad_text:
-            db.zero_()
-    else:
-        cfg = config(grad_image)
-        warps = cfg.pop("num_warps")
-        nrb = triton.cdiv(m, cfg["BLOCK_M"])
-        part = torch.empty((3, nrb), device=dev, dtype=torch.float64)
-        chunks = triton.cdiv(d, cfg["BLOCK_DO"]) if grad_image else 1
-        _siglip_kernel[(nrb, chunks)](
-            a, b, s, beta, da, part, m, n, d, row_offset, n,
-            ROLE=0, GRAD=grad_image, DOT_PRECISION=prec, UPCAST=upcast, num_warps=warps, **cfg,
-        )  # fmt: skip
-        parts = part.sum(dim=1).unbind()
-        if grad_text:
-            cfg = config(True)
+    with device_guard(dev):  # Triton launches on the current CUDA device: the inputs' one
+        if m == 0:  # an empty row shard: its part of the loss and of every gradient is 0
+            zero = torch.zeros((), device=dev, dtype=torch.float64)
+            parts = (zero, zero, zero)
+            if grad_text:
+                db.zero_()
+        else:
+            cfg = config(grad_image, 0)
             warps = cfg.pop("num_warps")
-            grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
-            _siglip_kernel[grid](
-                b, a, s, beta, db, part, n, m, d, row_offset, n,
-                ROLE=1, GRAD=True, DOT_PRECISION=prec, UPCAST=upcast, num_warps=warps, **cfg,
+            nrb = triton.cdiv(m, cfg["BLOCK_M"])
+            part = torch.empty((3, nrb), device=dev, dtype=torch.float64)
+            chunks = triton.cdiv(d, cfg["BLOCK_DO"]) if grad_image else 1
+            _siglip_kernel[(nrb, chunks)](
+                a, b, s, beta, da, part, m, n, d, row_offset, n,
+                ROLE=0, GRAD=grad_image, DOT_PRECISION=prec, UPCAST=upcast, ROUND_TF32=prec == "tf32", num_warps=warps, **cfg,
             )  # fmt: skip
+            parts = part.sum(dim=1).unbind()
+            if grad_text:
+                cfg = config(True, 1)
+                warps = cfg.pop("num_warps")
+                grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+                _siglip_kernel[grid](
+                    b, a, s, beta, db, part, n, m, d, row_offset, n,
+                    ROLE=1, GRAD=True, DOT_PRECISION=prec, UPCAST=upcast, ROUND_TF32=prec == "tf32", num_warps=warps, **cfg,
+                )  # fmt: skip
     loss = (parts[0] / n).to(image.dtype)
     gs = (parts[1] / n).reshape(logit_scale.shape).to(device=logit_scale.device, dtype=logit_scale.dtype)
     gb = (parts[2] / n).reshape(logit_bias.shape).to(device=logit_bias.device, dtype=logit_bias.dtype)
@@ -288,20 +303,21 @@ def aot_configs() -> list[tuple]:
         precs = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
         for prec in precs:
             launches = [(0, False, 16)]
-            for d in (16, 32, 64, 128, 256):  # next_pow2(d) below the cap, then the cap itself
-                cfg = launch_config(d, dtype, True, interpret=False)
-                if cfg["BLOCK_DO"] == d:
-                    launches += [(0, True, d), (1, True, d)]
+            for role in (0, 1):
+                for d in (16, 32, 64, 128, 256):  # BLOCK_DO = next_pow2(d) below the cap, then the cap itself
+                    if launch_config(d, dtype, True, role, interpret=False)["BLOCK_DO"] == d:
+                        launches.append((role, True, d))
             for role, grad, width in launches:
-                cfg = launch_config(width, dtype, grad, interpret=False)
+                cfg = launch_config(width, dtype, grad, role, interpret=False)
                 warps = cfg.pop("num_warps")
                 sig = {
                     "x_ptr": ptr, "y_ptr": ptr, "s_ptr": stat, "beta_ptr": stat, "out_ptr": ptr, "part_ptr": "*fp64",
                     "MX": "i32", "MY": "i32", "D": "i32", "OFFSET": "i32", "NORM": "i32",
                     "ROLE": "constexpr", "GRAD": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                     "BLOCK_D": "constexpr", "BLOCK_DO": "constexpr", "DOT_PRECISION": "constexpr", "UPCAST": "constexpr",
+                    "ROUND_TF32": "constexpr",
                 }  # fmt: skip
-                const = {"ROLE": role, "GRAD": grad, **cfg, "DOT_PRECISION": prec, "UPCAST": False}
+                const = {"ROLE": role, "GRAD": grad, **cfg, "DOT_PRECISION": prec, "UPCAST": False, "ROUND_TF32": prec == "tf32"}
                 entries.append((_siglip_kernel, sig, const, {"num_warps": warps}))
     return entries
 
