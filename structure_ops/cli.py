@@ -290,9 +290,15 @@ def _cmd_select(a) -> None:
     m, img, txt = _load_run(a.run)
     rows = m["splits"]["train"]
     image_rows = [m["image_of"][j] for j in rows]
+    import warnings
+
     k = int(a.k) if a.k.isdigit() else a.k
-    scores = score_layers({n: t[image_rows] for n, t in img.items()}, {n: t[rows] for n, t in txt.items()},
-                          metric=a.metric, k=k, subset=a.subset, seed=a.seed, backend=a.backend)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        scores = score_layers({n: t[image_rows] for n, t in img.items()}, {n: t[rows] for n, t in txt.items()},
+                              metric=a.metric, k=k, subset=a.subset, seed=a.seed, backend=a.backend)
+    for w in caught:
+        print(f"structure-ops select-layers: warning: {w.message}", file=sys.stderr)
     scores.provenance = selection_provenance(a.run, m)
     scores.save(a.run)
     layer_heatmap(scores, Path(a.run) / "layer_scores.png")

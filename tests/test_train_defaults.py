@@ -92,7 +92,7 @@ def test_best_epoch_and_patience_ignore_the_ramp():
 def test_restored_epoch_near_initialisation_warns():
     xi, xt = _toy(96)
     _, res, notes = _fit(val=(xi[:24], xt[:24].flip(0)), warmup=0, lam=0.0, patience=30, epochs=30, lr=3e-2)
-    assert res.best_epoch <= 2 and any("close to the start of training" in n for n in notes)
+    assert res.best_epoch <= 2 and any("close to the initialisation" in n for n in notes)
 
 
 def test_nan_features_and_a_diverging_loss_are_errors():

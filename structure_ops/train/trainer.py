@@ -469,9 +469,10 @@ class Trainer:
         if history and best_state is not None:
             first = next(h["epoch"] for h in history if h.get("full_lambda", True))
             if len(history) >= 20 and best_epoch - first < max(2, len(history) // 20):
-                self._note(f"the restored best epoch ({best_epoch}) is close to the start of training at full λ "
-                           f"(epoch {first}; {len(history)} epochs run): the heads barely moved from their "
-                           f"initialisation; check --lr (default: LR range test), --epochs and the validation split")
+                where = "the end of the λ warm-up" if first > 1 else "the initialisation"
+                self._note(f"the restored best epoch ({best_epoch}) is close to {where} (epoch {first} is the first "
+                           f"at full λ; {len(history)} epochs run): the validation loss only rose after it; check --lr "
+                           f"(default: LR range test), the warm-up, λ and the validation split")
         for h in heads:
             h.eval()
         if self.rank == 0 and self.out_dir is not None:
