@@ -264,13 +264,80 @@ def test_knn_checks():
 
 
 def test_aot_entries_are_well_formed():
-    """Every AOT entry names each kernel argument once and gives a value to each constexpr."""
-    assert len(tclip.AOT_NUM_WARPS) == len(tclip.AOT_KERNELS) and len(tknn.AOT_NUM_WARPS) == len(tknn.AOT_KERNELS)
-    for fn, sig, const in tclip.AOT_KERNELS + tknn.AOT_KERNELS:
+    """Every AOT entry names each kernel argument once, gives a value to each constexpr and the launch options."""
+    for fn, sig, const, opts in tclip.AOT_KERNELS + tknn.AOT_KERNELS:
         assert list(sig) == fn.arg_names
         assert {k for k, v in sig.items() if v == "constexpr"} == set(const)
         fn = getattr(fn, "fn", fn)  # the Python function under the JIT / interpreter wrapper
         assert {name for name, ann in fn.__annotations__.items() if "constexpr" in str(ann)} == set(const)
+        assert opts["num_warps"] in (4, 8)
+    # every dtype and both fp32 dot modes (IEEE; TF32 with rounded operands)
+    fp32 = {(c["DOT_PRECISION"], c["ROUND_TF32"]) for _, sig, c, _ in tclip.AOT_KERNELS if sig.get("a_ptr") == "*fp32"}
+    assert fp32 == {("ieee", False), ("tf32", True)}
+    assert {sig["a_ptr"] for _, sig, _, _ in tknn.AOT_KERNELS} == {"*fp32", "*bf16", "*fp16"}
+    assert {c["KP"] for _, _, c, _ in tknn.AOT_KERNELS} == {2**i for i in range(1, 8)}
+
+
+# --------------------------------------------------------------------------------------------------
+# TF32 ("high"): the kernels round fp32 operands to nearest (ties away), as cuBLAS, before the tf32 dot
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def precision_high():
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(old)
+
+
+def test_knn_tf32_orders_by_rounded_similarities(precision_high):
+    # Row 0 = e₀, so sim(0, j) = a_j[0], which is chosen between tf32 values (ulp 2⁻¹⁰ at 1): 1 + 0.3u (j = 1),
+    # 1 + 0.45u (j = 2), 1 + 0.7u (j = 3). Exact order 3, 2, 1; rounded to nearest (RNA) 1 + u, 1, 1 → 3, 1, 2 (ties:
+    # lower index); truncated 1, 1, 1 → 1, 2, 3. The kernel must give the rounded order (what the hardware gives
+    # for pre-rounded operands, and what cuBLAS TF32 gives).
+    n, d, u = 12, 5, 2.0**-10
+    g = torch.Generator().manual_seed(0)
+    a = 0.3 * torch.rand(n, d, generator=g, dtype=F64)
+    a[0] = 0.0
+    a[0, 0] = 1.0
+    for j, frac in ((1, 0.3), (2, 0.45), (3, 0.7)):
+        a[j, 0] = 1.0 + frac * u
+    from emulation import hardware as hw
+
+    want = reference.knn(hw.tf32_round(a), 3)[0].tolist()
+    assert want == [3, 1, 2]
+    assert reference.knn(a, 3)[0].tolist() == [3, 2, 1] and reference.knn(hw.tf32_truncate(a), 3)[0].tolist() == [1, 2, 3]
+    out = tknn.knn(a.to(DEV, torch.float32), 3, path="fused")
+    assert out[0].tolist() == want
+
+
+def test_clip_tf32_matches_the_rounded_operand_model(precision_high):
+    # Loss at "high" = the float64 oracle on tf32-rounded (RNA) operands to fp32 accuracy, and far from the model of
+    # truncated operands; the gradients (whose E operand is rounded too) within the model-derived tolerance.
+    from emulation import hardware as hw
+
+    n, d = 37, 64
+    a, b = _clip_data(n, d, seed=3)
+    a, b = a.float().double(), b.float().double()
+    scale = 20.0
+
+    def oracle(x, y):
+        xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+        loss = reference.clip_loss(xr, yr, scale, normalize=False)
+        return (loss.detach(), *torch.autograd.grad(loss, (xr, yr)))
+
+    exact = oracle(a, b)
+    rounded = oracle(hw.tf32_round(a), hw.tf32_round(b))
+    trunc = oracle(hw.tf32_truncate(a), hw.tf32_truncate(b))
+    s = torch.tensor(scale, device=DEV)
+    loss, r, c = tclip.clip_fwd(a.float().to(DEV), b.float().to(DEV), s)
+    da, db, _ = tclip.clip_bwd(torch.tensor(1.0, device=DEV), a.float().to(DEV), b.float().to(DEV), s, r, c)
+    tol_value = 2e-6
+    assert rel_err(loss, rounded[0]) <= tol_value, (rel_err(loss, rounded[0]), rel_err(loss, exact[0]))
+    # the value check tells truncation apart, and a kernel that does not round (exact fp32 operands)
+    assert rel_err(trunc[0], rounded[0]) > 10 * tol_value and rel_err(exact[0], rounded[0]) > 10 * tol_value
+    for got, ref, model in ((da, exact[1], rounded[1]), (db, exact[2], rounded[2])):
+        tol = hw.tolerance(rel_err(model, ref) + 2.0**-11, safety=4.0, floor=2e-5)  # + E rounded to tf32
+        assert rel_err(got, ref) <= tol
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,9 +359,20 @@ class TestCuda:
         st = torch.tensor(20.0, dtype=F64, device="cuda", requires_grad=True)
         ref = reference.clip_loss(a_r, b_r, st, normalize=False)
         ga, gb, gs = torch.autograd.grad(GRAD * ref, (a_r, b_r, st))
-        tol = 1e-5 if torch.get_float32_matmul_precision() == "highest" and dtype == torch.float32 else 1e-2
-        assert rel_err(loss, ref) <= tol
-        assert rel_err(da, ga) <= tol and rel_err(db, gb) <= tol and rel_err(ds, gs) <= max(tol, 1e-4)
+        # tolerance from the float64 hardware model: the oracle on operands rounded as the kernel's dots see them
+        # (bf16 inputs are already bf16; fp32 at "high": tf32 RNA) plus the unit roundoff of the rounded E operand
+        # and of the output dtype, times 4; IEEE fp32: fp32 math only
+        from emulation import hardware as hw
+
+        fmt = "bf16" if dtype == torch.bfloat16 else ("fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32")
+        u = {"bf16": 2.0**-8, "tf32": 2.0**-11, "fp32": 0.0}[fmt]
+        am, bm = hw.round_operand(a.to(F64), fmt).requires_grad_(), hw.round_operand(b.to(F64), fmt).requires_grad_()
+        model = reference.clip_loss(am, bm, st.detach(), normalize=False)
+        gam, gbm = torch.autograd.grad(GRAD * model, (am, bm))
+        vtol = hw.tolerance(rel_err(model, ref), floor=1e-5)
+        gtol = hw.tolerance(max(rel_err(gam, ga), rel_err(gbm, gb)) + 2 * u, floor=1e-5)
+        assert rel_err(loss, ref) <= vtol
+        assert rel_err(da, ga) <= gtol and rel_err(db, gb) <= gtol and rel_err(ds, gs) <= max(gtol, 1e-4)
         again = tclip.clip_bwd(torch.tensor(GRAD, device="cuda"), a, b, scale, r, c)
         assert all(torch.equal(x, y) for x, y in zip((da, db, ds), again, strict=True))  # deterministic
 

@@ -1,8 +1,27 @@
-"""Shared by the Triton kernels: precision policy, dtypes, interpreter detection, panel sizing."""
+"""Shared by the Triton kernels: precision policy, tf32 rounding, device guard, dtypes, interpreter detection,
+panel sizing.
+
+TF32 (torch.get_float32_matmul_precision() "high"/"medium" on fp32 inputs): ``tl.dot(..., input_precision="tf32")``
+feeds fp32 operands to the tensor cores as they are, and the hardware ignores their low 13 mantissa bits, i.e.
+TRUNCATES them toward zero (no cvt.rna in Triton's PTX; upstream triton issue 4574). Truncation biases every
+product the same way (|x̃| ≤ |x|): a dot product of two unit vectors shrinks by ~2^-11 on average, so cosine
+logits at τ = 0.05 lose ~0.1 % of τ and the error of D is ~7e-4 at N = 4096, d = 1024 where cuBLAS's rounding
+(round to nearest, ties away: cvt.rna.tf32.f32) gives ~1e-6 (float64 emulation, tests/emulation/hardware.py).
+The kernels therefore round every fp32 tl.dot operand to tf32 themselves (``tf32_rna``: bitcast to uint32, add
+half a tf32 ulp, clear the low 13 bits) before a tf32 dot: the hardware then sees operands with nothing left
+to truncate and the result is what cuBLAS TF32 computes, up to summation order. Why not "tf32x3": it is three
+tensor-core products per dot (the throughput of IEEE-emulating fp32), and "high" is the user's request for
+single-pass TF32; "highest" (torch's default) already gives IEEE fp32 dots for those who claim fp32 accuracy.
+The rounding is plain integer arithmetic, so the interpreter executes it too: there the dot itself is exact,
+and interpreted kernels at "high" reproduce the hardware's rounded operands exactly (the tests compare them with
+the float64 model).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 import triton
@@ -12,19 +31,73 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Kernels that take a DOT_PRECISION constexpr pass it to tl.dot(..., input_precision=DOT_PRECISION).
 _PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
+PRECISIONS = tuple(_PRECISION)  # torch's float32 matmul precision modes
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype, precision: str | None = None) -> str:
     """tl.dot input precision for inputs of ``dtype`` (docs/kernels.md §6).
 
-    fp32 follows torch.get_float32_matmul_precision(): "highest" → IEEE fp32, "high"/"medium" → TF32
-    (Triton has no bf16 mode for fp32 operands; "medium" allows TF32). bf16/fp16 use tensor cores with
-    fp32 accumulation whatever the setting (the value is then ignored by tl.dot). fp64 → "ieee". The
-    interpreter computes every dot in full precision, so tests there see IEEE results.
+    fp32 follows ``precision`` (default: torch.get_float32_matmul_precision()): "highest" → IEEE fp32,
+    "high"/"medium" → TF32 with operands rounded by the kernel (``round_tf32``; Triton has no bf16 mode for fp32
+    operands, and "medium" allows TF32). bf16/fp16 use tensor cores with fp32 accumulation whatever the setting
+    (the value is then ignored by tl.dot). fp64 → "ieee".
     """
     if dtype == torch.float32:
-        return _PRECISION[torch.get_float32_matmul_precision()]
+        return _PRECISION[precision or torch.get_float32_matmul_precision()]
     return "ieee"
+
+
+def round_tf32(dtype: torch.dtype, precision: str | None = None) -> bool:
+    """Whether the kernels round fp32 dot operands to tf32 (RNA) before tl.dot: exactly when the dot is tf32."""
+    return dtype == torch.float32 and dot_precision(dtype, precision) == "tf32"
+
+
+@triton.jit
+def tf32_rna(x):
+    # fp32 → the nearest tf32 value (10 mantissa bits), ties away from zero, as cvt.rna.tf32.f32 and cuBLAS: add
+    # half a tf32 ulp (0x1000) to the bit pattern and clear the 13 low bits. A carry into the exponent is the next
+    # binade (correct), past the largest finite value it is inf (as cvt.rna); inf stays inf; NaN is passed
+    # through explicitly (the carry of an all-ones payload would reach the sign bit).
+    bits = x.to(tl.uint32, bitcast=True)
+    r = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, r)
+
+
+@triton.jit
+def dot_operand(x, ROUND_TF32: tl.constexpr):
+    # An fp32 tl.dot operand as the tf32 tensor cores should see it (see the module docstring).
+    if ROUND_TF32:
+        return tf32_rna(x)
+    return x
+
+
+# Every kernel launch runs under ``device_guard(t.device)`` of its tensors: Triton launches on the CURRENT CUDA
+# device, so a tensor on cuda:1 launched while cuda:0 is current reads another device's memory. The stack of
+# guarded devices lets the tests check (behaviourally, on CPU) that each launch path sits inside a guard.
+_guard = threading.local()
+
+
+@contextlib.contextmanager
+def device_guard(device: torch.device | str):
+    """Make ``device`` current for the launches inside (torch.cuda.device for CUDA; a no-op for CPU tensors in the
+    interpreter); records it for ``guarded_device``."""
+    device = torch.device(device)
+    stack = _guard.__dict__.setdefault("stack", [])
+    stack.append(device)
+    try:
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                yield
+        else:
+            yield
+    finally:
+        stack.pop()
+
+
+def guarded_device() -> torch.device | None:
+    """The device of the innermost active ``device_guard`` on this thread (None outside every guard)."""
+    stack = getattr(_guard, "stack", None)
+    return stack[-1] if stack else None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

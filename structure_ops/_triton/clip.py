@@ -49,9 +49,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, compute_dtype, dot_precision, next_pow2
+from ._common import (
+    INTERPRET,
+    PRECISIONS,
+    compute_dtype,
+    device_guard,
+    dot_operand,
+    dot_precision,
+    next_pow2,
+    round_tf32,
+)
 
-__all__ = ["clip_fwd", "clip_bwd", "gemm_flops", "AOT_KERNELS", "AOT_NUM_WARPS"]
+__all__ = ["clip_fwd", "clip_bwd", "gemm_flops", "fwd_config", "bwd_config", "aot_configs", "AOT_KERNELS"]
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -95,7 +104,7 @@ def _clip_fwd_kernel(
     cmax_ptr, csum_ptr,  # (⌈N/BM⌉, N) column partials: max_i∈I L_ij and Σ_i∈I e^{L_ij − max}
     N, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     # Math: for the row block I (this program) and every column block J,
     #   L_IJ = s · A_I B_Jᵀ                                   (tl.dot over D in BLOCK_D chunks)
@@ -134,6 +143,9 @@ def _clip_fwd_kernel(
             if UPCAST:  # the interpreter miscomputes bf16 dots: feed it fp32 (exact products)
                 x = x.to(tl.float32)
                 y = y.to(tl.float32)
+            # fp32 at TF32: operands rounded to nearest (ties away) here, not truncated by the tensor cores
+            x = dot_operand(x, ROUND_TF32)
+            y = dot_operand(y, ROUND_TF32)
             acc = tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
         b_blk += BLOCK_N * D
         logits = acc * s
@@ -201,7 +213,7 @@ def _clip_bwd_kernel(
     ds_part_ptr,  # (⌈N/BM⌉,) per-row-block partials of ds (written by role 0, chunk 0)
     N, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     # Math: dL_ij = coef · E_ij with coef = g/2N and E_ij = e^{L_ij − r_i} + e^{L_ij − c_j} − 2δ_ij.
     # E is symmetric in the roles of (A, r) and (B, c): with M = X Yᵀ·s, u = own lse, v = other lse,
@@ -261,6 +273,8 @@ def _clip_bwd_kernel(
             if UPCAST:
                 x = x.to(tl.float32)
                 y = y.to(tl.float32)
+            x = dot_operand(x, ROUND_TF32)
+            y = dot_operand(y, ROUND_TF32)
             dot = tl.dot(x, tl.trans(y), dot, input_precision=DOT_PRECISION, out_dtype=ACC)
         m = dot * s
         e = tl.exp(m - u[:, None]) + tl.exp(m - v[None, :])
@@ -270,7 +284,9 @@ def _clip_bwd_kernel(
         yo = tl.load(y_blk + cl[:, None] * D + dos[None, :], mask=col_ok[:, None] & do_ok[None, :], other=0.0)
         if UPCAST:
             yo = yo.to(tl.float32)
-        out = tl.dot(e.to(yo.dtype), yo, out, input_precision=DOT_PRECISION, out_dtype=ACC)
+        eo = dot_operand(e.to(yo.dtype), ROUND_TF32)
+        yo = dot_operand(yo, ROUND_TF32)
+        out = tl.dot(eo, yo, out, input_precision=DOT_PRECISION, out_dtype=ACC)
         y_blk += BLOCK_N * D
 
     out = out * (coef * s)
@@ -313,9 +329,10 @@ def _check(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, o
         raise RuntimeError(f"{op} (triton): image must be a CUDA tensor, got {image.device}")
 
 
-def _blocks(n: int, d: int, dtype: torch.dtype, block_m, block_n, block_d):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). tl.dot needs every block ≥ 16."""
-    if INTERPRET:  # few programs, big blocks: the interpreter pays per program and per op
+def fwd_config(d: int, dtype: torch.dtype, precision: str | None = None, interpret: bool = INTERPRET) -> dict:
+    """Constexprs and options of ``_clip_fwd_kernel`` as the host launches it for width ``d`` and ``dtype`` (fp32:
+    torch's float32 matmul ``precision``, default the current one). aot.py compiles exactly these."""
+    if interpret:  # few programs, big blocks: the interpreter pays per program and per op
         bm, bn, bd, w = 32, 32, min(64, max(16, next_pow2(d))), 4
     elif dtype == torch.float64:
         bm, bn, bd, w = 64, 32, 16, 4
@@ -323,34 +340,45 @@ def _blocks(n: int, d: int, dtype: torch.dtype, block_m, block_n, block_d):
         bm, bn, bd, w = 64, 64, 32, 8
     else:
         bm, bn, bd, w = 128, 64, 64, 8
-    bm = block_m or bm
-    bn = block_n or bn
-    bd = block_d or bd
-    for name, v in (("block_m", bm), ("block_n", bn), ("block_d", bd)):
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two ≥ 16, got {v}")
-    return bm, bn, bd, w
+    cst = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=dot_precision(dtype, precision),
+               UPCAST=bool(interpret) and dtype == torch.bfloat16, ROUND_TF32=round_tf32(dtype, precision))
+    return {"constexprs": cst, "options": {"num_warps": w}}
 
 
-def _bwd_blocks(n: int, d: int, dtype: torch.dtype, block_m, block_n, block_d, block_do):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO, num_warps) of the backward. BLOCK_DO covers all of d when
-    d ≤ the cap (C = 1, 10 N² d in all); above it the tiles are recomputed once per output chunk."""
-    if INTERPRET:
+def merge_config(dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
+    """Constexprs and options of ``_clip_col_merge_kernel``."""
+    return {"constexprs": {"BLOCK": 64 if interpret else 256}, "options": {"num_warps": 4}}
+
+
+def bwd_config(d: int, dtype: torch.dtype, precision: str | None = None, interpret: bool = INTERPRET) -> dict:
+    """Constexprs and options of ``_clip_bwd_kernel`` (host launch and aot.py). BLOCK_DO covers all of d when d ≤
+    the cap (C = 1, 10 N² d in all); above it the tiles are recomputed once per output chunk. The cap keeps the
+    fp32 dX accumulator in registers without spills on sm_90 (ptxas -v): 128 for fp64 and for IEEE fp32 (FMA
+    dots hold their operands in registers), 256 otherwise."""
+    prec = dot_precision(dtype, precision)
+    if interpret:
         bm, bn, bd, w, cap = 32, 32, min(64, max(16, next_pow2(d))), 4, 128
     elif dtype == torch.float64:
         bm, bn, bd, w, cap = 32, 32, 16, 4, 128
     elif dtype == torch.float32:
-        bm, bn, bd, w, cap = 64, 32, 32, 8, 256
+        bm, bn, bd, w, cap = 64, 32, 32, 8, (128 if prec == "ieee" else 256)
     else:
         bm, bn, bd, w, cap = 64, 32, 64, 8, 256
-    bdo = block_do or min(cap, max(16, next_pow2(d)))
-    bm = block_m or bm
-    bn = block_n or bn
-    bd = block_d or bd
-    for name, v in (("block_m", bm), ("block_n", bn), ("block_d", bd), ("block_do", bdo)):
+    bdo = min(cap, max(16, next_pow2(d)))
+    cst = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo, DOT_PRECISION=prec,
+               UPCAST=bool(interpret) and dtype == torch.bfloat16, ROUND_TF32=round_tf32(dtype, precision))
+    return {"constexprs": cst, "options": {"num_warps": w}}
+
+
+def _override(cfg: dict, **blocks) -> dict:
+    cst = cfg["constexprs"]
+    for name, v in blocks.items():
+        if v is None:
+            continue
         if v < 16 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two ≥ 16, got {v}")
-    return bm, bn, bd, bdo, w
+            raise ValueError(f"{name.lower()} must be a power of two ≥ 16, got {v}")
+        cst[name] = int(v)
+    return cfg
 
 
 def _scalar(t: torch.Tensor, device, dtype) -> torch.Tensor:
@@ -376,25 +404,23 @@ def clip_fwd(
     a, b = image.detach().contiguous(), text.detach().contiguous()
     n, d = a.shape
     cdt = compute_dtype(a.dtype)
-    bm, bn, bd, warps = _blocks(n, d, a.dtype, block_m, block_n, block_d)
-    nrb = triton.cdiv(n, bm)
+    cfg = _override(fwd_config(d, a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+    nrb = triton.cdiv(n, cfg["constexprs"]["BLOCK_M"])
     dev = a.device
-    s = _scalar(logit_scale, dev, cdt)
-    lse_row = torch.empty(n, device=dev, dtype=cdt)
-    lse_col = torch.empty(n, device=dev, dtype=cdt)
-    diag = torch.empty(n, device=dev, dtype=cdt)
-    cmax = torch.empty((nrb, n), device=dev, dtype=cdt)
-    csum = torch.empty((nrb, n), device=dev, dtype=cdt)
-    upcast = INTERPRET and a.dtype == torch.bfloat16
-    _clip_fwd_kernel[(nrb,)](
-        a, b, s, lse_row, diag, cmax, csum, n, d,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=dot_precision(a.dtype), UPCAST=upcast,
-        num_warps=warps,
-    )
-    mb = 256 if not INTERPRET else 64
-    ncb = triton.cdiv(n, mb)
-    loss_part = torch.empty(ncb, device=dev, dtype=torch.float64)
-    _clip_col_merge_kernel[(ncb,)](cmax, csum, lse_row, diag, lse_col, loss_part, n, nrb, BLOCK=mb, num_warps=4)
+    with device_guard(dev):
+        s = _scalar(logit_scale, dev, cdt)
+        lse_row = torch.empty(n, device=dev, dtype=cdt)
+        lse_col = torch.empty(n, device=dev, dtype=cdt)
+        diag = torch.empty(n, device=dev, dtype=cdt)
+        cmax = torch.empty((nrb, n), device=dev, dtype=cdt)
+        csum = torch.empty((nrb, n), device=dev, dtype=cdt)
+        _clip_fwd_kernel[(nrb,)](a, b, s, lse_row, diag, cmax, csum, n, d, **cfg["constexprs"], **cfg["options"])
+        mcfg = merge_config(a.dtype)
+        ncb = triton.cdiv(n, mcfg["constexprs"]["BLOCK"])
+        loss_part = torch.empty(ncb, device=dev, dtype=torch.float64)
+        _clip_col_merge_kernel[(ncb,)](
+            cmax, csum, lse_row, diag, lse_col, loss_part, n, nrb, **mcfg["constexprs"], **mcfg["options"]
+        )
     loss = (loss_part.sum() / (2.0 * n)).to(image.dtype)
     return loss, lse_row, lse_col
 
@@ -424,80 +450,67 @@ def clip_bwd(
     for t, name in ((lse_row, "lse_row"), (lse_col, "lse_col")):
         if t.numel() != n:
             raise RuntimeError(f"{name} must hold N = {n} values, got shape {tuple(t.shape)}")
-    bm, bn, bd, bdo, warps = _bwd_blocks(n, d, a.dtype, block_m, block_n, block_d, block_do)
+    cfg = _override(bwd_config(d, a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DO=block_do)
+    cst = cfg["constexprs"]
     dev = a.device
-    s = _scalar(logit_scale, dev, cdt)
-    g = _scalar(grad, dev, cdt)
-    r = lse_row.detach().reshape(n).to(device=dev, dtype=cdt).contiguous()
-    c = lse_col.detach().reshape(n).to(device=dev, dtype=cdt).contiguous()
-    da = torch.empty((n, d), device=dev, dtype=image.dtype)
-    db = torch.empty((n, d), device=dev, dtype=text.dtype)
-    nrb = triton.cdiv(n, bm)
-    ds_part = torch.empty(nrb, device=dev, dtype=cdt)
-    upcast = INTERPRET and a.dtype == torch.bfloat16
-    _clip_bwd_kernel[(nrb, 2, triton.cdiv(d, bdo))](
-        a, b, s, g, r, c, da, db, ds_part, n, d,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo,
-        DOT_PRECISION=dot_precision(a.dtype), UPCAST=upcast, num_warps=warps,
-    )
+    with device_guard(dev):
+        s = _scalar(logit_scale, dev, cdt)
+        g = _scalar(grad, dev, cdt)
+        r = lse_row.detach().reshape(n).to(device=dev, dtype=cdt).contiguous()
+        c = lse_col.detach().reshape(n).to(device=dev, dtype=cdt).contiguous()
+        da = torch.empty((n, d), device=dev, dtype=image.dtype)
+        db = torch.empty((n, d), device=dev, dtype=text.dtype)
+        nrb = triton.cdiv(n, cst["BLOCK_M"])
+        ds_part = torch.empty(nrb, device=dev, dtype=cdt)
+        _clip_bwd_kernel[(nrb, 2, triton.cdiv(d, cst["BLOCK_DO"]))](
+            a, b, s, g, r, c, da, db, ds_part, n, d, **cst, **cfg["options"]
+        )
     ds = ds_part.sum().reshape(logit_scale.shape).to(device=logit_scale.device, dtype=logit_scale.dtype)
     return da, db, ds
 
 
 # --------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation (aot.py): representative configurations, fp32 and bf16 (+ fp16, fp64).
+# Ahead-of-time compilation (aot.py): every launch the host can make on a GPU, from fwd/merge/bwd_config.
 # --------------------------------------------------------------------------------------------------
-_PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "fp64": "*fp64"}
+_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}
+AOT_WIDTHS = (16, 32, 64, 128, 256, 512)  # every BLOCK_DO below and at the caps
 
 
-def _fwd_aot(dt: str, bm: int, bn: int, bd: int, prec: str):
-    stat = "*fp64" if dt == "fp64" else "*fp32"
-    sig = {
-        "a_ptr": _PTR[dt], "b_ptr": _PTR[dt], "s_ptr": stat, "lse_row_ptr": stat, "diag_ptr": stat,
-        "cmax_ptr": stat, "csum_ptr": stat, "N": "i32", "D": "i32",
-        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
-        "DOT_PRECISION": "constexpr", "UPCAST": "constexpr",
-    }
-    const = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "DOT_PRECISION": prec, "UPCAST": False}
-    return (_clip_fwd_kernel, sig, const)
+def _signature(kernel, ptr: str, stat: str, constexprs: dict) -> dict[str, str]:
+    operands = ("a_ptr", "b_ptr", "da_ptr", "db_ptr")
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name == "loss_part_ptr":
+            sig[name] = "*fp64"
+        elif name.endswith("_ptr"):
+            sig[name] = ptr if name in operands else stat
+        else:
+            sig[name] = "i32"
+    return sig
 
 
-def _merge_aot(dt: str):
-    stat = "*fp64" if dt == "fp64" else "*fp32"
-    sig = {
-        "cmax_ptr": stat, "csum_ptr": stat, "lse_row_ptr": stat, "diag_ptr": stat, "lse_col_ptr": stat,
-        "loss_part_ptr": "*fp64", "N": "i32", "NUM_ROW_BLOCKS": "i32", "BLOCK": "constexpr",
-    }
-    return (_clip_col_merge_kernel, sig, {"BLOCK": 256})
+def aot_configs() -> list[tuple]:
+    """(kernel, signature, constexprs, options) for every dtype, float32 matmul precision and width class,
+    from the host's own config functions, deduplicated."""
+    seen, entries = set(), []
+    for dtype, ptr in _PTR.items():
+        stat = "*fp64" if dtype == torch.float64 else "*fp32"
+        for precision in PRECISIONS:
+            for d in AOT_WIDTHS:
+                for kernel, cfg in (
+                    (_clip_fwd_kernel, fwd_config(d, dtype, precision, interpret=False)),
+                    (_clip_col_merge_kernel, merge_config(dtype, interpret=False)),
+                    (_clip_bwd_kernel, bwd_config(d, dtype, precision, interpret=False)),
+                ):
+                    cst = cfg["constexprs"]
+                    key = (id(kernel), ptr, tuple(cst.items()),
+                           tuple(cfg["options"].items()))
+                    if key not in seen:
+                        seen.add(key)
+                        entries.append((kernel, _signature(kernel, ptr, stat, cst), dict(cst), dict(cfg["options"])))
+    return entries
 
 
-def _bwd_aot(dt: str, bm: int, bn: int, bd: int, bdo: int, prec: str):
-    stat = "*fp64" if dt == "fp64" else "*fp32"
-    sig = {
-        "a_ptr": _PTR[dt], "b_ptr": _PTR[dt], "s_ptr": stat, "g_ptr": stat, "lse_row_ptr": stat,
-        "lse_col_ptr": stat, "da_ptr": _PTR[dt], "db_ptr": _PTR[dt], "ds_part_ptr": stat, "N": "i32", "D": "i32",
-        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "BLOCK_DO": "constexpr",
-        "DOT_PRECISION": "constexpr", "UPCAST": "constexpr",
-    }
-    const = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DO": bdo, "DOT_PRECISION": prec, "UPCAST": False}
-    return (_clip_bwd_kernel, sig, const)
-
-
-AOT_KERNELS = [
-    _fwd_aot("fp32", 64, 64, 32, "ieee"),
-    _fwd_aot("fp32", 64, 64, 32, "tf32"),
-    _fwd_aot("bf16", 128, 64, 64, "ieee"),
-    _fwd_aot("fp16", 128, 64, 64, "ieee"),
-    _fwd_aot("fp64", 64, 32, 16, "ieee"),
-    _merge_aot("fp32"),
-    _merge_aot("fp64"),
-    _bwd_aot("fp32", 64, 32, 32, 256, "ieee"),
-    _bwd_aot("fp32", 64, 32, 32, 256, "tf32"),
-    _bwd_aot("bf16", 64, 32, 64, 256, "ieee"),  # d = 512: two output chunks
-    _bwd_aot("bf16", 64, 32, 64, 128, "ieee"),
-    _bwd_aot("fp16", 64, 32, 64, 256, "ieee"),
-    _bwd_aot("fp64", 32, 32, 16, 128, "ieee"),
-]
-# num_warps the host code launches each AOT_KERNELS entry with (pass options={"num_warps": w} to compile
-# what runs; triton.compile's default of 4 spills registers in the 8-warp configurations).
-AOT_NUM_WARPS = [8, 8, 8, 8, 4, 4, 4, 8, 8, 8, 8, 8, 4]
+AOT_KERNELS = aot_configs()

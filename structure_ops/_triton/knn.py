@@ -43,9 +43,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, compute_dtype, dot_precision, next_pow2, panel_rows
+from ._common import (
+    INTERPRET,
+    PRECISIONS,
+    compute_dtype,
+    device_guard,
+    dot_operand,
+    dot_precision,
+    next_pow2,
+    panel_rows,
+    round_tf32,
+)
 
-__all__ = ["knn", "AOT_KERNELS", "AOT_NUM_WARPS", "MAX_FUSED_K"]
+__all__ = ["knn", "fused_config", "aot_configs", "AOT_KERNELS", "MAX_FUSED_K"]
 
 MAX_FUSED_K = 128
 _INT64_MIN = -(2**63)
@@ -136,7 +146,7 @@ def _knn_topk_kernel(
     N, D, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
     M_LOG: tl.constexpr, N_LOG: tl.constexpr, KP_LOG: tl.constexpr,  # log₂ of BLOCK_M, BLOCK_N, KP
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     # Math: for the row block I (this program), over column tiles J:
     #   S_IJ = A_I A_Jᵀ                                         (tl.dot, fp32 accumulation)
@@ -170,6 +180,9 @@ def _knn_topk_kernel(
             if UPCAST:  # the interpreter miscomputes bf16 dots: feed it fp32 (exact products)
                 x = x.to(tl.float32)
                 y = y.to(tl.float32)
+            # fp32 at TF32: operands rounded to nearest (ties away, as cuBLAS) here, not truncated by the hardware
+            x = dot_operand(x, ROUND_TF32)
+            y = dot_operand(y, ROUND_TF32)
             sim = tl.dot(x, tl.trans(y), sim, input_precision=DOT_PRECISION)
         c_blk += BLOCK_N * D
         # NaN → −inf (the C++ key), −0.0 → +0.0 (equal values must tie on the index).
@@ -211,19 +224,25 @@ def _check(a: torch.Tensor, k: int) -> None:
         raise RuntimeError(f"knn (triton): a must be a CUDA tensor, got {a.device}")
 
 
-def _fused_config(n: int, d: int, kp: int, dtype: torch.dtype, block_m, block_n, block_d):
-    if INTERPRET:
+def fused_config(d: int, kp: int, dtype: torch.dtype, precision: str | None = None,
+                 interpret: bool = INTERPRET) -> dict:
+    """Constexprs and options of ``_knn_topk_kernel`` as the host launches it (list length KP = next power of two
+    ≥ k, ≥ 2) for width ``d``, ``dtype`` and, for fp32, torch's float32 matmul ``precision``. aot.py compiles
+    exactly these. 8 warps, no register spills on sm_90 (ptxas -v) for KP ≤ 64 at 64 rows, KP = 128 at 32."""
+    if interpret:
         bm, bn, bd, w = 32, 64, min(64, max(16, next_pow2(d))), 4
     else:
-        # 8 warps, no register spills on sm_80/sm_90 (ptxas -v) for KP ≤ 64 at 64 rows, KP = 128 at 32.
         bm, bn, bd, w = (64 if kp <= 64 else 32), 64, (32 if dtype == torch.float32 else 64), 8
-    bm = block_m or bm
-    bn = max(block_n or bn, kp)  # the tile's top-KP needs KP ≤ BLOCK_N
-    bd = block_d or bd
-    for name, v in (("block_m", bm), ("block_n", bn), ("block_d", bd)):
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two ≥ 16, got {v}")
-    return bm, bn, bd, w
+    bn = max(bn, kp)  # the tile's top-KP needs KP ≤ BLOCK_N
+    cst = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, KP=kp, DOT_PRECISION=dot_precision(dtype, precision),
+               UPCAST=bool(interpret) and dtype == torch.bfloat16, ROUND_TF32=round_tf32(dtype, precision))
+    return {"constexprs": _with_logs(cst), "options": {"num_warps": w}}
+
+
+def _with_logs(cst: dict) -> dict:
+    cst.update(M_LOG=cst["BLOCK_M"].bit_length() - 1, N_LOG=cst["BLOCK_N"].bit_length() - 1,
+               KP_LOG=cst["KP"].bit_length() - 1)
+    return cst
 
 
 def _keys_fp32(sim: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -293,43 +312,46 @@ def knn(
         return _knn_panels(a, k)
     n, d = a.shape
     kp = max(2, next_pow2(k))
-    bm, bn, bd, warps = _fused_config(n, d, kp, a.dtype, block_m, block_n, block_d)
-    out = torch.empty((n, k), dtype=torch.int64, device=a.device)
-    _knn_topk_kernel[(triton.cdiv(n, bm),)](
-        a, out, n, d, k,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, KP=kp,
-        M_LOG=bm.bit_length() - 1, N_LOG=bn.bit_length() - 1, KP_LOG=kp.bit_length() - 1,
-        DOT_PRECISION=dot_precision(a.dtype), UPCAST=INTERPRET and a.dtype == torch.bfloat16,
-        num_warps=warps,
-    )
+    cfg = fused_config(d, kp, a.dtype)
+    cst = cfg["constexprs"]
+    for name, v in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_D", block_d)):
+        if v is None:
+            continue
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name.lower()} must be a power of two ≥ 16, got {v}")
+        cst[name] = int(v)
+    cst["BLOCK_N"] = max(cst["BLOCK_N"], kp)
+    _with_logs(cst)
+    with device_guard(a.device):
+        out = torch.empty((n, k), dtype=torch.int64, device=a.device)
+        _knn_topk_kernel[(triton.cdiv(n, cst["BLOCK_M"]),)](a, out, n, d, k, **cst, **cfg["options"])
     return out
 
 
 # --------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation (aot.py): representative configurations, fp32 and bf16 (+ fp16).
+# Ahead-of-time compilation (aot.py): every fused launch the host can make on a GPU, from fused_config.
 # --------------------------------------------------------------------------------------------------
-def _aot(dt: str, bm: int, bn: int, bd: int, kp: int, prec: str):
-    sig = {
-        "a_ptr": "*" + dt, "out_ptr": "*i64", "N": "i32", "D": "i32", "K": "i32",
-        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "KP": "constexpr",
-        "M_LOG": "constexpr", "N_LOG": "constexpr", "KP_LOG": "constexpr",
-        "DOT_PRECISION": "constexpr", "UPCAST": "constexpr",
-    }
-    const = {
-        "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "KP": kp,
-        "M_LOG": bm.bit_length() - 1, "N_LOG": bn.bit_length() - 1, "KP_LOG": kp.bit_length() - 1,
-        "DOT_PRECISION": prec, "UPCAST": False,
-    }
-    return (_knn_topk_kernel, sig, const)
+_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}  # fp64 takes the panel path
 
 
-AOT_KERNELS = [
-    _aot("fp32", 64, 64, 32, 64, "ieee"),  # k = 35 (the "rice" rule at n = 5 000)
-    _aot("fp32", 64, 64, 32, 64, "tf32"),
-    _aot("bf16", 64, 64, 64, 64, "ieee"),
-    _aot("bf16", 64, 64, 64, 2, "ieee"),  # k = 1, 2
-    _aot("bf16", 32, 128, 64, 128, "ieee"),  # 64 < k ≤ 128, the largest fused list
-    _aot("fp16", 64, 64, 64, 16, "ieee"),
-]
-# num_warps the host code launches each entry with (compile with options={"num_warps": w} to match).
-AOT_NUM_WARPS = [8] * len(AOT_KERNELS)
+def aot_configs() -> list[tuple]:
+    """(kernel, signature, constexprs, options): fused_config for every dtype, float32 matmul precision and list
+    length KP = 2 … MAX_FUSED_K, deduplicated."""
+    seen, entries = set(), []
+    for dtype, ptr in _PTR.items():
+        for precision in PRECISIONS:
+            kp = 2
+            while kp <= MAX_FUSED_K:
+                cfg = fused_config(128, kp, dtype, precision, interpret=False)
+                cst = cfg["constexprs"]
+                key = (ptr, tuple(cst.items()), tuple(cfg["options"].items()))
+                if key not in seen:
+                    seen.add(key)
+                    sig = {name: ("constexpr" if name in cst else "i32") for name in _knn_topk_kernel.arg_names}
+                    sig.update(a_ptr=ptr, out_ptr="*i64")
+                    entries.append((_knn_topk_kernel, sig, dict(cst), dict(cfg["options"])))
+                kp *= 2
+    return entries
+
+
+AOT_KERNELS = aot_configs()

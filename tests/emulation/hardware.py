@@ -44,6 +44,11 @@ Functions:
                               the level-1 STRUCTURE core value and both gradients (float64) with every GEMM
                               operand (X̂, Ẑ for S; W and Ẑ for the gradient GEMM) rounded to ``fmt``: a
                               model of a kernel's fp32 "high" (tf32) or half tensor-core path
+  level1_value(xh, zh, fmt, ...)
+                              the value alone (cosine), forward only: cheap enough for N = 4096, d = 1024 on CPU
+  level1_w_rows(xh, zh, rows, ...)
+                              N·W = Q∘(g − ḡ) for a few rows at any N: the ~1/N values a kernel casts to half
+                              for the gradient GEMM (model input for half_cast at N = 65 536 / 262 144)
 """
 
 from __future__ import annotations
@@ -251,3 +256,40 @@ def level1_emulated(
             d = R._structure_terms(torch.exp(lx), torch.exp(lz), eps).sum() / n
         gx, gz = torch.autograd.grad(d, (x, z))
     return d.detach(), gx, gz
+
+
+def level1_value(
+    xh: torch.Tensor, zh: torch.Tensor, fmt: str, *, temperature: float = 0.05, divergence: str = "structure",
+    eps: float = 1e-12,
+) -> float:
+    """D of the level-1 core (cosine) with the S GEMM operands rounded to ``fmt``, forward only (no autograd
+    graph: the cheap model for large N, e.g. N = 4096, d = 1024 on a CPU). float64 math on any device."""
+    from structure_ops import reference as R
+
+    with torch.no_grad():
+        n = xh.shape[0]
+        x, z = round_operand(xh, fmt), round_operand(zh, fmt)
+        lx = torch.log_softmax(x @ x.T / temperature, dim=1)
+        lz = torch.log_softmax(z @ z.T / temperature, dim=1)
+        if divergence == "js":
+            return (R._js_terms_from_logs(lx, lz).sum() / n).item()
+        return (R._structure_terms(lx.exp_(), lz.exp_(), eps).sum() / n).item()
+
+
+def level1_w_rows(
+    xh: torch.Tensor, zh: torch.Tensor, rows: torch.Tensor, *, temperature: float = 0.05, eps: float = 1e-12
+) -> torch.Tensor:
+    """N·W restricted to ``rows`` (the row-normalized half of the level-1 gradient weights, "structure" form):
+    Q∘(g − ḡ) per row i, what a kernel casts to the operand dtype for the gradient GEMM (before any 1/N). Entries
+    are ~1/N for a spread-out softmax; only the rows' own normalizers are needed, so this is O(len(rows)·N·d) at
+    any N (the transposed half has the same distribution by symmetry). float64."""
+    with torch.no_grad():
+        x, z = xh.to(F64), zh.to(F64)
+        a = torch.log_softmax(x[rows] @ x.T / temperature, dim=1)
+        b = torch.log_softmax(z[rows] @ z.T / temperature, dim=1)
+        p, q = a.exp(), b.exp()
+        pt, qt = p + eps, q + eps
+        d = pt - qt
+        t = torch.log1p((d / pt) * (d / qt) * 0.25)
+        qg = 0.25 * q * t - 0.25 * pt * (q / qt)
+        return qg - q * qg.sum(dim=1, keepdim=True)
