@@ -46,11 +46,24 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, compute_dtype, level1_terms, log1p, next_pow2, panel_rows, row_max, row_sum
+from ._common import (
+    INTERPRET,
+    compute_dtype,
+    device_guard,
+    level1_terms,
+    log1p,
+    next_pow2,
+    panel_rows,
+    row_max,
+    row_sum,
+)
 
 log = logging.getLogger("structure_ops")
 
-__all__ = ["structure_fwd", "choose_mode", "multilevel_memory_estimate", "MODES", "AOT_KERNELS"]
+__all__ = [
+    "structure_fwd", "choose_mode", "multilevel_memory_estimate", "rows_config", "level_div_config",
+    "softmax_bwd_config", "aot_configs", "MODES", "AOT_KERNELS",
+]  # fmt: skip
 
 MODES = ("auto", "rows", "flash")
 _COSINE, _RBF = 0, 1
@@ -351,16 +364,46 @@ def choose_mode(n: int, dx: int, dz: int, dtype: torch.dtype) -> str:
     return "rows"
 
 
-def _tiles(n: int, rows: int, esize: int) -> dict:
-    """Launch meta-parameters of the row kernels: rows of length n, launches of up to ``rows`` rows."""
+def _tiles(n: int, rows: int, esize: int, interpret: bool = INTERPRET) -> dict:
+    """Launch meta-parameters of the row kernels: rows of length n, launches of up to ``rows`` rows.
+
+    On a GPU one fixed tile per compute dtype: one row per program (memory-bound streaming; ≥ 1024 programs in
+    flight whenever a panel has ≥ 1024 rows) and a 1024-column (fp32) / 512-column (fp64, twice the registers)
+    block, 4 warps: ≤ 170 registers and no spills on sm_90 (aot.py --no-spills), and the number of compiled
+    variants stays small (a small N only masks lanes). Under the interpreter a whole panel in one program is
+    fastest (its cost is per program and per op); tests lower MAX_BLOCK_M/N to run the column loop and ragged
+    row blocks.
+    """
+    if not interpret:
+        return dict(BLOCK_M=1, BLOCK_N=512 if esize == 8 else 1024, num_warps=4)
     cap = max(16, _TILE_BYTES // esize // (2 if esize == 8 else 1))  # fp64 math needs twice the registers
     block_n = min(next_pow2(n), next_pow2(MAX_BLOCK_N), cap)
     block_m = max(1, min(next_pow2(rows), next_pow2(MAX_BLOCK_M), cap // block_n))
-    if not INTERPRET:
-        # Memory-bound streaming: keep ≥ ~1024 programs in flight (a few per SM) before packing rows together.
-        while block_m > 1 and triton.cdiv(rows, block_m) < 1024:
-            block_m //= 2
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+
+
+def rows_config(n: int, rows: int, esize: int, *, rbf: bool, js: bool, grad_x: bool, grad_z: bool, multilevel: bool,
+                interpret: bool = INTERPRET) -> dict:
+    """Constexprs and options of ``_l1_rows_kernel`` as the host launches it: the row-panel pass (RBF_K for rbf) or
+    the first step of levels > 1 (WRITE_PQ). aot.py compiles exactly these."""
+    t = _tiles(n, rows, esize, interpret)
+    cst = dict(RBF=bool(rbf), JS=bool(js), GRAD_X=bool(grad_x), GRAD_Z=bool(grad_z), RBF_K=bool(rbf) and not multilevel,
+               WRITE_PQ=bool(multilevel), BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"])  # fmt: skip
+    return {"constexprs": cst, "options": {"num_warps": t["num_warps"]}}
+
+
+def level_div_config(n: int, esize: int, *, js: bool, grad_o: bool, grad_a: bool, interpret: bool = INTERPRET) -> dict:
+    """Constexprs and options of ``_level_div_kernel`` (the divergence epilogue of a level > 1)."""
+    t = _tiles(n, n, esize, interpret)
+    cst = dict(JS=bool(js), GRAD_O=bool(grad_o), GRAD_A=bool(grad_a), BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"])
+    return {"constexprs": cst, "options": {"num_warps": t["num_warps"]}}
+
+
+def softmax_bwd_config(n: int, rows: int, esize: int, *, rbf: bool, interpret: bool = INTERPRET) -> dict:
+    """Constexprs and options of ``_softmax_bwd_kernel`` (the softmax Jacobian of the levels > 1 backward)."""
+    t = _tiles(n, rows, esize, interpret)
+    return {"constexprs": dict(RBF=bool(rbf), BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"]),
+            "options": {"num_warps": t["num_warps"]}}  # fmt: skip
 
 
 def _params(cdt: torch.dtype, device, n: int, temperature: float, gamma: float, eps: float) -> torch.Tensor:
@@ -456,15 +499,15 @@ def _level1_rows(x, z, par, temperature, gamma, rbf, js, grad_x, grad_z):
     row_loss = torch.empty(n, dtype=cdt, device=dev)
     # cosine: dÛ = (W + Wᵀ) Û / τ;  rbf: the kernel emits K' = S∘W, dÛ = 2γ[(K' + K'ᵀ) Û − (K'1 + K'ᵀ1)∘Û].
     alpha = 2.0 * gamma if rbf else 1.0 / temperature
-    meta = _tiles(n, rows, esize)
+    cfg = rows_config(n, rows, esize, rbf=rbf, js=js, grad_x=grad_x, grad_z=grad_z, multilevel=False)
     for r0 in range(0, n, rows):
         b = min(rows, n - r0)
         sx, sz = gram_x[:b], gram_z[:b]
         torch.mm(x[r0 : r0 + b], x.T, out=sx)
         torch.mm(z[r0 : r0 + b], z.T, out=sz)
-        _l1_rows_kernel[(triton.cdiv(b, meta["BLOCK_M"]),)](
+        _l1_rows_kernel[(triton.cdiv(b, cfg["constexprs"]["BLOCK_M"]),)](
             sx, sz, n, sqx, sqz, par, r0, b, n, row_loss, wx, wz, n, ksx, ksz, par, par, 0,
-            RBF=rbf, JS=js, GRAD_X=grad_x, GRAD_Z=grad_z, RBF_K=rbf, WRITE_PQ=False, **meta,
+            **cfg["constexprs"], **cfg["options"],
         )  # fmt: skip
         for want, w, u, g, col in ((grad_z, wz, z, gz, colz), (grad_x, wx, x, gx, colx)):
             if not want:
@@ -541,7 +584,7 @@ def _multilevel(x, z, par, levels, temperature, weighting, margin, gamma, rbf, j
     # Level 1: Gram panels → the fused row kernel writes P, Q, W_1 (= ∂D_1/∂S, unscaled) and ℓ_i.
     rows = panel_rows(n, 2 * n * esize)
     gram_x, gram_z = torch.empty(rows, n, **nn), torch.empty(rows, n, **nn)
-    meta = _tiles(n, rows, esize)
+    cfg = rows_config(n, rows, esize, rbf=rbf, js=js, grad_x=grad_x, grad_z=grad_z, multilevel=True)
     for r0 in range(0, n, rows):
         b = min(rows, n - r0)
         sx, sz = gram_x[:b], gram_z[:b]
@@ -549,14 +592,14 @@ def _multilevel(x, z, par, levels, temperature, weighting, margin, gamma, rbf, j
         torch.mm(z[r0 : r0 + b], z.T, out=sz)
         wx = w1x[r0 : r0 + b] if grad_x else par
         wz = w1z[r0 : r0 + b] if grad_z else par
-        _l1_rows_kernel[(triton.cdiv(b, meta["BLOCK_M"]),)](
+        _l1_rows_kernel[(triton.cdiv(b, cfg["constexprs"]["BLOCK_M"]),)](
             sx, sz, n, sqx, sqz, par, r0, b, n, row_loss[0], wx, wz, n, par, par, p, q, n,
-            RBF=rbf, JS=js, GRAD_X=grad_x, GRAD_Z=grad_z, RBF_K=False, WRITE_PQ=True, **meta,
+            **cfg["constexprs"], **cfg["options"],
         )  # fmt: skip
     del gram_x, gram_z, sx, sz
 
     # Levels 2..L: one product per side and level, then the fused divergence epilogue.
-    meta = _tiles(n, n, esize)
+    cfg = level_div_config(n, esize, js=js, grad_o=grad_x, grad_a=grad_z)
     powers_x, powers_z = [p], [q]
     gs_x, gs_z = [None], [None]
     for level in range(2, levels + 1):
@@ -564,8 +607,8 @@ def _multilevel(x, z, par, levels, temperature, weighting, margin, gamma, rbf, j
         nz = torch.mm(powers_z[-1], q)
         go = torch.empty(n, n, **nn) if grad_x else par
         ga = torch.empty(n, n, **nn) if grad_z else par
-        _level_div_kernel[(triton.cdiv(n, meta["BLOCK_M"]),)](
-            nx, nz, n, par, n, row_loss[level - 1], go, ga, JS=js, GRAD_O=grad_x, GRAD_A=grad_z, **meta
+        _level_div_kernel[(triton.cdiv(n, cfg["constexprs"]["BLOCK_M"]),)](
+            nx, nz, n, par, n, row_loss[level - 1], go, ga, **cfg["constexprs"], **cfg["options"]
         )
         # Keep every power (and G_l) of a side that needs a gradient; otherwise only P and the current power.
         powers_x = powers_x + [nx] if grad_x else [p, nx]
@@ -618,19 +661,19 @@ def _side_backward(powers, gs, coef, w1, u, sq, par, temperature, gamma, rbf):
     if rbf:
         rows = panel_rows(n, n * p.element_size())
         gram = torch.empty(rows, n, dtype=p.dtype, device=p.device)
-        meta = _tiles(n, rows, p.element_size())
+        cfg = softmax_bwd_config(n, rows, p.element_size(), rbf=True)
         for r0 in range(0, n, rows):
             b = min(rows, n - r0)
             g = gram[:b]
             torch.mm(u[r0 : r0 + b], u.T, out=g)
-            _softmax_bwd_kernel[(triton.cdiv(b, meta["BLOCK_M"]),)](
-                p, adj_p, w1, n, coef, g, n, sq, par, r0, b, n, ks, RBF=True, **meta
+            _softmax_bwd_kernel[(triton.cdiv(b, cfg["constexprs"]["BLOCK_M"]),)](
+                p, adj_p, w1, n, coef, g, n, sq, par, r0, b, n, ks, **cfg["constexprs"], **cfg["options"]
             )
         del gram
     else:
-        meta = _tiles(n, n, p.element_size())
-        _softmax_bwd_kernel[(triton.cdiv(n, meta["BLOCK_M"]),)](
-            p, adj_p, w1, n, coef, par, 0, par, par, 0, n, n, par, RBF=False, **meta
+        cfg = softmax_bwd_config(n, n, p.element_size(), rbf=False)
+        _softmax_bwd_kernel[(triton.cdiv(n, cfg["constexprs"]["BLOCK_M"]),)](
+            p, adj_p, w1, n, coef, par, 0, par, par, 0, n, n, par, **cfg["constexprs"], **cfg["options"]
         )
     del adj_p
     alpha = 2.0 * gamma if rbf else 1.0 / temperature
@@ -683,7 +726,8 @@ def structure_fwd(
     cdt = compute_dtype(in_dtype)
     n = xh.shape[0]
     rbf, js = similarity == _RBF, divergence == _JS
-    with torch.no_grad():
+    # Triton launches on the current CUDA device: every launch below runs under the inputs' device.
+    with torch.no_grad(), device_guard(dev):
         gx = gz = None
         if levels == 1:
             use = mode
@@ -728,40 +772,40 @@ def structure_fwd(
 # ---------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compilation entries (structure_ops/_triton/aot.py compiles them for sm_80 and sm_90)
 # ---------------------------------------------------------------------------------------------------------------
-def _aot_entries() -> list[tuple[object, dict[str, str], dict[str, object]]]:
-    # The kernels only see fp32 buffers for fp32, bf16 and fp16 inputs (half inputs are upcast before the GEMMs),
-    # so the fp32 entries are also the bf16/fp16 configurations; fp64 entries cover the fp64 path. Tiles as
-    # _tiles picks them on a GPU: N ≥ 1024 → (2, 1024) fp32 / (1, 512) fp64; small N → more rows per program.
-    entries = []
-    for ptr, bm, bn in (("*fp32", 2, 1024), ("*fp64", 1, 512)):
-        for rbf, js, gx, gz, rbf_k, pq, block_m, block_n in (
-            (False, False, False, True, False, False, bm, bn),
-            (False, True, True, True, False, False, bm, bn),
-            (True, False, True, True, True, False, bm, bn),
-            (False, False, True, True, False, True, bm, bn),
-            (True, True, False, True, False, True, 4 * bm, 256 // bm),
-            (False, False, False, False, False, False, bm, bn),
-        ):
-            sig = {k: ptr for k in ("gx_ptr", "gz_ptr", "sqx_ptr", "sqz_ptr", "par_ptr", "loss_ptr", "wx_ptr",
-                                    "wz_ptr", "ksx_ptr", "ksz_ptr", "p_ptr", "q_ptr")}
-            sig.update(stride_g="i32", row0="i32", b="i32", n="i32", stride_w="i32", stride_p="i32")
-            const = dict(RBF=rbf, JS=js, GRAD_X=gx, GRAD_Z=gz, RBF_K=rbf_k, WRITE_PQ=pq, BLOCK_M=block_m,
-                         BLOCK_N=block_n)
-            sig.update({k: "constexpr" for k in const})
-            entries.append((_l1_rows_kernel, sig, const))
-        for js, go, ga in ((False, False, True), (True, True, True)):
-            sig = {k: ptr for k in ("o_ptr", "a_ptr", "par_ptr", "loss_ptr", "go_ptr", "ga_ptr")}
-            sig.update(stride="i32", n="i32")
-            const = dict(JS=js, GRAD_O=go, GRAD_A=ga, BLOCK_M=bm, BLOCK_N=bn)
-            sig.update({k: "constexpr" for k in const})
-            entries.append((_level_div_kernel, sig, const))
+_AOT_PTRS = {4: "*fp32", 8: "*fp64"}  # the kernels see fp32 buffers for fp32/bf16/fp16 inputs, fp64 for fp64
+
+
+def _signature(kernel, ptr: str, constexprs: dict) -> dict[str, str]:
+    return {name: ("constexpr" if name in constexprs else ptr if name.endswith("_ptr") else "i32")
+            for name in kernel.arg_names}  # fmt: skip
+
+
+def aot_configs() -> list[tuple]:
+    """(kernel, signature, constexprs, options) of every launch the host can make on a GPU: rows_config,
+    level_div_config and softmax_bwd_config over both compute dtypes (fp32 for fp32/bf16/fp16 inputs, fp64), both
+    similarities and divergences, every gradient flag, the row-panel pass and levels > 1; deduplicated. (N does
+    not change the GPU tiles; the float32 matmul precision only reaches torch's GEMMs here.)"""
+    seen, entries = set(), []
+    n = 4096
+
+    def add(kernel, esize, cfg):
+        cst = cfg["constexprs"]
+        key = (id(kernel), esize, tuple(cst.items()), tuple(cfg["options"].items()))
+        if key not in seen:
+            seen.add(key)
+            entries.append((kernel, _signature(kernel, _AOT_PTRS[esize], cst), dict(cst), dict(cfg["options"])))
+
+    for esize in (4, 8):
         for rbf in (False, True):
-            sig = {k: ptr for k in ("p_ptr", "adj_ptr", "w_ptr", "coef_ptr", "g_ptr", "sq_ptr", "par_ptr", "ks_ptr")}
-            sig.update(stride="i32", stride_g="i32", row0="i32", b="i32", n="i32")
-            const = dict(RBF=rbf, BLOCK_M=bm, BLOCK_N=bn)
-            sig.update({k: "constexpr" for k in const})
-            entries.append((_softmax_bwd_kernel, sig, const))
+            for js in (False, True):
+                for gx, gz in ((False, False), (False, True), (True, False), (True, True)):
+                    for multilevel in (False, True):
+                        add(_l1_rows_kernel, esize, rows_config(n, n, esize, rbf=rbf, js=js, grad_x=gx, grad_z=gz,
+                                                                 multilevel=multilevel, interpret=False))  # fmt: skip
+                    add(_level_div_kernel, esize, level_div_config(n, esize, js=js, grad_o=gx, grad_a=gz,
+                                                                   interpret=False))  # fmt: skip
+            add(_softmax_bwd_kernel, esize, softmax_bwd_config(n, n, esize, rbf=rbf, interpret=False))
     return entries
 
 
-AOT_KERNELS = _aot_entries()
+AOT_KERNELS = aot_configs()
