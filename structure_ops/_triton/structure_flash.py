@@ -19,49 +19,66 @@ This is what ``structure_ops.reference.structure_core`` (levels=1, margin=0) and
 ``reference.structure_core_level1_grad`` compute, and what csrc/cpu/structure_cpu.cpp's level-1 path computes
 (same stable bracket, same softplus form of js, same ε placement).
 
-Passes (four launches plus one N-element host reduction; saved state lseX, lseZ, ḡ_Z (, ḡ_X), ℓ_i and, for
-rbf, the squared row norms: ≤ 7N floats, nothing N × N):
+Passes (three launches plus one per requested gradient and one N-element host reduction; saved state lseX, lseZ,
+ḡ_Z, ḡ_X, ℓ_i and, for rbf, the squared row norms: ≤ 7N floats, nothing N × N):
 
   A  ``_lse_kernel`` (once per side): a program owns BLOCK_M rows, loops over column blocks, builds the S tile
      with tl.dot over d in BLOCK_K chunks and keeps an online (max, sum) per row → lse (N floats per side).
   B  ``_loss_kernel``: recomputes both S tiles of a row block; with both final normalizers known, exact ε terms
      → ℓ_i and ḡ_i. (A and B cannot merge: the ε terms need the final lse of both rows.)
-  C  ``_grad_kernel`` (only when a gradient is requested): a program owns row block K (and one BLOCK_D chunk of
-     the feature columns: grid (⌈N/BLOCK_M⌉, n_c)) and loops over column blocks L. S is symmetric, so the one
-     tile S_KL also gives S_LK = S_KLᵀ: the program evaluates W_KL (normalized by rows K) and W_LKᵀ (same
-     entries normalized by rows L, whose lse/ḡ were saved) and accumulates (W + Wᵀ)_KL Ẑ_L with ONE GEMM into
-     a BLOCK_M × BLOCK_D fp32 accumulator. Every output row is written by exactly one program: deterministic,
-     no atomics, no N × N buffer.
+  C  ``_grad_kernel`` (only when a gradient is requested), ONE LAUNCH PER REQUESTED SIDE ("own" = Ẑ with Q, or X̂
+     with P): a program owns row block K and one BLOCK_D chunk of the own side's feature columns (grid
+     (⌈N/BLOCK_M⌉, n_c)) and loops over column blocks L. S is symmetric, so the tiles S_KL also give S_LK = S_KLᵀ:
+     the program evaluates W_KL (normalized by rows K) and W_LKᵀ (same entries normalized by rows L, whose lse/ḡ
+     were saved) and accumulates (W + Wᵀ)_KL Û_L with ONE GEMM into a BLOCK_M × BLOCK_D fp32 accumulator. Every
+     output row is written by exactly one program: deterministic, no atomics, no N × N buffer. One side per
+     launch keeps one accumulator and one set of elementwise terms live, so no configuration the host launches
+     spills registers on sm_90 (aot.py --no-spills; the two-sided kernel spilled 0.1–5.8 KB).
 
-FLOP model (GEMM FLOPs; see ``flash_flops``), n_c = ⌈max(d of the requested gradients) / BLOCK_D⌉:
+FLOP model (GEMM FLOPs; see ``flash_flops``), n_c(u) = ⌈d_u / BLOCK_D⌉ for each requested side u:
 
-    A: 2N²(d_x + d_z)    B: 2N²(d_x + d_z)    C: n_c · 2N²(d_x + d_z) + 2N²(d_z [grad_z] + d_x [grad_x])
+    A: 2N²(d_x + d_z)    B: 2N²(d_x + d_z)    C: Σ_u [n_c(u) · 2N²(d_x + d_z) + 2N² d_u]
 
-  = 14 N² d for d_x = d_z = d ≤ BLOCK_D with grad_z only (docs/kernels.md §2b); 4N²d without gradients. A wider d
-  recomputes the S tiles once per feature chunk (n_c > 1): for d ≥ 512 the row-panel pass (a) is usually cheaper.
+  = 14 N² d for d_x = d_z = d ≤ BLOCK_D with grad_z only (KERNELS.md §2b); 4N²d without gradients. A wider d
+  recomputes the S tiles once per feature chunk (n_c > 1), and each requested side recomputes them once more:
+  for d ≥ 512 the row-panel pass (a) is usually cheaper.
   Special functions per (i, j) entry: A 1 exp per side; B 2 exp + 1 log (+1 exp for js) and 2–3 divisions;
-  C twice B's; rbf adds 1 exp per side and pass for the kernel value.
+  C twice B's per side; rbf adds 1 exp per side and pass for the kernel value.
 
-Precision: operands in the input dtype (fp32 via ``dot_precision``: IEEE or TF32; bf16/fp16 on tensor cores),
-fp32 accumulation; every softmax / divergence quantity in fp32. In pass C the W tile is cast to the operand
-dtype for the second GEMM (as FlashAttention does with dS), scaled by N (values O(1), so fp16 does not underflow);
-1/N, 1/τ, 2γ are applied to the fp32 accumulator. Under TRITON_INTERPRET=1 operands are converted to fp32
-before tl.dot (the interpreter miscomputes raw bf16 dots); bf16×bf16 products are exact in fp32, so the result
-matches a tensor-core dot up to summation order.
+Precision: operands in the input dtype, fp32 accumulation; every softmax / divergence quantity in fp32. fp32 dots
+follow torch.get_float32_matmul_precision(): IEEE for "highest", TF32 for "high"/"medium" with every operand
+rounded to tf32 (RNA, as cuBLAS) by the kernel first (``dot_operand``; Triton's tf32 dot alone truncates them:
+_common.py). bf16/fp16 on tensor cores. In pass C the W tile is cast to the operand dtype for the second GEMM (as
+FlashAttention does with dS) as N·dS = Q∘(g − ḡ), whose entries are still ~1/N (Q is a probability); for fp16 at
+N ≥ HALF_SCALE_MIN_N it is multiplied by 2^k first (``half_scale_exp``: ~1/N falls below fp16's normal range at
+large N), and 2^-k, 1/N, 1/τ, 2γ are applied to the fp32 accumulator. Under TRITON_INTERPRET=1 operands are converted to fp32 before tl.dot (the
+interpreter miscomputes raw bf16 dots); bf16×bf16 products are exact in fp32, so the result matches a tensor-core
+dot up to summation order.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_precision, level1_terms, next_pow2, row_max, row_sum
+from ._common import (
+    INTERPRET,
+    PRECISIONS,
+    device_guard,
+    dot_operand,
+    dot_precision,
+    level1_terms,
+    log1p,
+    next_pow2,
+    round_tf32,
+    row_max,
+    row_sum,
+)
 
-__all__ = ["structure_level1_flash", "flash_flops", "AOT_KERNELS", "AOT_OPTIONS"]
+__all__ = ["structure_level1_flash", "flash_flops", "launch_config", "half_scale_exp", "aot_configs", "AOT_KERNELS"]
 
 # Option codes: the order of the tuples in structure_ops/_options.py (csrc/common/checks.h).
 COSINE, RBF = 0, 1
@@ -91,6 +108,7 @@ def _logits_tile(
     SIM: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -110,6 +128,9 @@ def _logits_tile(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        # fp32 at TF32: round the operands (RNA) here, or the tensor cores truncate them (_common.py)
+        a = dot_operand(a, ROUND_TF32)
+        b = dot_operand(b, ROUND_TF32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
     if SIM == 0:
         s = acc * scale
@@ -144,6 +165,7 @@ def _lse_kernel(
     SIM: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -168,7 +190,7 @@ def _lse_kernel(
             sq_j = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
         s = _logits_tile(
             u_ptr, stride, rows, cols, N, D, sq_i, sq_j, scale, gamma,
-            SIM, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            SIM, UPCAST, DOT_PRECISION, ROUND_TF32, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         s = tl.where(cmask[None, :], s, float("-inf"))
         # Column block 0 always holds a valid column, so m_new is finite from the first block on.
@@ -206,6 +228,7 @@ def _loss_kernel(
     GRAD_Z: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -237,11 +260,11 @@ def _loss_kernel(
             sqz_j = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
         sx = _logits_tile(
             x_ptr, stride_x, rows, cols, N, DX, sqx_i, sqx_j, scale, gamma,
-            SIM, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            SIM, UPCAST, DOT_PRECISION, ROUND_TF32, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         sz = _logits_tile(
             z_ptr, stride_z, rows, cols, N, DZ, sqz_i, sqz_j, scale, gamma,
-            SIM, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            SIM, UPCAST, DOT_PRECISION, ROUND_TF32, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         p, q, term, qg, pg = _terms(sx - lx[:, None], sz - lz[:, None], eps, DIV)
         valid = rmask[:, None] & cmask[None, :]
@@ -258,175 +281,253 @@ def _loss_kernel(
 
 
 # --------------------------------------------------------------------------------------------------
-# Pass C: gradients
+# Pass C: gradients, one launch per requested side
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _own_terms(a, b, eps, ln2, JS: tl.constexpr):
+    # Q and Q∘g of the side whose log-probabilities are b (a: the other side's). The divergence is symmetric in
+    # (P, Q), so the X̂ side is the same function with the arguments swapped. Same expressions as level1_terms
+    # (the ḡ of pass B and the W here must agree), without the value and the other side's gradient.
+    q = tl.exp(b)
+    if JS:
+        delta = a - b
+        sp = tl.maximum(delta, 0.0) + log1p(tl.exp(-tl.abs(delta)))
+        qg = 0.5 * q * (ln2 - sp)
+    else:
+        pt = tl.exp(a) + eps
+        qt = q + eps
+        d = pt - qt
+        t = log1p((d * (1.0 / pt)) * (d * (1.0 / qt)) * 0.25)
+        qg = 0.25 * q * t - 0.25 * pt * (q * (1.0 / qt))
+    return q, qg
+
+
+@triton.jit
 def _grad_kernel(
-    x_ptr,
-    z_ptr,
-    sqx_ptr,
-    sqz_ptr,
-    lsex_ptr,
-    lsez_ptr,
-    gbx_ptr,
-    gbz_ptr,
-    gx_ptr,
-    gz_ptr,
+    own_ptr,
+    oth_ptr,
+    sq_own_ptr,
+    sq_oth_ptr,
+    lse_own_ptr,
+    lse_oth_ptr,
+    gb_ptr,
+    g_ptr,
     N,
-    DX,
-    DZ,
-    stride_x,
-    stride_z,
+    D_OWN,
+    D_OTH,
+    stride_own,
+    stride_oth,
     scale,
     gamma,
     eps,
-    inv_n,
+    out_scale,
+    w_scale,
     SIM: tl.constexpr,
     DIV: tl.constexpr,
-    GRAD_X: tl.constexpr,
-    GRAD_Z: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # For row block K and feature chunk c: with N·W_KL = Q∘(g − ḡ_K) (rows K normalized by lse_K) and
-    # N·W_LKᵀ = the same S entries normalized by rows L (S symmetric: S_LK = S_KLᵀ),
-    #   cosine: dẐ_K,c = (1/(Nτ)) Σ_L (N·W_KL + N·W_LKᵀ) Ẑ_L,c
-    #   rbf:    dẐ_K,c = (2γ/N) [Σ_L E_KL Ẑ_L,c − (Σ_L E_KL) Ẑ_K,c],  E = S^Z∘(N·W + N·Wᵀ)
-    # and the same for X̂ with P. One GEMM per tile for both W and Wᵀ; each output row has one owner.
+    # The gradient of ONE side ("own": Ẑ with Q, or X̂ with P; "oth": the other side) for row block K and feature
+    # chunk c. With N·W_KL = Q∘(g − ḡ_K) (rows K normalized by lse_K) and N·W_LKᵀ = the same S entries normalized
+    # by rows L (S symmetric: S_LK = S_KLᵀ),
+    #   cosine: dÛ_K,c = (1/(Nτ)) Σ_L (N·W_KL + N·W_LKᵀ) Û_L,c
+    #   rbf:    dÛ_K,c = (2γ/N) [Σ_L E_KL Û_L,c − (Σ_L E_KL) Û_K,c],  E = S∘(N·W + N·Wᵀ)
+    # One GEMM per tile for both W and Wᵀ; each output row has one owner (deterministic, no atomics). The W tile
+    # enters the GEMM times w_scale (a power of two: fp16 operands ~1/N would underflow at large N), undone on the
+    # fp32 accumulator (out_scale = 1/(Nτ) or 2γ/N, divided by w_scale). One side per launch keeps one
+    # accumulator and one set of elementwise terms live: no register spills (aot.py --no-spills).
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     dcols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
-    lx_k = tl.load(lsex_ptr + rows, mask=rmask, other=0.0)
-    lz_k = tl.load(lsez_ptr + rows, mask=rmask, other=0.0)
-    if GRAD_Z:
-        gbz_k = tl.load(gbz_ptr + rows, mask=rmask, other=0.0)
-    if GRAD_X:
-        gbx_k = tl.load(gbx_ptr + rows, mask=rmask, other=0.0)
+    dmask = dcols < D_OWN
+    ln2 = 0.6931471805599453
+    lo_k = tl.load(lse_own_ptr + rows, mask=rmask, other=0.0)
+    lt_k = tl.load(lse_oth_ptr + rows, mask=rmask, other=0.0)
+    gb_k = tl.load(gb_ptr + rows, mask=rmask, other=0.0)
     if SIM == 1:
-        sqx_k = tl.load(sqx_ptr + rows, mask=rmask, other=0.0)
-        sqz_k = tl.load(sqz_ptr + rows, mask=rmask, other=0.0)
+        sqo_k = tl.load(sq_own_ptr + rows, mask=rmask, other=0.0)
+        sqt_k = tl.load(sq_oth_ptr + rows, mask=rmask, other=0.0)
     else:
-        sqx_k = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
-        sqz_k = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
-    acc_z = tl.full((BLOCK_M, BLOCK_D), 0.0, dtype=tl.float32)
-    acc_x = tl.full((BLOCK_M, BLOCK_D), 0.0, dtype=tl.float32)
-    rs_z = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
-    rs_x = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
+        sqo_k = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
+        sqt_k = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_D), 0.0, dtype=tl.float32)
+    rs = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
     for l0 in range(0, N, BLOCK_N):
         cols = l0 + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        lx_l = tl.load(lsex_ptr + cols, mask=cmask, other=0.0)
-        lz_l = tl.load(lsez_ptr + cols, mask=cmask, other=0.0)
         if SIM == 1:
-            sqx_l = tl.load(sqx_ptr + cols, mask=cmask, other=0.0)
-            sqz_l = tl.load(sqz_ptr + cols, mask=cmask, other=0.0)
+            sqo_l = tl.load(sq_own_ptr + cols, mask=cmask, other=0.0)
+            sqt_l = tl.load(sq_oth_ptr + cols, mask=cmask, other=0.0)
         else:
-            sqx_l = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
-            sqz_l = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
-        sx = _logits_tile(
-            x_ptr, stride_x, rows, cols, N, DX, sqx_k, sqx_l, scale, gamma,
-            SIM, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            sqo_l = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
+            sqt_l = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
+        s_oth = _logits_tile(
+            oth_ptr, stride_oth, rows, cols, N, D_OTH, sqt_k, sqt_l, scale, gamma,
+            SIM, UPCAST, DOT_PRECISION, ROUND_TF32, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
-        sz = _logits_tile(
-            z_ptr, stride_z, rows, cols, N, DZ, sqz_k, sqz_l, scale, gamma,
-            SIM, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        s_own = _logits_tile(
+            own_ptr, stride_own, rows, cols, N, D_OWN, sqo_k, sqo_l, scale, gamma,
+            SIM, UPCAST, DOT_PRECISION, ROUND_TF32, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
-        valid = rmask[:, None] & cmask[None, :]
-        # Tile (K, L) normalized by rows K, and tile (L, K)ᵀ normalized by rows L.
-        p1, q1, _t1, qg1, pg1 = _terms(sx - lx_k[:, None], sz - lz_k[:, None], eps, DIV)
-        p2, q2, _t2, qg2, pg2 = _terms(sx - lx_l[None, :], sz - lz_l[None, :], eps, DIV)
-        if GRAD_Z:
-            gbz_l = tl.load(gbz_ptr + cols, mask=cmask, other=0.0)
-            w = (qg1 - q1 * gbz_k[:, None]) + (qg2 - q2 * gbz_l[None, :])
-            w = tl.where(valid, w, 0.0)
-            if SIM == 1:
-                w = w * sz
-                rs_z += row_sum(w)
-            zl = tl.load(
-                z_ptr + cols.to(tl.int64)[:, None] * stride_z + dcols[None, :],
-                mask=cmask[:, None] & (dcols[None, :] < DZ),
-                other=0.0,
-            )
-            # W enters the second GEMM in the operand dtype (tensor cores for bf16/fp16), accumulated in fp32.
-            w_op = w.to(zl.dtype)
-            if UPCAST:
-                w_op = w_op.to(tl.float32)
-                zl = zl.to(tl.float32)
-            acc_z = tl.dot(w_op, zl, acc_z, input_precision=DOT_PRECISION)
-        if GRAD_X:
-            gbx_l = tl.load(gbx_ptr + cols, mask=cmask, other=0.0)
-            wx = (pg1 - p1 * gbx_k[:, None]) + (pg2 - p2 * gbx_l[None, :])
-            wx = tl.where(valid, wx, 0.0)
-            if SIM == 1:
-                wx = wx * sx
-                rs_x += row_sum(wx)
-            xl = tl.load(
-                x_ptr + cols.to(tl.int64)[:, None] * stride_x + dcols[None, :],
-                mask=cmask[:, None] & (dcols[None, :] < DX),
-                other=0.0,
-            )
-            wx_op = wx.to(xl.dtype)
-            if UPCAST:
-                wx_op = wx_op.to(tl.float32)
-                xl = xl.to(tl.float32)
-            acc_x = tl.dot(wx_op, xl, acc_x, input_precision=DOT_PRECISION)
-    if GRAD_Z:
-        zmask = rmask[:, None] & (dcols[None, :] < DZ)
-        out_z = gz_ptr + rows.to(tl.int64)[:, None] * stride_z + dcols[None, :]
-        if SIM == 0:
-            gz = acc_z * (scale * inv_n)
-        else:
-            zk = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + dcols[None, :], mask=zmask, other=0.0)
-            gz = (2.0 * gamma * inv_n) * (acc_z - rs_z[:, None] * zk.to(tl.float32))
-        tl.store(out_z, gz.to(gz_ptr.dtype.element_ty), mask=zmask)
-    if GRAD_X:
-        xmask = rmask[:, None] & (dcols[None, :] < DX)
-        out_x = gx_ptr + rows.to(tl.int64)[:, None] * stride_x + dcols[None, :]
-        if SIM == 0:
-            gx = acc_x * (scale * inv_n)
-        else:
-            xk = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + dcols[None, :], mask=xmask, other=0.0)
-            gx = (2.0 * gamma * inv_n) * (acc_x - rs_x[:, None] * xk.to(tl.float32))
-        tl.store(out_x, gx.to(gx_ptr.dtype.element_ty), mask=xmask)
+        # Tile (K, L) normalized by rows K, then tile (L, K)ᵀ normalized by rows L: one term set live at a time.
+        q, qg = _own_terms(s_oth - lt_k[:, None], s_own - lo_k[:, None], eps, ln2, DIV == 1)
+        w = qg - q * gb_k[:, None]
+        lo_l = tl.load(lse_own_ptr + cols, mask=cmask, other=0.0)
+        lt_l = tl.load(lse_oth_ptr + cols, mask=cmask, other=0.0)
+        gb_l = tl.load(gb_ptr + cols, mask=cmask, other=0.0)
+        q, qg = _own_terms(s_oth - lt_l[None, :], s_own - lo_l[None, :], eps, ln2, DIV == 1)
+        w += qg - q * gb_l[None, :]
+        w = tl.where(rmask[:, None] & cmask[None, :], w, 0.0)
+        if SIM == 1:
+            w = w * s_own
+            rs += row_sum(w)
+        ul = tl.load(
+            own_ptr + cols.to(tl.int64)[:, None] * stride_own + dcols[None, :],
+            mask=cmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
+        # W enters the second GEMM in the operand dtype (tensor cores for bf16/fp16), accumulated in fp32.
+        w_op = (w * w_scale).to(ul.dtype)
+        if UPCAST:
+            w_op = w_op.to(tl.float32)
+            ul = ul.to(tl.float32)
+        w_op = dot_operand(w_op, ROUND_TF32)
+        ul = dot_operand(ul, ROUND_TF32)
+        acc = tl.dot(w_op, ul, acc, input_precision=DOT_PRECISION)
+    omask = rmask[:, None] & dmask[None, :]
+    out = g_ptr + rows.to(tl.int64)[:, None] * stride_own + dcols[None, :]
+    if SIM == 0:
+        g = acc * (out_scale / w_scale)
+    else:
+        uk = tl.load(own_ptr + rows.to(tl.int64)[:, None] * stride_own + dcols[None, :], mask=omask, other=0.0)
+        g = out_scale * (acc * (1.0 / w_scale) - rs[:, None] * uk.to(tl.float32))
+    tl.store(out, g.to(g_ptr.dtype.element_ty), mask=omask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configuration (the host's launches and aot.py both come from launch_config)
+# --------------------------------------------------------------------------------------------------
+def flash_flops(
+    n: int, dx: int, dz: int, *, grad_x: bool = False, grad_z: bool = True, block_d: int | None = None
+) -> float:
+    """GEMM FLOPs of :func:`structure_level1_flash` (the benchmark's FLOP model).
+
+    4N²(d_x + d_z) for passes A and B; pass C, once per requested side u ∈ {X̂, Ẑ}: n_c(u)·2N²(d_x + d_z) (tile
+    recomputation, once per BLOCK_D feature chunk of d_u) + 2N²·d_u. d_x = d_z = d ≤ BLOCK_D, grad_z only:
+    14 N² d. ``block_d`` None: the BLOCK_D the host picks for each side (``launch_config``).
+    """
+    flops = 4.0 * n * n * (dx + dz)
+    for want, d in ((grad_z, dz), (grad_x, dx)):
+        if want:
+            bd = block_d or _grad_block_d(d)
+            flops += math.ceil(d / bd) * 2.0 * n * n * (dx + dz) + 2.0 * n * n * d
+    return flops
+
+
+def _grad_block_d(d: int, interpret: bool = INTERPRET) -> int:
+    if interpret:
+        return min(64, max(16, next_pow2(d)))
+    return 64 if d <= 64 else 128
+
+
+# fp16 gradient operands: W·2^k is cast to fp16 with k = half_scale_exp(...) when N ≥ HALF_SCALE_MIN_N.
+HALF_SCALE_MIN_N = 1024
+_FP16_MAX = 65504.0
+
+
+def half_scale_exp(n: int, dtype: torch.dtype, divergence: int, eps: float, min_n: int | None = None) -> int:
+    """The power of two k by which pass C scales the W tile before its fp16 cast (0: no scaling).
+
+    W's entries are Q∘(g − ḡ) summed over both directions, typically ~1/N: below fp16's normal range (6.1e-5)
+    from N ≈ 16 k on, so they would lose their precision (emulated cast error of the gradient ~1e-3 at N = 65 536,
+    ~1e-2 at 262 144; tests/emulation/hardware.py). Scaling by 2^k, k = ⌊log₂ N⌋, brings them to O(1); k is capped
+    so that the largest possible entry cannot overflow fp16: |W| ≤ B with B = T_max + 2 for "structure"
+    (T = log1p((P̃ − Q̃)²/(4P̃Q̃)) ≤ log1p((1 + ε)/(4ε)), |Q∘g| ≤ ¼T_max + ¼, |ḡ| ≤ ¼ max(T_max, 1 + Nε), two
+    directions) and B = 2 for "js" (|½ Q log(Q/M)| ≤ ½ ln 2); the rbf factor S ≤ 1 only shrinks W. One bit of
+    headroom: 2^k·B ≤ 65504/2. Only fp16 (bf16 and fp32/tf32 have fp32's exponent range), only N ≥ ``min_n``
+    (default HALF_SCALE_MIN_N; below it ~1/N is well inside the normal range).
+    """
+    min_n = HALF_SCALE_MIN_N if min_n is None else min_n
+    if dtype != torch.float16 or n < min_n or n < 2:
+        return 0
+    if divergence == JS:
+        bound = 2.0
+    else:
+        t_max = math.log1p((1.0 + eps) / (4.0 * eps))
+        bound = t_max + 2.0 + 0.25 * n * eps
+    k_max = math.floor(math.log2(_FP16_MAX / 2.0 / bound))
+    return max(0, min(k_max, int(math.floor(math.log2(n)))))
+
+
+def launch_config(
+    n: int,
+    dx: int,
+    dz: int,
+    dtype: torch.dtype,
+    *,
+    similarity: int,
+    divergence: int,
+    grad_x: bool,
+    grad_z: bool,
+    precision: str | None = None,
+    interpret: bool = INTERPRET,
+) -> dict[str, dict]:
+    """The launches of :func:`structure_level1_flash` for these inputs: {"lse", "loss", "grad_z", "grad_x"} →
+    {"constexprs": ..., "options": ...} ("grad_*" only when requested). The host launches exactly these (block
+    overrides aside) and aot.py compiles exactly these for every dtype, precision, option and gradient flag.
+
+    GPU tiles (sm_90, ptxas -v, no spills): passes A/B 64 × 64 with BLOCK_K 32 (IEEE fp32) / 16 (TF32) / 64 (half)
+    and 8 warps; pass C 64 × 32 tiles, BLOCK_K 32, BLOCK_D 64 (d ≤ 64) or 128, 8 warps, one launch per side. Under the interpreter: few,
+    large blocks (its cost is per program and per op).
+    """
+    prec = dot_precision(dtype, precision)
+    grad = bool(grad_x or grad_z)
+    common = dict(UPCAST=bool(interpret), DOT_PRECISION=prec, ROUND_TF32=round_tf32(dtype, precision))
+    if interpret:
+        bmn = min(64, max(16, next_pow2(n)))
+        bk = min(64, max(16, next_pow2(max(dx, dz))))
+        ab = dict(BLOCK_M=bmn, BLOCK_N=bmn, BLOCK_K=bk)
+        cb = dict(ab)
+        options: dict = {}
+        grad_options: dict = {}
+    else:
+        # fp32 operands take twice the registers of half ones, and the tf32 rounding adds a few more: BLOCK_K 16
+        # there (pass B spilled 12 B at 32); pass C keeps its extra live tiles within 255 registers at BLOCK_K 32
+        # (half types spilled 76 B at 64).
+        bk = 64 if dtype != torch.float32 else (16 if common["ROUND_TF32"] else 32)
+        ab = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk)
+        cb = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
+        options = {"num_warps": 8, "num_stages": 2}
+        grad_options = {"num_warps": 8, "num_stages": 2}
+    out = {
+        "lse": {"constexprs": dict(SIM=similarity, **common, **ab), "options": options},
+        "loss": {
+            # ḡ of both sides whenever a gradient is asked for: two row sums per tile (the tiles cost the GEMMs),
+            # half as many compiled variants
+            "constexprs": dict(SIM=similarity, DIV=divergence, GRAD_X=grad, GRAD_Z=grad, **common, **ab),
+            "options": options,
+        },
+    }
+    for side, want, d in (("grad_z", grad_z, dz), ("grad_x", grad_x, dx)):
+        if want:
+            cst = dict(SIM=similarity, DIV=divergence, **common, **cb, BLOCK_D=_grad_block_d(d, interpret))
+            out[side] = {"constexprs": cst, "options": grad_options}
+    return out
+
+
+_KERNELS = {"lse": "_lse_kernel", "loss": "_loss_kernel", "grad_z": "_grad_kernel", "grad_x": "_grad_kernel"}
 
 
 # --------------------------------------------------------------------------------------------------
 # Host entry
 # --------------------------------------------------------------------------------------------------
-def _pick(value, default):
-    return default if value is None else int(value)
-
-
-def flash_flops(n: int, dx: int, dz: int, *, grad_x: bool = False, grad_z: bool = True, block_d: int = 128) -> float:
-    """GEMM FLOPs of :func:`structure_level1_flash` (the benchmark's FLOP model).
-
-    4N²(d_x + d_z) for passes A and B; with a gradient, pass C adds n_c·2N²(d_x + d_z) (tile recomputation, once
-    per BLOCK_D feature chunk) + 2N²·d of each requested gradient. d_x = d_z = d ≤ block_d, grad_z: 14 N² d.
-    """
-    flops = 4.0 * n * n * (dx + dz)
-    if grad_x or grad_z:
-        dmax = max(dz if grad_z else 0, dx if grad_x else 0)
-        n_c = math.ceil(dmax / block_d)
-        flops += n_c * 2.0 * n * n * (dx + dz)
-        flops += 2.0 * n * n * ((dz if grad_z else 0) + (dx if grad_x else 0))
-    return flops
-
-
-def _default_blocks(n: int, dx: int, dz: int, dgrad: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    if INTERPRET:
-        # The interpreter pays per program and per op: few, large blocks.
-        bmn = min(64, max(16, next_pow2(n)))
-        return bmn, bmn, min(64, max(16, next_pow2(max(dx, dz)))), min(64, max(16, next_pow2(dgrad)))
-    bk = 32 if dtype == torch.float32 else 64
-    return 64, 64, bk, min(128, max(16, next_pow2(dgrad)))
-
-
 def structure_level1_flash(
     xh: torch.Tensor,
     zh: torch.Tensor,
@@ -444,6 +545,7 @@ def structure_level1_flash(
     block_d: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    half_scale_min_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Level-1 STRUCTURE core divergence and its gradients, flash-style (docs/kernels.md §2b), O(N) extra memory.
 
@@ -456,13 +558,14 @@ def structure_level1_flash(
         temperature: τ > 0 (cosine only). similarity: 0 cosine, 1 rbf. gamma: γ of rbf.
         divergence: 0 "structure" (needs eps > 0), 1 "js". eps: the ε of "structure".
         grad_x, grad_z: compute ∂D/∂X̂, ∂D/∂Ẑ.
-        block_m, block_n, block_k, block_d, num_warps, num_stages: launch overrides (tests, tuning); BLOCK_M/N
-        are the row/column tile, BLOCK_K the contraction chunk, BLOCK_D the gradient feature chunk per program.
+        block_m, block_n, block_k, block_d, num_warps, num_stages: launch overrides (tests, tuning) of every pass;
+        BLOCK_M/N are the row/column tile, BLOCK_K the contraction chunk, BLOCK_D the gradient feature chunk.
+        half_scale_min_n: N from which fp16 gradient operands are scaled (default HALF_SCALE_MIN_N; tests).
     Returns:
         (D, gx, gz): D a 0-dim fp32 tensor; gx (N, d_x) and gz (N, d_z) contiguous in the input dtype, or empty
         (0,) tensors when not requested.
     Supported: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; fp32 (tl.dot precision from
-    torch.get_float32_matmul_precision()), bf16, fp16. fp64 raises NotImplementedError.
+    torch.get_float32_matmul_precision(); TF32 operands rounded RNA), bf16, fp16. fp64 raises NotImplementedError.
     """
     if xh.dim() != 2 or zh.dim() != 2:
         raise ValueError(f"xh and zh must be 2-D (N, d) tensors, got shapes {tuple(xh.shape)} and {tuple(zh.shape)}")
@@ -498,24 +601,25 @@ def structure_level1_flash(
     xh = xh.contiguous()
     zh = zh.contiguous()
     f32 = dict(dtype=torch.float32, device=dev)
-    dgrad = max(dz if grad_z else 1, dx if grad_x else 1)
-    bm0, bn0, bk0, bd0 = _default_blocks(n, dx, dz, dgrad, dtype)
-    bm, bn, bk, bd = _pick(block_m, bm0), _pick(block_n, bn0), _pick(block_k, bk0), _pick(block_d, bd0)
-    for name, b in (("block_m", bm), ("block_n", bn), ("block_k", bk), ("block_d", bd)):
-        if b < 16 or b & (b - 1):
-            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tiles), got {b}")
-    launch = {}
-    if not INTERPRET:
-        # 8 warps: with 4, the loss/grad kernels spill (two S tiles and their elementwise terms live at once).
-        launch["num_warps"] = _pick(num_warps, AOT_OPTIONS["num_warps"])
-        launch["num_stages"] = _pick(num_stages, AOT_OPTIONS["num_stages"])
-    common = dict(UPCAST=INTERPRET, DOT_PRECISION=dot_precision(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    cfg = launch_config(n, dx, dz, dtype, similarity=similarity, divergence=divergence, grad_x=grad_x, grad_z=grad_z)
+    overrides = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d}
+    for name, b in overrides.items():
+        if b is not None and (b < 16 or b & (b - 1)):
+            raise ValueError(f"{name.lower()} must be a power of two >= 16 (tl.dot tiles), got {b}")
+    for launch in cfg.values():
+        cst = launch["constexprs"]
+        cst.update({k: int(v) for k, v in overrides.items() if v is not None and k in cst})
+        opts = launch["options"] = dict(launch["options"])
+        if not INTERPRET:
+            for key, v in (("num_warps", num_warps), ("num_stages", num_stages)):
+                if v is not None:
+                    opts[key] = int(v)
     scale = 1.0 / float(temperature) if similarity == COSINE else 1.0
     gamma = float(gamma)
     epsf = float(eps) if divergence == STRUCTURE else 0.0
 
-    # Triton launches on the current device: make it the inputs' device (a no-op for cuda:0 / the interpreter).
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+    # Triton launches on the current device: make it the inputs' device (a no-op for the interpreter).
+    with device_guard(dev):
         lse_x = torch.empty(n, **f32)
         lse_z = torch.empty(n, **f32)
         if similarity == RBF:
@@ -525,19 +629,20 @@ def structure_level1_flash(
         else:
             sq_x, sq_z = lse_x, lse_z  # never read (SIM constexpr)
 
-        grid_rows = (triton.cdiv(n, bm),)
+        a = cfg["lse"]
+        grid = (triton.cdiv(n, a["constexprs"]["BLOCK_M"]),)
         # Pass A
-        _lse_kernel[grid_rows](xh, sq_x, lse_x, n, dx, xh.stride(0), scale, gamma, SIM=similarity, **common, **launch)
-        _lse_kernel[grid_rows](zh, sq_z, lse_z, n, dz, zh.stride(0), scale, gamma, SIM=similarity, **common, **launch)
+        _lse_kernel[grid](xh, sq_x, lse_x, n, dx, xh.stride(0), scale, gamma, **a["constexprs"], **a["options"])
+        _lse_kernel[grid](zh, sq_z, lse_z, n, dz, zh.stride(0), scale, gamma, **a["constexprs"], **a["options"])
 
         # Pass B
+        b = cfg["loss"]
         row_loss = torch.empty(n, **f32)
-        gb_x = torch.empty(n if grad_x else 1, **f32)
-        gb_z = torch.empty(n if grad_z else 1, **f32)
-        _loss_kernel[grid_rows](
+        gb_x = torch.empty(n if grad_x or grad_z else 1, **f32)  # the loss kernel writes both ḡ (launch_config)
+        gb_z = torch.empty(n if grad_x or grad_z else 1, **f32)
+        _loss_kernel[(triton.cdiv(n, b["constexprs"]["BLOCK_M"]),)](
             xh, zh, sq_x, sq_z, lse_x, lse_z, row_loss, gb_x, gb_z,
-            n, dx, dz, xh.stride(0), zh.stride(0), scale, gamma, epsf,
-            SIM=similarity, DIV=divergence, GRAD_X=bool(grad_x), GRAD_Z=bool(grad_z), **common, **launch,
+            n, dx, dz, xh.stride(0), zh.stride(0), scale, gamma, epsf, **b["constexprs"], **b["options"],
         )  # fmt: skip
         # Fixed-order reduction of N row losses (deterministic), fp64 so that large N loses nothing here.
         loss = (row_loss.to(torch.float64).sum() / n).to(torch.float32)
@@ -545,66 +650,73 @@ def structure_level1_flash(
         empty = torch.empty(0, dtype=dtype, device=dev)
         gx = torch.empty((n, dx), dtype=dtype, device=dev) if grad_x else empty
         gz = torch.empty((n, dz), dtype=dtype, device=dev) if grad_z else empty
-        if grad_x or grad_z:
-            # Pass C
-            grid = (triton.cdiv(n, bm), triton.cdiv(dgrad, bd))
+        # Pass C, one launch per side: (own, other) = (Ẑ, X̂) for dẐ, (X̂, Ẑ) for dX̂.
+        k = half_scale_exp(n, dtype, divergence, epsf, half_scale_min_n)
+        w_scale = math.ldexp(1.0, k)
+        out_scale = (scale if similarity == COSINE else 2.0 * gamma) / n
+        sides = (("grad_z", zh, xh, sq_z, sq_x, lse_z, lse_x, gb_z, gz), ("grad_x", xh, zh, sq_x, sq_z, lse_x, lse_z, gb_x, gx))
+        for side, own, oth, sq_own, sq_oth, lse_own, lse_oth, gb, g in sides:
+            if side not in cfg:
+                continue
+            c = cfg[side]
+            cst = c["constexprs"]
+            grid = (triton.cdiv(n, cst["BLOCK_M"]), triton.cdiv(own.shape[1], cst["BLOCK_D"]))
             _grad_kernel[grid](
-                xh, zh, sq_x, sq_z, lse_x, lse_z, gb_x, gb_z, gx if grad_x else xh, gz if grad_z else zh,
-                n, dx, dz, xh.stride(0), zh.stride(0), scale, gamma, epsf, 1.0 / n,
-                SIM=similarity, DIV=divergence, GRAD_X=bool(grad_x), GRAD_Z=bool(grad_z), BLOCK_D=bd,
-                **common, **launch,
+                own, oth, sq_own, sq_oth, lse_own, lse_oth, gb, g,
+                n, own.shape[1], oth.shape[1], own.stride(0), oth.stride(0), scale, gamma, epsf, out_scale, w_scale,
+                **cst, **c["options"],
             )  # fmt: skip
         return loss, gx, gz
 
 
 # --------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation entries (aot.py: triton.compile(ASTSource(fn, signature, constexprs), GPUTarget))
+# Ahead-of-time compilation (aot.py): every launch the host can make on a GPU, from launch_config
 # --------------------------------------------------------------------------------------------------
-def _aot_signature(kernel, types: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
-    # Every argument in the kernel's own order: pointers/scalars typed, constexprs marked.
+_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+_OPERANDS = ("u_ptr", "x_ptr", "z_ptr", "own_ptr", "oth_ptr", "g_ptr")
+_FLOATS = ("scale", "gamma", "eps", "out_scale", "w_scale")
+# Widths that reach every branch of launch_config (BLOCK_D 64 for d ≤ 64, 128 above); N does not matter on a GPU.
+AOT_SHAPES = ((4096, 64, 64), (4096, 1024, 512))
+
+
+def _signature(kernel, ptr: str, constexprs: dict) -> dict[str, str]:
+    # Every argument in the kernel's own order: operand pointers in the input dtype, statistics fp32.
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = types.get(name, "*fp32")
-        elif name in ("scale", "gamma", "eps", "inv_n"):
+            sig[name] = ptr if name in _OPERANDS else "*fp32"
+        elif name in _FLOATS:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
     return sig
 
 
-_AOT_CONFIGS = (
-    # (kernel, BLOCK_M, kernel-specific constexprs)
-    ("lse", 64, dict(SIM=COSINE)),
-    ("lse", 128, dict(SIM=RBF)),
-    ("loss", 64, dict(SIM=COSINE, DIV=STRUCTURE, GRAD_X=False, GRAD_Z=True)),
-    ("loss", 128, dict(SIM=RBF, DIV=JS, GRAD_X=True, GRAD_Z=True)),
-    ("grad", 64, dict(SIM=COSINE, DIV=STRUCTURE, GRAD_X=False, GRAD_Z=True, BLOCK_D=64)),
-    ("grad", 64, dict(SIM=COSINE, DIV=JS, GRAD_X=True, GRAD_Z=True, BLOCK_D=64)),
-    ("grad", 128, dict(SIM=RBF, DIV=STRUCTURE, GRAD_X=False, GRAD_Z=True, BLOCK_D=64)),
-    ("grad", 64, dict(SIM=COSINE, DIV=STRUCTURE, GRAD_X=False, GRAD_Z=True, BLOCK_D=128)),
-)
-
-# Options that the host launch uses and that aot.py may pass as triton.compile(..., options=AOT_OPTIONS): with
-# the compiler's default of 4 warps the loss/grad kernels spill registers (ptxas -v), with 8 they do not (64-row).
-AOT_OPTIONS = {"num_warps": 8, "num_stages": 2}
-
-
-def _aot_entries() -> list[tuple[object, dict[str, str], dict[str, object]]]:
-    # Representative configurations (the launch defaults and the tuning candidates), fp32 (TF32 dots) and bf16:
-    # each kernel with 64- and 128-row blocks, both similarities and divergences, with and without grad_x.
-    kernels = {"lse": _lse_kernel, "loss": _loss_kernel, "grad": _grad_kernel}
-    entries: list[tuple[object, dict[str, str], dict[str, object]]] = []
-    for ty, prec, bk in (("fp32", "tf32", 32), ("bf16", "ieee", 64)):
-        operand = {name: f"*{ty}" for name in ("u_ptr", "x_ptr", "z_ptr", "gx_ptr", "gz_ptr")}
-        for name, block_m, extra in _AOT_CONFIGS:
-            kernel = kernels[name]
-            cst = {**extra, "UPCAST": False, "DOT_PRECISION": prec, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": bk}
-            cst = {arg: cst[arg] for arg in kernel.arg_names if arg in cst}  # the kernel's own order
-            entries.append((kernel, _aot_signature(kernel, operand, cst), cst))
+def aot_configs() -> list[tuple]:
+    """(kernel, signature, constexprs, options) of every launch the host can make on a GPU: launch_config over
+    every dtype, float32 matmul precision, similarity, divergence and gradient flag, deduplicated."""
+    kernels = {"_lse_kernel": _lse_kernel, "_loss_kernel": _loss_kernel, "_grad_kernel": _grad_kernel}
+    seen, entries = set(), []
+    for dtype, ptr in _PTR.items():
+        for precision in PRECISIONS:
+            for n, dx, dz in AOT_SHAPES:
+                for sim in (COSINE, RBF):
+                    for div in (STRUCTURE, JS):
+                        for gx, gz in ((False, False), (False, True), (True, False), (True, True)):
+                            cfg = launch_config(n, dx, dz, dtype, similarity=sim, divergence=div, grad_x=gx,
+                                                grad_z=gz, precision=precision, interpret=False)  # fmt: skip
+                            for name, launch in cfg.items():
+                                kernel = kernels[_KERNELS[name]]
+                                cst = {a: launch["constexprs"][a] for a in kernel.arg_names if a in launch["constexprs"]}
+                                key = (kernel.__name__ if hasattr(kernel, "__name__") else _KERNELS[name], ptr,
+                                       tuple(cst.items()), tuple(sorted(launch["options"].items())))
+                                if key in seen:
+                                    continue
+                                seen.add(key)
+                                entries.append((kernel, _signature(kernel, ptr, cst), cst, dict(launch["options"])))
     return entries
 
 
-AOT_KERNELS = _aot_entries()
+AOT_KERNELS = aot_configs()
