@@ -41,19 +41,16 @@ from pathlib import Path
 
 import torch
 
-from structure_ops.train.data import Pairs, load_image_folder
+from structure_ops.train.data import Pairs, check_templates, load_image_folder
 from structure_ops.train.encoders import build_encoder
 from structure_ops.train.features import atomic_write_text
 from structure_ops.train.pipeline import (
-    evaluate_heads,
+    evaluate_run,
     extract_run,
-    load_heads,
-    pick_layers,
     read_manifest,
     run_features,
-    save_heads,
-    train_heads,
-    zero_shot_features,
+    selection_provenance,
+    train_run,
 )
 from structure_ops.train.plots import layer_heatmap, training_curves
 from structure_ops.train.selection import score_layers
@@ -78,8 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--test-captions", type=int, default=5, help="captions per test image (0: all)")
     g.add_argument("--zero-shot-imagenet-root", type=Path, help="class-labelled folder <root>/<class>/<image> (e.g. ImageNet val)")
     g.add_argument("--zero-shot-class-names", type=Path,
-                   help="text file, one class name per line in the sorted order of the class folders "
-                   "(needed when folders are WordNet ids such as n01440764; default: the folder names)")
+                   help="text file: lines '<folder> <class name>' (e.g. ImageNet's 'n01440764 tench'), or one class name "
+                   "per line in the sorted order of the class folders (default: the folder names)")
     g.add_argument("--zero-shot-max-images", type=int, help="random subset of the zero-shot images")
     g.add_argument("--template", action="append", help="zero-shot prompt with {c}, repeatable (default: 'a photo of a {c}.')")
     g.add_argument("--seed", type=int, default=0, help="data subsets and splits; also the training seed")
@@ -113,7 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, default=4096)
     g.add_argument("--patience", type=int, default=200)
     g.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints")
-    g.add_argument("--resume", action="store_true", help="continue from <out>/train/checkpoint.pt")
+    g.add_argument("--name", default="paper", help="training run name: <out>/train/<name>/ (evaluate uses it too)")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/train/<name>/checkpoint.pt")
     g.add_argument("--backend", default="auto", help="loss backend: auto | reference | cpu | triton | cuda")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (encoders and training)")
 
@@ -123,6 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--stages must name some of {', '.join(STAGES)}, got {a.stages}")
     if "extract" in a.stages and a.coco_root is None:
         p.error("the extract stage needs --coco-root")
+    if a.template:
+        try:
+            check_templates(a.template)
+        except ValueError as e:
+            p.error(str(e))
     for name in ("max_pairs", "zero_shot_max_images"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -189,11 +192,7 @@ def coco_pairs(a: argparse.Namespace) -> tuple[Pairs, dict[str, list[int]], dict
 
 
 def zero_shot_set(a: argparse.Namespace):
-    paths, labels, names = load_image_folder(a.zero_shot_imagenet_root)
-    if a.zero_shot_class_names is not None:
-        names = [line.strip() for line in a.zero_shot_class_names.read_text().splitlines() if line.strip()]
-        if len(names) != max(labels) + 1:
-            raise ValueError(f"{a.zero_shot_class_names} has {len(names)} names for {max(labels) + 1} class folders")
+    paths, labels, names = load_image_folder(a.zero_shot_imagenet_root, a.zero_shot_class_names)
     if a.zero_shot_max_images is not None and a.zero_shot_max_images < len(paths):
         keep = sorted(random.Random(a.seed).sample(range(len(paths)), a.zero_shot_max_images))
         paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
@@ -231,53 +230,43 @@ def stage_select(a: argparse.Namespace) -> None:
     k = int(a.k) if a.k.isdigit() else a.k
     scores = score_layers({n: t[image_rows] for n, t in img.items()}, {n: t[rows] for n, t in txt.items()},
                           metric=a.metric, k=k, subset=a.selection_subset, seed=a.seed, backend=a.backend)
+    scores.provenance = selection_provenance(a.out, m)
     scores.save(a.out)
     layer_heatmap(scores, a.out / "layer_scores.png")
     (bi, bt), (li, lt) = scores.best(), scores.last()
-    print(f"[select] {a.metric} on {scores.n} training pairs: best {bi} × {bt} = {scores.scores.max():.4f}, "
+    print(f"[select] {a.metric} on {scores.n} training pairs: best {bi} × {bt} = {scores.best_score:.4f}, "
           f"last {li} × {lt} = {scores.scores[-1, -1]:.4f}")
 
 
 def stage_train(a: argparse.Namespace) -> None:
-    m, img, txt = load_run(a.out)
-    layers = pick_layers(a.out, a.layers)
     cfg = TrainConfig(head=a.head, dim=a.dim, lam=a.lam, warmup=a.warmup, levels=a.levels, weighting=a.weighting,
                       temperature=a.temperature, lr=a.lr, weight_decay=a.weight_decay, epochs=a.epochs,
                       batch_size=a.batch_size, patience=a.patience, seed=a.seed, backend=a.backend, device=a.device,
                       checkpoint_every=a.checkpoint_every)
-    out = a.out / "train"
-    res = train_heads(img, txt, m["image_of"], m["splits"], layers, cfg, out, resume=a.resume)
-    save_heads(out / "heads.safetensors", res, layers, cfg, (img[layers[0]].shape[1], txt[layers[1]].shape[1]))
+    name, out, res = train_run(a.out, a.layers, cfg, name=a.name, resume=a.resume)
+    layers = res.layers
     training_curves({f"{a.head}, λ={a.lam:g}": res.history}, out / "training_curves.png")
-    print(f"[train] {a.head} heads on {layers[0]} × {layers[1]}: {len(res.history)} epochs, lr {res.lr:.3g}, "
+    print(f"[train] {a.head} heads '{name}' on {layers[0]} × {layers[1]}: {len(res.history)} epochs, lr {res.lr:.3g}, "
           f"best val loss {res.best_val:.4f} at epoch {res.best_epoch}{' (stopped early)' if res.stopped_early else ''}")
 
 
 def stage_evaluate(a: argparse.Namespace) -> dict:
-    m, img, txt = load_run(a.out)
-    image_head, text_head, meta = load_heads(a.out / "train" / "heads.safetensors")
-    layers, test = tuple(meta["layers"]), m["splits"]["test"]
-    z = m.get("zero_shot")
-    zs = zero_shot_features(a.out, m, layers)
-    metrics = evaluate_heads(image_head, text_head, layers, img, txt, m["image_of"], test, zs)
-    cfg = meta["config"]
-    report = {
-        "split": "test", "layers": list(layers), **metrics,
-        "test_images": len({m["image_of"][j] for j in test}), "test_captions": len(test),
-        "train_pairs": len(m["splits"]["train"]), "zero_shot_images": len(z["labels"]) if z else None,
-        "head": cfg["head"], "lam": cfg["lam"], "lr": meta["lr"], "best_epoch": meta["best_epoch"],
-        "image_encoder": m["image_encoder"]["name"], "text_encoder": m["text_encoder"]["name"],
-    }
-    atomic_write_text(a.out / "metrics.json", json.dumps(report, indent=1) + "\n")
-    print(f"\n[evaluate] {report['test_images']} test images, {report['test_captions']} captions; "
-          f"{cfg['head']} heads (λ={cfg['lam']:g}) on {layers[0]} × {layers[1]}\n")
+    """The training run ``--name`` (or the only one) on the test split: <out>/metrics.json[name]["test"]."""
+    from structure_ops.train.pipeline import resolve_name, trained_names
+
+    name = a.name if a.name in trained_names(a.out) else resolve_name(a.out)  # e.g. trained by `structure-ops train`
+    report = evaluate_run(a.out, name, "test")
+    m, metrics, z, cfg, layers = read_manifest(a.out), report, report.get("zero_shot"), report["heads"]["config"], report["layers"]
+    print(f"\n[evaluate] {report['n_images']} test images, {report['n_captions']} captions; "
+          f"{cfg['head']} heads '{name}' (λ={cfg['lam']:g}) on {layers[0]} × {layers[1]}; "
+          f"{len(m['splits']['train'])} training pairs\n")
     print("| direction  | R@1   | R@5   | R@10  |\n|------------|-------|-------|-------|")
     for name, key in (("image→text", "i2t"), ("text→image", "t2i")):
         print(f"| {name} | " + " | ".join(f"{metrics[f'{key}_R@{k}']:.3f}" for k in (1, 5, 10)) + " |")
     if z:
-        print(f"\nzero-shot ({len(z['labels'])} images, {len(z['class_names'])} classes): "
-              f"top-1 {metrics['zeroshot_top1']:.3f}, top-5 {metrics['zeroshot_top5']:.3f}")
-    print(f"\nwrote {a.out / 'metrics.json'}")
+        print(f"\nzero-shot ({z['n_images']} images, {z['n_classes']} classes): top-1 {metrics['zeroshot_top1']:.3f}"
+              + (f", top-5 {metrics['zeroshot_top5']:.3f}" if "zeroshot_top5" in metrics else ""))
+    print(f"\nwrote {a.out / 'metrics.json'} ['{name}']['test']")
     return report
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,18 @@ def coco_args(coco: Path, out: Path, vision: str, text: str, *extra: str) -> lis
             "--extract-batch-size", "16", *TINY_TRAINING, *extra]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _feature_cache(tmp_path_factory):
+    """The module's own shared feature cache (never the user's)."""
+    old = os.environ.get("STRUCTURE_OPS_CACHE")
+    os.environ["STRUCTURE_OPS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("STRUCTURE_OPS_CACHE", None)
+    else:
+        os.environ["STRUCTURE_OPS_CACHE"] = old
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes")
@@ -150,25 +163,27 @@ def _check_retrieval(metrics: dict) -> None:
 def test_coco_recipe_writes_metrics_heads_and_layer_scores(world, coco_run):
     from structure_ops.train.pipeline import load_heads, read_manifest
 
-    metrics = json.loads((coco_run / "metrics.json").read_text())
+    metrics = json.loads((coco_run / "metrics.json").read_text())["paper"]["test"]
     _check_retrieval(metrics)
-    assert 0.0 <= metrics["zeroshot_top1"] <= metrics["zeroshot_top5"] <= 1.0
-    assert metrics["test_images"] == 8 and metrics["test_captions"] == 16 and metrics["train_pairs"] == 30
-    assert metrics["zero_shot_images"] == 16 and metrics["lam"] == 10.0
+    assert 0.0 <= metrics["zeroshot_top1"] <= 1.0 and "zeroshot_top5" not in metrics  # 4 classes: top-5 is meaningless
+    assert metrics["n_images"] == 8 and metrics["n_captions"] == 16 and len(read_manifest(coco_run)["splits"]["train"]) == 30
+    assert metrics["zero_shot"]["n_images"] == 16 and metrics["heads"]["config"]["lam"] == 10.0
 
     scores = json.loads((coco_run / "layer_scores.json").read_text())
     assert np.array(scores["scores"]).shape == (N_LAYERS + 1, N_LAYERS + 1)
     assert scores["metric"] == "mutual_knn" and scores["k"] == 4 and scores["n"] == 24  # ≤ --selection-subset rows
-    assert all(0.0 <= s <= 1.0 for row in scores["scores"] for s in row)
+    # the tiny ViT's embeddings-layer CLS token is one vector for every image: excluded (null), never "best"
+    assert scores["excluded"] == ["image:embeddings"] and scores["scores"][0] == [None] * (N_LAYERS + 1)
+    assert all(0.0 <= s <= 1.0 for row in scores["scores"][1:] for s in row)
 
-    image_head, text_head, meta = load_heads(coco_run / "train" / "heads.safetensors")
+    image_head, text_head, meta = load_heads(coco_run / "train" / "paper" / "heads.safetensors")
     assert meta["layers"] == scores["best"] == metrics["layers"]
     assert meta["config"]["dim"] == 16 and meta["config"]["lr"] is None and meta["lr"] > 0  # the LR range test ran
     assert image_head(torch.zeros(3, 32)).shape == (3, 16) and text_head(torch.zeros(3, 24)).shape == (3, 16)
-    history = json.loads((coco_run / "train" / "history.json").read_text())
+    history = json.loads((coco_run / "train" / "paper" / "history.json").read_text())
     assert len(history["history"]) == 4 and len(history["lr_curve"]) >= 3
 
-    for png in ("layer_scores.png", "train/training_curves.png"):
+    for png in ("layer_scores.png", "train/paper/training_curves.png"):
         assert (coco_run / png).read_bytes()[:4] == b"\x89PNG"
 
     m = read_manifest(coco_run)
@@ -215,18 +230,20 @@ def test_coco_recipe_splits_follow_coco_conventions(world, coco_run):
 def test_coco_recipe_stages_reuse_the_cache_and_share_the_cli_run_folder(world, coco_run, tmp_path, capsys):
     """The README's multi-GPU workflow: recipe extract+select, `structure-ops train` (torchrun), recipe evaluate."""
     from structure_ops.cli import main as cli
+    from structure_ops.train.pipeline import read_manifest
 
     recipe = load_recipe("coco_dinov2_roberta")
-    feature_files = sorted((coco_run / "features").glob("*.safetensors"))
-    assert len(feature_files) == 4  # pairs (image, text) + zero-shot (images, prompts)
+    m = read_manifest(coco_run)
+    feature_files = [Path(m[k]) for k in ("image_features", "text_features")] + [
+        Path(m["zero_shot"][k]) for k in ("image_features", "prompt_features")]
+    assert len(set(feature_files)) == 4  # pairs (image, text) + zero-shot (images, prompts), in the shared cache
     stamps = {p: p.stat().st_mtime_ns for p in feature_files}
     run = tmp_path / "run"
-    # A second run folder on the same data: extracted once, then every re-run is a cache hit.
+    # A second run folder on the same data: no extraction at all (the shared cache is keyed by content).
     argv = coco_args(world["coco"], run, world["vision"], world["text"])
     assert recipe.main([*argv, "--stages", "extract,select"]) == 0
-    new_files = sorted((run / "features").glob("*.safetensors"))
-    assert len(new_files) == 2  # no zero-shot set this time
-    assert {p.name for p in new_files} <= {p.name for p in feature_files}  # same data, encoders → same cache key
+    new_files = [Path(read_manifest(run)[k]) for k in ("image_features", "text_features")]
+    assert set(new_files) <= set(feature_files)  # same data, encoders → same cache entries
     stamps_new = {p: p.stat().st_mtime_ns for p in new_files}
     assert recipe.main([*argv, "--stages", "extract"]) == 0
     assert {p: p.stat().st_mtime_ns for p in new_files} == stamps_new  # cache hit: nothing rewritten
@@ -238,9 +255,10 @@ def test_coco_recipe_stages_reuse_the_cache_and_share_the_cli_run_folder(world, 
     assert recipe.main([*argv, "--stages", "evaluate"]) == 0
     printed = capsys.readouterr().out
     assert "image→text" in printed and "text→image" in printed and "zero-shot" not in printed
-    metrics = json.loads((run / "metrics.json").read_text())
+    (name,) = json.loads((run / "metrics.json").read_text())  # the run `structure-ops train` named
+    metrics = json.loads((run / "metrics.json").read_text())[name]["test"]
     _check_retrieval(metrics)
-    assert metrics["lr"] == 0.01 and metrics["zero_shot_images"] is None
+    assert metrics["heads"]["lr"] == 0.01 and "zero_shot" not in metrics
 
 
 def test_coco_recipe_all_captions_and_no_val2014(world, tmp_path):
@@ -293,13 +311,13 @@ def test_compare_lambda_sweeps_lambda_and_levels(coco_run, capsys):
     assert all(c["layers"] == best for c in configs.values())
     for name, stats in report["results"].items():
         assert len(report["per_seed"][name]) == 2
-        for key in ("i2t_R@1", "t2i_R@10", "zeroshot_top1"):
+        for key in ("i2t_R@1", "t2i_R@10", "zeroshot_top1"):  # (4 classes: no top-5)
             runs = [r[key] for r in report["per_seed"][name]]
             assert all(0.0 <= v <= 1.0 for v in runs)
             assert stats[key]["mean"] == pytest.approx(float(np.mean(runs)))
             assert stats[key]["std"] == pytest.approx(float(np.std(runs, ddof=1)))
-    folders = sorted(p for p in out.iterdir() if p.is_dir())
-    assert [f.name for f in folders] == [f"best_lam{lam}_L{lv}_seed{s}" for lam, lv in ((0, 1), (1, 1), (1, 2)) for s in (0, 1)]
+    folders = sorted(p for p in (coco_run / "train").iterdir() if p.name.startswith("compare_"))  # named training runs
+    assert [f.name for f in folders] == [f"compare_best_lam{lam}_L{lv}_seed{s}" for lam, lv in ((0, 1), (1, 1), (1, 2)) for s in (0, 1)]
     levels = sorted(load_heads(f / "heads.safetensors")[2]["config"]["levels"] for f in folders)
     weightings = {load_heads(f / "heads.safetensors")[2]["config"]["weighting"] for f in folders if "_L2_" in f.name}
     assert levels == [1, 1, 1, 1, 2, 2] and weightings == {"inverse"}
