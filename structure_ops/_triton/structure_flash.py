@@ -39,7 +39,7 @@ FLOP model (GEMM FLOPs; see ``flash_flops``), n_c(u) = ⌈d_u / BLOCK_D⌉ for e
 
     A: 2N²(d_x + d_z)    B: 2N²(d_x + d_z)    C: Σ_u [n_c(u) · 2N²(d_x + d_z) + 2N² d_u]
 
-  = 14 N² d for d_x = d_z = d ≤ BLOCK_D with grad_z only (KERNELS.md §2b); 4N²d without gradients. A wider d
+  = 14 N² d for d_x = d_z = d ≤ BLOCK_D with grad_z only (docs/kernels.md §2b); 4N²d without gradients. A wider d
   recomputes the S tiles once per feature chunk (n_c > 1), and each requested side recomputes them once more:
   for d ≥ 512 the row-panel pass (a) is usually cheaper.
   Special functions per (i, j) entry: A 1 exp per side; B 2 exp + 1 log (+1 exp for js) and 2–3 divisions;
