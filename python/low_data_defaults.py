@@ -48,15 +48,19 @@ def r1(m: dict) -> float:
     return (m["i2t_R@1"] + m["t2i_R@1"]) / 2
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/low-data"))
     p.add_argument("--images", type=int, default=600, help="generated image-caption pairs")
     p.add_argument("--seed", type=int, default=11, help="data seed (the demo uses 0)")
-    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2])
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 360])
     p.add_argument("--part", choices=["all", "defaults", "grid", "old", "report"], default="all")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     parts = a.out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
 
