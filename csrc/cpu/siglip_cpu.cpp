@@ -52,23 +52,31 @@ inline T pair_term(T z, bool positive, T& w) {
 
 // Columns [j0, j1) of one row, all negatives: term softplus(z), w·N = σ(z). Writes w·coef over the
 // products in `row` when kWrite (the gradient panel), else leaves them.
+// The sums run in T inside chunks of kChunk columns (a single-precision vector loop: no float → double
+// conversions in the hot loop) and in double across chunks, so the fp32 rounding error stays that of a
+// 256-term sum at any N.
+constexpr int64_t kChunk = 256;
+
 template <typename T, bool kWrite>
 inline void negatives(T* row, int64_t j0, int64_t j1, T s, T beta, T coef, RowSums& acc) {
-  double loss = 0, ds = 0, db = 0;
+  for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
+    const int64_t c1 = std::min(j1, c0 + kChunk);
+    T loss = 0, ds = 0, db = 0;
 #pragma omp simd reduction(+ : loss, ds, db)
-  for (int64_t j = j0; j < j1; ++j) {
-    const T p = row[j];
-    const T z = s * p + beta;
-    const T e = fexp(z > T(0) ? -z : z);
-    const T sig = (z >= T(0) ? T(1) : e) / (T(1) + e);
-    loss += double((z > T(0) ? z : T(0)) + flog1p(e));
-    ds += double(sig * p);
-    db += double(sig);
-    if constexpr (kWrite) row[j] = coef * sig;
+    for (int64_t j = c0; j < c1; ++j) {
+      const T p = row[j];
+      const T z = s * p + beta;
+      const T e = fexp(z > T(0) ? -z : z);
+      const T sig = (z >= T(0) ? T(1) : e) / (T(1) + e);
+      loss += (z > T(0) ? z : T(0)) + flog1p(e);
+      ds += sig * p;
+      db += sig;
+      if constexpr (kWrite) row[j] = coef * sig;
+    }
+    acc.loss += double(loss);
+    acc.ds += double(ds);
+    acc.db += double(db);
   }
-  acc.loss += loss;
-  acc.ds += ds;
-  acc.db += db;
 }
 
 template <typename T>
