@@ -140,5 +140,186 @@ def test_gpu_suite_smoke(tmp_path):
     data = json.loads((tmp_path / "gpu_structure.json").read_text())
     checks = {c["provider"]: c for c in data["checks"]}
     for p in ("chunked", "triton_rows", "triton_flash"):
-        assert checks[p].get("rel_err", 1.0) < 1e-4, checks[p]
+        # at the suite's precision "high" the Triton kernels round fp32 operands to tf32 (also in the interpreter):
+        # the suite's tolerance comes from the float64 hardware model of those operands
+        assert checks[p].get("ok") is True and checks[p]["rel_err"] <= checks[p]["tol"], checks[p]
     assert any("median_s" in r and r["provider"] == "triton_rows" for r in data["records"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every launch under a device guard; every launch configuration derived from the modules' config functions
+# ---------------------------------------------------------------------------------------------------------
+def _kernel_modules():
+    from structure_ops._triton import clip, knn, siglip, structure, structure_flash
+
+    return {"structure": structure, "structure_flash": structure_flash, "clip": clip, "knn": knn, "siglip": siglip}
+
+
+class _Recorder:
+    """Stands in for a module's kernel: records (kernel, guarded device, tensors' device, constexprs/options) of
+    each launch, then launches the real kernel."""
+
+    def __init__(self, name, kernel, log):
+        self.name, self.kernel, self.log = name, kernel, log
+
+    def __getitem__(self, grid):
+        from structure_ops._triton._common import guarded_device
+
+        def launch(*args, **kwargs):
+            devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+            self.log.append((self.name, guarded_device(), devices, dict(kwargs)))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Replace every Triton kernel of every kernel module by a recorder; yields the launch log."""
+    from triton.runtime.jit import KernelInterface
+
+    log = []
+    for mod_name, mod in _kernel_modules().items():
+        for attr, obj in list(vars(mod).items()):
+            if isinstance(obj, KernelInterface) and attr in {getattr(e[0], "fn", e[0]).__name__ for e in mod.AOT_KERNELS}:
+                monkeypatch.setattr(mod, attr, _Recorder(f"{mod_name}.{attr}", obj, log))
+    yield log
+
+
+def _drive_every_launch_path():
+    """Run each host launch path of each kernel module once (tiny shapes, interpreter or GPU)."""
+    from structure_ops._triton import clip, knn, structure, structure_flash
+
+    x, z = _xz(n=9, dx=5, dz=4)
+    xh, zh = R.prepare(x), R.prepare(z)
+    for sim in (0, 1):
+        structure_flash.structure_level1_flash(xh, zh, 0.1, sim, 1.0, 0, 1e-12, True, True)
+        for levels in (1, 2):
+            structure.structure_fwd(xh, zh, levels, 0.1, 0, 0.0, sim, 1.0, 0, 1e-12, True, True, mode="rows")
+    a = torch.nn.functional.normalize(x, dim=1)
+    s = torch.tensor(5.0, device=DEV)
+    _, r, c = clip.clip_fwd(a, a.flip(0).contiguous(), s)
+    clip.clip_bwd(torch.tensor(1.0, device=DEV), a, a.flip(0).contiguous(), s, r, c)
+    knn.knn(a, 3)
+    from structure_ops._triton import siglip
+
+    siglip.siglip_fwd(a, a.flip(0).contiguous(), s, torch.tensor(-1.0, device=DEV))
+
+
+@needs_kernels
+def test_every_launch_runs_under_a_device_guard(launches):
+    # Triton launches on the CURRENT CUDA device; a tensor on another device must have its device made current
+    # (torch.cuda.device). The guard helper records the guarded device: a launch outside any guard sees None.
+    _drive_every_launch_path()
+    assert launches
+    for name, guarded, devices, _ in launches:
+        assert guarded is not None, f"{name} launched outside a device guard"
+        assert devices == {guarded}, f"{name}: guard for {guarded}, tensors on {devices}"
+    launched = {name for name, *_ in launches}
+    for mod_name, mod in _kernel_modules().items():  # every kernel of every module took part
+        kernels = {f"{mod_name}.{getattr(e[0], 'fn', e[0]).__name__}" for e in mod.AOT_KERNELS}
+        assert kernels <= launched, kernels - launched
+
+
+def test_device_guard_is_a_noop_on_cpu_and_nests():
+    from structure_ops._triton._common import device_guard, guarded_device
+
+    assert guarded_device() is None
+    with device_guard(torch.device("cpu")):
+        assert guarded_device() == torch.device("cpu")
+        with device_guard("cpu"):
+            assert guarded_device() == torch.device("cpu")
+    assert guarded_device() is None
+
+
+def _aot_keys(mod):
+    return {(getattr(k, "fn", k).__name__, tuple(sorted(sig.items())), tuple(sorted(c.items())),
+             tuple(sorted(o.items()))) for k, sig, c, o in mod.AOT_KERNELS}  # fmt: skip
+
+
+@needs_kernels
+def test_launches_take_their_configuration_from_the_config_functions(launches):
+    # What the host launches (constexprs and options) is exactly what the module's config function returns for
+    # those inputs (here with interpret=INTERPRET): the AOT set, built from the same functions, is what runs.
+    from structure_ops._triton import clip, knn, structure, structure_flash
+    from structure_ops._triton._common import INTERPRET
+
+    _drive_every_launch_path()
+    n, dx, dz = 9, 5, 4
+    expect = []
+    for sim in (0, 1):
+        cfg = structure_flash.launch_config(n, dx, dz, torch.float32, similarity=sim, divergence=0, grad_x=True,
+                                            grad_z=True, interpret=INTERPRET)  # fmt: skip
+        for key in ("lse", "lse", "loss", "grad_z", "grad_x"):
+            expect.append(("structure_flash._" + {"lse": "lse", "loss": "loss"}.get(key, "grad") + "_kernel",
+                           {**cfg[key]["constexprs"], **cfg[key]["options"]}))  # fmt: skip
+        for levels in (1, 2):
+            # one panel of all N rows at this N (the panel budget is ≫ N²)
+            c = structure.rows_config(n, n, 4, rbf=bool(sim), js=False, grad_x=True, grad_z=True, multilevel=levels > 1,
+                                      interpret=INTERPRET)  # fmt: skip
+            expect.append(("structure._l1_rows_kernel", {**c["constexprs"], **c["options"]}))
+            if levels > 1:
+                c = structure.level_div_config(n, 4, js=False, grad_o=True, grad_a=True, interpret=INTERPRET)
+                expect.append(("structure._level_div_kernel", {**c["constexprs"], **c["options"]}))
+                c = structure.softmax_bwd_config(n, n, 4, rbf=bool(sim), interpret=INTERPRET)
+                expect += [("structure._softmax_bwd_kernel", {**c["constexprs"], **c["options"]})] * 2
+    for c, name in ((clip.fwd_config(5, torch.float32, interpret=INTERPRET), "_clip_fwd_kernel"),
+                    (clip.merge_config(torch.float32, interpret=INTERPRET), "_clip_col_merge_kernel"),
+                    (clip.bwd_config(5, torch.float32, interpret=INTERPRET), "_clip_bwd_kernel"),
+                    (knn.fused_config(5, 4, torch.float32, interpret=INTERPRET), "_knn_topk_kernel")):  # fmt: skip
+        mod = "clip" if "clip" in name else "knn"
+        expect.append((f"{mod}.{name}", {**c["constexprs"], **c["options"]}))
+    got = [(name, kw) for name, _, _, kw in launches if not name.startswith("siglip.")]  # siglip: its own tests
+    for item in got:
+        assert item in expect, f"{item[0]} launched with a configuration no config function returns: {item[1]}"
+    for item in expect:
+        assert item in got, f"{item[0]}: expected launch missing: {item[1]}"
+
+
+def test_aot_set_covers_every_gpu_configuration():
+    # The GPU configurations the config functions return for a random sweep of shapes, dtypes, precisions, options and
+    # gradient flags are all in the AOT set (which aot.py compiles with --no-spills): nothing the host can launch on
+    # a GPU escapes the spill check.
+    import random
+
+    from structure_ops._triton import clip, knn, structure, structure_flash
+    from structure_ops._triton._common import PRECISIONS
+
+    rng = random.Random(0)
+    keys = {m: {(name, c, o) for name, _, c, o in _aot_keys(mod)} for m, mod in _kernel_modules().items()
+            if m != "siglip"}  # fmt: skip
+
+    def has(mod_name, kernel, cfg):
+        return (kernel, tuple(sorted(cfg["constexprs"].items())), tuple(sorted(cfg["options"].items()))) in keys[mod_name]
+
+    for _ in range(300):
+        n, dx, dz, d = rng.randint(2, 300_000), rng.randint(1, 4096), rng.randint(1, 4096), rng.randint(1, 4096)
+        prec = rng.choice(PRECISIONS)
+        sim, div = rng.randint(0, 1), rng.randint(0, 1)
+        gx, gz = rng.random() < 0.5, rng.random() < 0.5
+        dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
+        cfg = structure_flash.launch_config(n, dx, dz, dtype, similarity=sim, divergence=div, grad_x=gx, grad_z=gz,
+                                            precision=prec, interpret=False)  # fmt: skip
+        for key, c in cfg.items():
+            kernel = {"lse": "_lse_kernel", "loss": "_loss_kernel"}.get(key, "_grad_kernel")
+            assert has("structure_flash", kernel, c), (key, n, dx, dz, dtype, prec, c)
+        dtype4 = rng.choice([torch.float32, torch.bfloat16, torch.float16, torch.float64])
+        assert has("clip", "_clip_fwd_kernel", clip.fwd_config(d, dtype4, prec, interpret=False)), (d, dtype4, prec)
+        assert has("clip", "_clip_bwd_kernel", clip.bwd_config(d, dtype4, prec, interpret=False)), (d, dtype4, prec)
+        assert has("clip", "_clip_col_merge_kernel", clip.merge_config(dtype4, interpret=False))
+        kp = max(2, triton_next_pow2(rng.randint(1, knn.MAX_FUSED_K)))
+        assert has("knn", "_knn_topk_kernel", knn.fused_config(d, kp, dtype, prec, interpret=False)), (d, kp, dtype)
+        esize = 8 if dtype4 == torch.float64 else 4
+        rows = rng.randint(1, n)
+        for ml in (False, True):
+            c = structure.rows_config(n, rows, esize, rbf=bool(sim), js=bool(div), grad_x=gx, grad_z=gz, multilevel=ml,
+                                      interpret=False)  # fmt: skip
+            assert has("structure", "_l1_rows_kernel", c), c
+        assert has("structure", "_level_div_kernel",
+                   structure.level_div_config(n, esize, js=bool(div), grad_o=gx, grad_a=gz, interpret=False))
+        assert has("structure", "_softmax_bwd_kernel",
+                   structure.softmax_bwd_config(n, rows, esize, rbf=bool(sim), interpret=False))
+
+
+def triton_next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())

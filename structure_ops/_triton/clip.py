@@ -353,17 +353,18 @@ def merge_config(dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
 def bwd_config(d: int, dtype: torch.dtype, precision: str | None = None, interpret: bool = INTERPRET) -> dict:
     """Constexprs and options of ``_clip_bwd_kernel`` (host launch and aot.py). BLOCK_DO covers all of d when d ≤
     the cap (C = 1, 10 N² d in all); above it the tiles are recomputed once per output chunk. The cap keeps the
-    fp32 dX accumulator in registers without spills on sm_90 (ptxas -v): 128 for fp64 and for IEEE fp32 (FMA
-    dots hold their operands in registers), 256 otherwise."""
+    fp32 dX accumulator in registers without spills on sm_90 (ptxas -v, aot.py --no-spills): 128 for fp64 and for
+    IEEE fp32 (FMA dots hold their operands in registers), 256 otherwise."""
     prec = dot_precision(dtype, precision)
     if interpret:
         bm, bn, bd, w, cap = 32, 32, min(64, max(16, next_pow2(d))), 4, 128
     elif dtype == torch.float64:
         bm, bn, bd, w, cap = 32, 32, 16, 4, 128
     elif dtype == torch.float32:
-        bm, bn, bd, w, cap = 64, 32, 32, 8, (128 if prec == "ieee" else 256)
+        # IEEE fp32 (FMA dots hold their operands in registers): BLOCK_D 16 (68 B of spills at 32, BLOCK_DO 128)
+        bm, bn, bd, w, cap = 64, 32, (16 if prec == "ieee" else 32), 8, (128 if prec == "ieee" else 256)
     else:
-        bm, bn, bd, w, cap = 64, 32, 64, 8, 256
+        bm, bn, bd, w, cap = 64, 32, 32, 8, 256  # BLOCK_D 32: 24 B of spills at 64 with BLOCK_DO 128
     bdo = min(cap, max(16, next_pow2(d)))
     cst = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo, DOT_PRECISION=prec,
                UPCAST=bool(interpret) and dtype == torch.bfloat16, ROUND_TF32=round_tf32(dtype, precision))
