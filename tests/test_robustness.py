@@ -9,6 +9,8 @@ expected values always come from structure_ops.reference in float64 on the same 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -348,3 +350,32 @@ def test_knn_and_mutual_knn_on_meta_tensors():
     # the arithmetic column ids give the same lists as before: the diagonal excluded, ties to the lower index
     b = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]], dtype=torch.float64)
     assert R.knn(b, 3).tolist() == [[1, 3, 4], [0, 3, 4], [4, 0, 1], [0, 1, 4], [2, 0, 1]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. The levels > 1 memory check counts memory in use and the process limits, not physical RAM only
+# ---------------------------------------------------------------------------------------------------
+_RLIMIT_CHILD = r"""
+import resource, sys
+import torch, structure_ops as so
+vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))  # 1 GiB more than mapped now
+torch.set_num_threads(1)
+x, z = torch.randn(6000, 4), torch.randn(6000, 3)  # levels=2, fp32: ~1.6 GiB of N x N matrices
+try:
+    so.structure_loss(x, z, levels=2, backend="cpu")
+except RuntimeError as exc:
+    print("ERR", str(exc).splitlines()[0])
+    sys.exit(0)
+print("NO ERROR")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux features")
+def test_levels_memory_check_respects_rlimit_as():
+    require_cpu_extension()
+    out = subprocess.run([sys.executable, "-c", _RLIMIT_CHILD], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = out.stdout.strip()
+    assert line.startswith("ERR structure_loss (cpu) with levels=2 materializes about 1.61 GiB"), line
+    assert "left under RLIMIT_AS" in line and "use levels=1" in line, line

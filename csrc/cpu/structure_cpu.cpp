@@ -30,11 +30,15 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -395,14 +399,109 @@ void side_backward(const std::vector<at::Tensor>& powers, std::vector<at::Tensor
   if (o.similarity == kRbf) finish_rbf<T>(grad, u, diag);
 }
 
+// ---- Memory this process can still allocate (Linux; each source is optional) ----------------------------
+// A number from the first word of a file ("max", unreadable or missing: false).
+bool read_number(const std::string& path, double* out) {
+  std::ifstream f(path);
+  std::string word;
+  if (!(f >> word) || word == "max") return false;
+  char* end = nullptr;
+  const double v = std::strtod(word.c_str(), &end);
+  if (end == word.c_str()) return false;
+  *out = v;
+  return true;
+}
+
+// "Key:   123 kB" of /proc/meminfo or /proc/self/status, in bytes.
+bool read_kb_field(const std::string& path, const std::string& key, double* out) {
+  std::ifstream f(path);
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.compare(0, key.size() + 1, key + ":") == 0) {
+      std::istringstream in(line.substr(key.size() + 1));
+      double kb = 0;
+      if (in >> kb) {
+        *out = kb * 1024.0;
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+std::string gib(double bytes) {
+  std::ostringstream s;
+  s.precision(2);
+  s << std::fixed << bytes / double(1 << 30) << " GiB";
+  return s.str();
+}
+
+struct Budget {
+  double bytes = -1;  // < 0: nothing known
+  std::string what;
+  void offer(double b, const std::string& w) {
+    if (bytes < 0 || b < bytes) {
+      bytes = std::max(0.0, b);
+      what = w;
+    }
+  }
+};
+
+// The least of: MemAvailable (memory already in use by anyone counts), RLIMIT_AS minus this process's
+// mapped size, and each enclosing cgroup's limit minus its usage (v2 memory.max − memory.current, v1
+// memory.limit_in_bytes − memory.usage_in_bytes); 80% of physical RAM only when none of these is readable.
+Budget host_memory_budget() {
+  Budget b;
+  double v = 0;
+  if (read_kb_field("/proc/meminfo", "MemAvailable", &v)) b.offer(v, gib(v) + " available now (MemAvailable)");
+  struct rlimit rl {};
+  if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+    double used = 0;
+    read_kb_field("/proc/self/status", "VmSize", &used);
+    const double lim = double(rl.rlim_cur);
+    b.offer(lim - used, gib(lim - used) + " left under RLIMIT_AS (" + gib(lim) + ", " + gib(used) + " mapped)");
+  }
+  // cgroups: /proc/self/cgroup lines "0::/path" (v2) and "N:memory:/path" (v1), and the namespace roots.
+  std::vector<std::pair<std::string, bool>> dirs;  // (directory, is v2)
+  std::ifstream cg("/proc/self/cgroup");
+  std::string line;
+  while (std::getline(cg, line)) {
+    const auto a = line.find(':');
+    const auto c = a == std::string::npos ? a : line.find(':', a + 1);
+    if (c == std::string::npos) continue;
+    const std::string ctrl = line.substr(a + 1, c - a - 1), path = line.substr(c + 1);
+    if (ctrl.empty()) {
+      dirs.emplace_back("/sys/fs/cgroup" + path, true);
+      dirs.emplace_back("/sys/fs/cgroup/unified" + path, true);
+    } else if (ctrl.find("memory") != std::string::npos) {
+      dirs.emplace_back("/sys/fs/cgroup/memory" + path, false);
+    }
+  }
+  dirs.emplace_back("/sys/fs/cgroup", true);
+  dirs.emplace_back("/sys/fs/cgroup/memory", false);
+  for (const auto& [dir, v2] : dirs) {
+    double lim = 0, cur = 0;
+    if (!read_number(dir + (v2 ? "/memory.max" : "/memory.limit_in_bytes"), &lim) || lim >= 4.0e18) continue;
+    read_number(dir + (v2 ? "/memory.current" : "/memory.usage_in_bytes"), &cur);
+    b.offer(lim - cur, gib(lim - cur) + " left under the cgroup limit " + dir +
+                           (v2 ? "/memory.max (" : "/memory.limit_in_bytes (") + gib(lim) + ")");
+  }
+  if (b.bytes < 0) {
+    const double phys = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGESIZE));
+    if (phys > 0) b.offer(0.8 * phys, "80% of this machine's " + gib(phys) + " of RAM");
+  }
+  return b;
+}
+
 // Levels > 1 hold about 4L + 4 N × N matrices (P, Q, the powers, the per-level adjoints, scratch).
-// Refuse up front, with the estimate, rather than be killed by the OOM killer mid-way.
+// Refuse up front, with the estimate and the binding limit, rather than die in the allocator or be killed
+// by the OOM killer mid-way.
 void check_multilevel_memory(int64_t n, int64_t levels, int64_t elem) {
   const double est = double(4 * levels + 4) * double(n) * double(n) * double(elem);
-  const double phys = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGESIZE));
-  TORCH_CHECK(!(phys > 0) || est < 0.8 * phys, "structure_loss (cpu) with levels=", levels, " materializes about ",
-              est / double(1 << 30), " GiB of N x N matrices at N=", n, ", more than 80% of this machine's ",
-              phys / double(1 << 30), " GiB of RAM; use levels=1 (row panels, bounded memory) or a smaller batch");
+  const Budget b = host_memory_budget();
+  TORCH_CHECK(b.bytes < 0 || est < 0.9 * b.bytes, "structure_loss (cpu) with levels=", levels, " materializes about ",
+              gib(est), " of N x N matrices at N=", n, ", more than 90% of the ", b.what,
+              "; use levels=1 (row panels, bounded memory) or a smaller batch");
 }
 
 template <typename T>
