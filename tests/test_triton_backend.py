@@ -323,3 +323,47 @@ def test_aot_set_covers_every_gpu_configuration():
 
 def triton_next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def test_aot_cli_fails_on_spills_and_codegen_errors(monkeypatch, capsys):
+    # The CI gate itself: --no-spills turns a spill or a stack frame (or a missing ptxas report) on a checked target
+    # into exit code 1; a report-only target never fails on spills; a codegen error always fails. (No compilation
+    # here: compile_all is replaced by canned rows.)
+    from structure_ops._triton import aot
+
+    def rows(spill_90=0, stack_90=0, spill_80=0, ok=True, regs=True):
+        base = {"module": "m", "kernel": "k", "config": "", "pointers": ["*fp32"], "options": {}, "seconds": 0.1,
+                "wgmma": True, "mma": True}  # fmt: skip
+        r90 = {**base, "cc": 90, "ok": ok, **({"regs": 100, "spill_bytes": spill_90, "stack_bytes": stack_90} if regs else {})}
+        if not ok:
+            r90["error"] = "CompilationError: x"
+        r80 = {**base, "cc": 80, "ok": True, "regs": 100, "spill_bytes": spill_80, "stack_bytes": 0}
+        return lambda targets, modules, jobs: [r for r in (r90, r80) if r["cc"] in targets]
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cases = [
+        (rows(), ["--targets", "90", "--no-spills"], 0),
+        (rows(spill_90=8), ["--targets", "90", "--no-spills"], 1),
+        (rows(stack_90=16), ["--targets", "90", "--no-spills"], 1),
+        (rows(regs=False), ["--targets", "90", "--no-spills"], 1),
+        (rows(spill_90=8), ["--targets", "90"], 0),
+        (rows(spill_80=8), ["--targets", "90", "--report-targets", "80", "--no-spills"], 0),
+        (rows(ok=False), ["--targets", "90"], 1),
+    ]
+    for fake, argv, code in cases:
+        monkeypatch.setattr(aot, "compile_all", fake)
+        assert aot.main(argv) == code, (argv, code)
+    assert aot._targets(["80,90", "sm_90"]) == (80, 90)
+    capsys.readouterr()
+
+
+def test_aot_uses_each_modules_config_functions():
+    # aot.py takes every module's entries from its aot_configs() (built from the launch/config functions), not from a
+    # list of its own; every kernel module is in its list.
+    from structure_ops._triton import aot
+
+    mods = _kernel_modules()
+    assert set(aot.MODULES) == set(mods)
+    for name, mod in mods.items():
+        assert hasattr(mod, "aot_configs"), name
+        assert len(aot.module_entries(name)) == len(mod.aot_configs()) > 0

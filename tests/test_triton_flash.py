@@ -434,3 +434,27 @@ class TestGPU:
         assert abs(d_.item() - ref.item()) <= dtol * abs(ref.item()), (d_.item(), ref.item(), dtol)
         assert rel_err(gz, ref_gz) <= gtol, (rel_err(gz, ref_gz), gtol)
         assert rel_err(gx, ref_gx) <= gtol, (rel_err(gx, ref_gx), gtol)
+
+
+def test_hardware_model_basics():
+    # The float64 models the tolerances come from: tf32 rounding is to nearest with ties away from zero (cvt.rna),
+    # truncation is toward zero, both keep inf/NaN and differ from fp32 only in the low 13 mantissa bits; half
+    # operands with fp32 accumulation stay within fp32 rounding of the fp64-accumulated product.
+    one, u = 1.0, 2.0**-10  # tf32 ulp at 1
+    x = torch.tensor([one + 0.5 * u, -(one + 0.5 * u), one + 0.49 * u, one + 0.99 * u, float("inf"), float("nan")],
+                     dtype=F64)  # fmt: skip
+    r, t = hw.tf32_round(x), hw.tf32_truncate(x)
+    assert r[:4].tolist() == [one + u, -(one + u), one, one + u]  # ties away from zero
+    assert t[:4].tolist() == [one, -one, one, one]
+    assert r[4].item() == float("inf") and r[5].isnan() and t[5].isnan()
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 256, generator=g, dtype=F64)
+    b = torch.randn(256, 32, generator=g, dtype=F64)
+    assert ((hw.tf32_round(a) - a.float().double()).abs() <= a.abs() * 2.0**-11).all()
+    for fmt in ("bf16", "fp16", "tf32"):
+        exact = hw.emulated_matmul(a, b, fmt, accumulate="fp64")
+        acc32 = hw.emulated_matmul(a, b, fmt, accumulate="fp32", block_k=32)
+        assert rel_err(acc32, exact) <= 1e-6
+        assert rel_err(exact, a @ b) > 1e-4 if fmt == "bf16" else True
+    assert hw.half_cast_error(torch.full((8,), 1e-6, dtype=F64), torch.float16, 0) > 1e-2  # subnormal
+    assert hw.half_cast_error(torch.full((8,), 1e-6, dtype=F64), torch.float16, 20) <= 2.0**-11
