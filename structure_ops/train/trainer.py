@@ -347,7 +347,8 @@ class Trainer:
             diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
             raise ValueError(f"cannot resume from {path}: its config differs (saved, now): {diff}")
         old = state.get("provenance") or {}
-        changed = [k for k in sorted(set(old) | set(self.provenance)) if old.get(k) != self.provenance.get(k)]
+        # (a checkpoint without provenance, written by an older version, is only checked on its config)
+        changed = [k for k in sorted(set(old) | set(self.provenance)) if old and old.get(k) != self.provenance.get(k)]
         if changed:
             k = changed[0]
             raise ValueError(f"cannot resume from {path}: the {k.replace('_', ' ')} changed since it was written "
