@@ -101,8 +101,7 @@ def extract_run(run: str | os.PathLike, pairs: Pairs, image_encoder: Encoder, te
         "dataset": pairs.name, "image_features": img.meta["path"], "text_features": txt.meta["path"],
         "feature_ids": {"image_features": _fid(img), "text_features": _fid(txt)}, "image_of": pairs.image_of,
         "splits": splits, "zero_shot": None, "image_encoder": image_encoder.describe(),
-        "text_encoder": text_encoder.describe(), "images": [str(p) if isinstance(p, (str, os.PathLike)) else None
-                                                            for p in pairs.images],
+        "text_encoder": text_encoder.describe(),
         "skipped_images": [{"path": p, "reason": r} for p, r in (skipped or [])],
     }
     if zero_shot_set is not None:
