@@ -1,6 +1,6 @@
 """Helpers of benchmarks/gpu_run.sh: stage records, the load check, test-result summaries, the targets' schema.
 
-    python benchmarks/_gpu_run.py record OUT_DIR WORK_DIR MODE STAGE STATUS SECONDS BUDGET RC
+    python benchmarks/_gpu_run.py record OUT_DIR WORK_DIR MODE STAGE STATUS SECONDS BUDGET RC [CPU_SECONDS]
     python benchmarks/_gpu_run.py load-check WORK_DIR MODE
     python benchmarks/_gpu_run.py validate-targets OUT_DIR/targets.json
 
@@ -168,7 +168,7 @@ def stage_details(stage: str, out_dir: str, work_dir: str, root: str) -> dict:
     return d
 
 
-def record(out_dir, work_dir, mode, stage, status, seconds, budget, rc) -> None:
+def record(out_dir, work_dir, mode, stage, status, seconds, budget, rc, cpu_s="") -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(out_dir, "stages.json")
     data = read_json(path) or {}
@@ -178,6 +178,8 @@ def record(out_dir, work_dir, mode, stage, status, seconds, budget, rc) -> None:
     entry = {"status": status, "seconds": round(float(seconds), 1), "budget_s": float(budget)}
     if rc != "":
         entry["rc"] = int(rc)
+    if cpu_s != "":
+        entry["cpu_s"] = float(cpu_s)  # user + system CPU seconds of the stage's processes (those that finished)
     if status != "running":
         entry["details"] = stage_details(stage, out_dir, work_dir, root)
     stages[stage] = entry

@@ -153,6 +153,11 @@ else
 fi
 rm -f "$OUT/stages.json"
 
+cpu_children() {  # CPU_NOW = user + system CPU seconds of this shell's finished children (bash's `times`, run
+    times > "$WORK/times"  # in this shell: a pipe or $(...) would run it in a subshell, which has no children)
+    CPU_NOW=$(tail -n 1 "$WORK/times" | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, p, /[ms]/); s += 60 * p[1] + p[2] } printf "%.1f", s }')
+}
+
 overall=0
 for entry in "${DEFAULTS[@]}"; do
     name=${entry%%:*}
@@ -162,6 +167,8 @@ for entry in "${DEFAULTS[@]}"; do
     "$PY" "$ROOT/benchmarks/_gpu_run.py" record "$OUT" "$WORK" "$MODE" "$name" running 0 "$BUDGET" ""
     printf '\n==== stage %s (budget %s s) ====\n' "$name" "$BUDGET"
     start=$(date +%s.%N)
+    cpu_children
+    cpu0=$CPU_NOW
     if [ "$MODE" = smoke ]; then
         timeout -k 10 "$BUDGET" bash "$0" --cpu-smoke --_stage "$name" "$OUT" 2>&1 | tee "$OUT/$name.log"
     else
@@ -169,14 +176,16 @@ for entry in "${DEFAULTS[@]}"; do
     fi
     rc=${PIPESTATUS[0]}
     seconds=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    cpu_children
+    cpu=$(awk -v a="$cpu0" -v b="$CPU_NOW" 'BEGIN { printf "%.1f", b - a }')
     case $rc in
         0) status=ok ;;
         124 | 137) status=timeout ;;
         *) status=failed ;;
     esac
     [ "$rc" -eq 0 ] || overall=1
-    "$PY" "$ROOT/benchmarks/_gpu_run.py" record "$OUT" "$WORK" "$MODE" "$name" "$status" "$seconds" "$BUDGET" "$rc"
-    printf '==== stage %s: %s after %s s (rc %s) ====\n' "$name" "$status" "$seconds" "$rc"
+    "$PY" "$ROOT/benchmarks/_gpu_run.py" record "$OUT" "$WORK" "$MODE" "$name" "$status" "$seconds" "$BUDGET" "$rc" "$cpu"
+    printf '==== stage %s: %s after %s s, %s CPU-s (rc %s) ====\n' "$name" "$status" "$seconds" "$cpu" "$rc"
 done
 rm -rf "$WORK"
 printf '\nstages: %s\n' "$OUT/stages.json"

@@ -141,6 +141,7 @@ def test_every_stage_killed_still_leaves_evidence(tmp_path):
     for name, entry in data["stages"].items():
         assert entry["status"] == "timeout" and entry["rc"] == 124, (name, entry)
         assert entry["budget_s"] <= 2 and entry["seconds"] < entry["budget_s"] + 10, (name, entry)
+        assert 0.0 <= entry["cpu_s"] < 60, (name, entry)
         assert (out / f"{name}.log").exists()
     assert data["ok"] is False
     assert wall < 120
