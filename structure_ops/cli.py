@@ -85,9 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="run folder")
     src = ex.add_mutually_exclusive_group(required=True)
     src.add_argument("--captions", help="CSV/JSONL of (image, caption) rows")
+    src.add_argument("--karpathy", help="Karpathy's split file (dataset_coco.json, dataset_flickr30k.json): every caption, "
+                     "images at <--images>/<filepath>/<filename>, splits from the file (train + restval / val / test)")
     src.add_argument("--image-features", help="precomputed image features (.safetensors, one tensor per layer)")
     ex.add_argument("--text-features", help="precomputed text features, with --image-features")
     ex.add_argument("--images", help="folder the image paths are relative to (default: the captions file's folder)")
+    ex.add_argument("--protocol", choices=["karpathy", "val2014"], default="karpathy",
+                    help="with --karpathy: karpathy (the standard splits: COCO 5k / Flickr30k 1k test) or val2014 (COCO: "
+                    "test on all of val2014, train on train2014 less --val held out, as the STRUCTURE paper's code)")
     ex.add_argument("--vision", default="efficientnet-lite0", help="image encoder: built-in name, HF folder or hub name")
     ex.add_argument("--text", default="minilm", help="text encoder: built-in name, HF folder or hub name")
     ex.add_argument("--vision-pooling", choices=["cls", "mean", "last"], help="default: cls (transformers), spatial mean (CNNs)")
@@ -243,7 +248,13 @@ def _cmd_extract(a) -> None:
         raise CliError("--class-names needs --zero-shot")
     if a.shard_size < 1 or a.batch_size < 1:
         raise CliError(f"--shard-size and --batch-size must be >= 1, got {a.shard_size}, {a.batch_size}")
-    pairs = D.load_captions(a.captions, a.images)
+    ksplits = None
+    if a.karpathy:
+        if not a.images:
+            raise CliError("--karpathy needs --images (the folder holding <filepath>/<filename> of every image)")
+        pairs, ksplits = D.load_karpathy(a.karpathy, a.images, a.protocol, val=a.val, seed=a.seed)
+    else:
+        pairs = D.load_captions(a.captions, a.images)
     zs = None
     if a.zero_shot:
         zs = D.load_image_folder(a.zero_shot, a.class_names)
@@ -255,7 +266,9 @@ def _cmd_extract(a) -> None:
         raise CliError(f"{len(skipped)} image(s) cannot be read: {shown}{' …' if len(skipped) > 3 else ''}; fix or "
                        "remove them, or pass --skip-bad-images to leave them out")
     if skipped:
-        if bad:
+        if bad and ksplits is not None:
+            pairs, ksplits = D.splits_without_images(pairs, ksplits, [p for p, _ in bad])
+        elif bad:
             pairs = D.without_images(pairs, [p for p, _ in bad])
         if zbad:
             drop = {p for p, _ in zbad}
@@ -265,11 +278,16 @@ def _cmd_extract(a) -> None:
         print(f"skipped {len(skipped)} unreadable image(s) (listed in {run / 'skipped_images.txt'}), e.g. "
               f"{skipped[0][0]} ({skipped[0][1]})", file=sys.stderr)
     n_img = len(pairs.images)
-    splits = split_by_image(pairs, _count(a.val, n_img), _count(a.test, n_img), seed=a.seed)
+    splits = ksplits if ksplits is not None else split_by_image(pairs, _count(a.val, n_img), _count(a.test, n_img), seed=a.seed)
     image_enc = build_encoder(a.vision, "image", pooling=a.vision_pooling, image_size=a.image_size)
     text_enc = build_encoder(a.text, "text", pooling=a.text_pooling)
     m = extract_run(run, pairs, image_enc, text_enc, splits=splits, zero_shot_set=zs, templates=templates,
                     batch_size=a.batch_size, shard_size=a.shard_size, skipped=skipped)
+    if ksplits is not None:  # which protocol the splits follow (a note in the manifest; the splits are its data)
+        from .train.pipeline import write_manifest
+
+        m["protocol"] = a.protocol
+        write_manifest(run, m)
     print(f"extracted {len(pairs)} pairs ({n_img} images): {len(m['image_encoder']['layers'])} image layers, "
           f"{len(m['text_encoder']['layers'])} text layers; splits {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; "
           f"manifest {run / 'manifest.json'}")

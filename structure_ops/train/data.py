@@ -304,3 +304,95 @@ def load_class_names(path: str | os.PathLike, folders: list[str]) -> list[str]:
         raise ValueError(f"--class-names {path} has {len(lines)} names for {len(folders)} class folders (expected one "
                          f"name per folder in sorted order, or lines '<folder> <name>', e.g. '{folders[0]} <name>')")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Karpathy's split files (dataset_coco.json, dataset_flickr30k.json, dataset_flickr8k.json).
+
+KARPATHY_PROTOCOLS = ("karpathy", "val2014")
+
+
+def load_karpathy(path: str | os.PathLike, image_root: str | os.PathLike, protocol: str = "karpathy",
+                  val: float = 0.1, seed: int = 0) -> tuple[Pairs, dict[str, list[int]]]:
+    """Read one of Karpathy's split files: ``{"images": [{"filepath", "filename", "split", "sentences":
+    [{"raw"}, ...]}, ...]}``; the image is ``image_root/filepath/filename`` (``filepath`` absent, as in the
+    Flickr30k file: ``image_root/filename``). Every caption is kept, in file order.
+
+    Returns the pairs and the splits (caption rows, as :func:`structure_ops.train.pipeline.split_by_image`):
+
+    * ``protocol="karpathy"`` (the standard one): train = ``train`` + ``restval``, val = ``val``, test =
+      ``test`` (COCO: 113 287 / 5 000 / 5 000 images; Flickr30k: 29 000 / 1 014 / 1 000).
+    * ``protocol="val2014"`` (COCO only; the STRUCTURE paper's public code): test = every image of
+      ``val2014`` (40 504), train = the ``train2014`` images less ``val`` of them (a fraction < 1 or a count;
+      seeded) held out for validation.
+    """
+    if protocol not in KARPATHY_PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {KARPATHY_PROTOCOLS}, got {protocol!r}")
+    path, root = Path(path), Path(image_root)
+    if not path.is_file():
+        raise FileNotFoundError(f"--karpathy file not found: {path}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images is not a folder: {root}")
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"--karpathy {path} is not valid JSON ({e})") from None
+    entries = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"--karpathy {path}: expected an object with a non-empty 'images' list (Karpathy's "
+                         "dataset_coco.json / dataset_flickr30k.json format)")
+    images, captions, image_of, split_of, folder_of, missing = [], [], [], [], [], []
+    for n, e in enumerate(entries):
+        if not isinstance(e, dict) or not e.get("filename") or e.get("split") not in ("train", "restval", "val", "test"):
+            raise ValueError(f"--karpathy {path}: image {n} lacks a filename or a split in train|restval|val|test: "
+                             f"{str(e)[:200]}")
+        sents = [s.get("raw") if isinstance(s, dict) else None for s in e.get("sentences") or []]
+        if not sents or not all(isinstance(s, str) and s.strip() for s in sents):
+            raise ValueError(f"--karpathy {path}: image {n} ({e['filename']}) has no sentences or one without 'raw'")
+        full = (root / str(e.get("filepath") or "") / str(e["filename"])).resolve()
+        if not full.is_file():
+            missing.append(str(full))
+        for s in sents:
+            captions.append(s.strip())
+            image_of.append(len(images))
+        images.append(str(full))
+        split_of.append(e["split"])
+        folder_of.append(str(e.get("filepath") or ""))
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) of {path} not found under {root}, e.g. {missing[:3]}")
+    if protocol == "karpathy":
+        part = ["train" if s == "restval" else s for s in split_of]
+    else:
+        folders = set(folder_of)
+        if not {"train2014", "val2014"} <= folders:
+            raise ValueError(f"--protocol val2014 needs COCO's train2014 and val2014 images (filepath), found "
+                             f"{sorted(folders)[:5]}")
+        part = ["test" if f == "val2014" else "train" if f == "train2014" else None for f in folder_of]
+        train = [i for i, p in enumerate(part) if p == "train"]
+        n_val = int(round(val * len(train))) if val < 1 else int(val)
+        if not 2 <= n_val <= len(train) - 2:
+            raise ValueError(f"--val {n_val}: cannot hold out that many of the {len(train)} train2014 images")
+        perm = np.random.default_rng(seed).permutation(len(train))[:n_val]
+        for i in perm:
+            part[train[i]] = "val"
+    splits = {"train": [], "val": [], "test": []}
+    for j, i in enumerate(image_of):
+        if part[i] is not None:
+            splits[part[i]].append(j)
+    for s, rows in splits.items():
+        if len({image_of[j] for j in rows}) < 2:
+            raise ValueError(f"--karpathy {path}: the {s} split has fewer than 2 images (protocol {protocol})")
+    name = path.stem.removeprefix("dataset_") or path.stem
+    return Pairs(images, captions, image_of, name=name, extra={"protocol": protocol}), splits
+
+
+def splits_without_images(pairs: Pairs, splits: dict[str, list[int]], bad_paths) -> tuple[Pairs, dict[str, list[int]]]:
+    """:func:`without_images` for pairs with given splits: the splits renumbered to the remaining caption rows."""
+    out = without_images(pairs, bad_paths)
+    bad = {str(p) for p in bad_paths}
+    new_row, n = {}, 0
+    for j, i in enumerate(pairs.image_of):
+        if str(pairs.images[i]) not in bad:
+            new_row[j] = n
+            n += 1
+    return out, {s: [new_row[j] for j in rows if j in new_row] for s, rows in splits.items()}
