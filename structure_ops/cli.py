@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--subset", type=int, default=5000, help="random training pairs to score on (paper: 5000)")
     sel.add_argument("--seed", type=int, default=0)
     sel.add_argument("--backend", default="auto")
+    sel.add_argument("--calibrate", action="store_true",
+                     help="mutual kNN: add permutation-null calibrated scores and p-values (per pair, and for the max over "
+                     "pairs against the null of the max) to layer_scores.{json,csv}; the kNN lists are reused")
+    sel.add_argument("--permutations", type=int, default=200, help="null draws of --calibrate")
 
     tr = _p(sub, "train", "train the two heads with CLIP + λ·STRUCTURE (checkpointed; --resume continues)")
     tr.add_argument("--run", required=True)
@@ -311,10 +315,15 @@ def _cmd_select(a) -> None:
     import warnings
 
     k = int(a.k) if a.k.isdigit() else a.k
+    if a.calibrate and a.metric != "mutual_knn":
+        raise CliError(f"--calibrate is implemented for --metric mutual_knn, not {a.metric}")
+    if a.calibrate and a.permutations < 1:
+        raise CliError(f"--permutations must be >= 1, got {a.permutations}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         scores = score_layers({n: t[image_rows] for n, t in img.items()}, {n: t[rows] for n, t in txt.items()},
-                              metric=a.metric, k=k, subset=a.subset, seed=a.seed, backend=a.backend)
+                              metric=a.metric, k=k, subset=a.subset, seed=a.seed, backend=a.backend,
+                              permutations=a.permutations if a.calibrate else 0)
     for w in caught:
         print(f"structure-ops select-layers: warning: {w.message}", file=sys.stderr)
     scores.provenance = selection_provenance(a.run, m)
@@ -324,6 +333,11 @@ def _cmd_select(a) -> None:
     print(f"scored {scores.scores.numel()} layer pairs ({a.metric}{f', k={scores.k}' if scores.k else ''}, n={scores.n}): "
           f"best {bi} × {bt} = {scores.best_score:.4f}; last {li} × {lt} = {scores.scores[-1, -1]:.4f}; "
           f"wrote {a.run}/layer_scores.{{json,csv,png}}")
+    if scores.calibration:
+        b = scores.calibration["best"]
+        print(f"calibrated ({scores.calibration['permutations']} permutations; chance k/(n-1) = "
+              f"{scores.calibration['chance']:.4f}): best {b['raw']:.4f} vs the null of the max over pairs "
+              f"{b['null_max_mean']:.4f} → calibrated {b['calibrated']:+.4f}, p = {b['p_value']:.3g}")
 
 
 def _init_distributed():

@@ -27,6 +27,8 @@ from .._options import resolve_k
 from .features import atomic_write_text
 
 METRICS = ("mutual_knn", "cka", "cka_unbiased")
+# Per-pair columns that --calibrate adds to layer_scores.csv (see :func:`calibrate`).
+CALIBRATED_COLUMNS = ("calibrated", "z", "p_value", "p_max")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class LayerScores:
     n: int
     excluded: list[str] = field(default_factory=list)  # degenerate layers ("image:NAME" / "text:NAME"), scored NaN
     provenance: dict | None = None  # the feature digests and training split the scores were computed on
+    calibration: dict | None = None  # permutation-null calibration (see :func:`calibrate`), lists of lists
 
     def best(self) -> tuple[str, str]:
         s = torch.nan_to_num(self.scores.double(), nan=-math.inf)
@@ -68,17 +71,22 @@ class LayerScores:
             "text_layers": self.text_layers,
             "scores": [[None if math.isnan(v) else v for v in row] for row in self.scores.tolist()],
             "best": list(self.best()), "last": list(self.last()), "excluded": self.excluded,
-            "provenance": self.provenance,
+            "provenance": self.provenance, "calibration": self.calibration,
         }
 
     def to_csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["image_layer", "text_layer", self.metric])
+        cal = self.calibration
+        extra = list(CALIBRATED_COLUMNS) if cal else []
+        w.writerow(["image_layer", "text_layer", self.metric, *extra])
         for i, a in enumerate(self.image_layers):
             for j, b in enumerate(self.text_layers):
                 v = float(self.scores[i, j])
-                w.writerow([a, b, "excluded" if math.isnan(v) else f"{v:.6f}"])
+                if math.isnan(v):
+                    w.writerow([a, b, "excluded", *["" for _ in extra]])
+                else:
+                    w.writerow([a, b, f"{v:.6f}", *[f"{cal[c][i][j]:.6g}" for c in extra]])
         return buf.getvalue()
 
     def save(self, out_dir) -> None:
@@ -92,13 +100,20 @@ class LayerScores:
     def from_json(cls, d: dict) -> LayerScores:
         scores = torch.tensor([[math.nan if v is None else v for v in row] for row in d["scores"]], dtype=torch.float64)
         return cls(scores, d["image_layers"], d["text_layers"], d["metric"], d["k"], d["n"], d.get("excluded", []),
-                   d.get("provenance"))
+                   d.get("provenance"), d.get("calibration"))
 
 
 def score_layers(image_feats: dict[str, torch.Tensor], text_feats: dict[str, torch.Tensor], *,
                  metric: str = "mutual_knn", k: int | str = "rice", subset: int | None = 5000, seed: int = 0,
-                 backend: str = "auto") -> LayerScores:
-    """Score all layer pairs on the same random ``subset`` of paired rows (all rows if None or larger)."""
+                 backend: str = "auto", permutations: int = 0) -> LayerScores:
+    """Score all layer pairs on the same random ``subset`` of paired rows (all rows if None or larger).
+
+    ``permutations > 0`` (mutual kNN only) also calibrates the scores against a permutation null, from the same
+    kNN lists (:func:`calibrate`); the result is in ``LayerScores.calibration``."""
+    if permutations and metric != "mutual_knn":
+        raise ValueError(f"permutation calibration (--calibrate) is implemented for metric 'mutual_knn', not {metric!r}")
+    if permutations < 0:
+        raise ValueError(f"permutations must be >= 0, got {permutations}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     n = {t.shape[0] for t in (*image_feats.values(), *text_feats.values())}
@@ -124,7 +139,82 @@ def score_layers(image_feats: dict[str, torch.Tensor], text_feats: dict[str, tor
     for i, a in enumerate(ia_ok):
         for j, b in enumerate(ta_ok):
             scores[ia.index(a), ta.index(b)] = sub[0][i, j]
-    return LayerScores(scores, ia, ta, metric, sub[1], len(rows), excluded)
+    cal = None
+    if permutations:
+        null, null_max = calibrate(sub[2], sub[3], permutations, seed=seed)
+        cal = _calibration_record(scores, null, null_max, [ia.index(a) for a in ia_ok], [ta.index(b) for b in ta_ok],
+                                  sub[1], len(rows), seed)
+    return LayerScores(scores, ia, ta, metric, sub[1], len(rows), excluded, calibration=cal)
+
+
+def calibrate(image_knn: list[torch.Tensor], text_knn: list[torch.Tensor], permutations: int = 200, seed: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Permutation null of mutual kNN for every layer pair, from precomputed (n, k) neighbour lists.
+
+    One null draw permutes the rows of the text side by π (text row π(i) paired with image row i), the same π for
+    every layer pair. Permuting rows needs no new kNN search: row i's neighbours after the permutation are
+    π⁻¹(N_t(π(i))), an index lookup in the list computed once per layer. Returns ``null`` (P, L_i, L_t), the
+    null scores of each pair, and ``null_max`` (P,), the max over all pairs of each draw: the null of the
+    max-over-pairs statistic (aggregation-aware), which per-pair nulls would understate. The expected null
+    score of one pair is k/(n−1).
+    """
+    if not image_knn or not text_knn:
+        raise ValueError("calibrate: no kNN lists")
+    shapes = {tuple(t.shape) for t in (*image_knn, *text_knn)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"calibrate: the kNN lists must all be (n, k) of one shape, got {sorted(shapes)}")
+    if permutations < 1:
+        raise ValueError(f"calibrate: permutations must be >= 1, got {permutations}")
+    n, k = next(iter(shapes))
+    g = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(n, generator=g) for _ in range(permutations)]
+    invs = [torch.empty_like(p).scatter_(0, p, torch.arange(n)) for p in perms]
+    null = torch.empty(permutations, len(image_knn), len(text_knn), dtype=torch.float64)
+    dense = n <= 16384  # an (n, n) membership mask per image layer: each pair and draw is one gather
+    rows = torch.arange(n)[:, None]
+    for i, x in enumerate(image_knn):
+        x = x.cpu().long()
+        if dense:
+            mask = torch.zeros(n, n, dtype=torch.bool)
+            mask[rows, x] = True
+        for p, (perm, inv) in enumerate(zip(perms, invs, strict=True)):
+            for j, y in enumerate(text_knn):
+                yp = inv[y.cpu().long()[perm]]
+                if dense:
+                    null[p, i, j] = mask[rows, yp].sum().double() / (n * k)
+                else:
+                    null[p, i, j] = so.mutual_knn_from_indices(x, yp)
+    return null, null.flatten(1).max(1).values
+
+
+def _calibration_record(scores: torch.Tensor, null: torch.Tensor, null_max: torch.Tensor, ii: list[int],
+                        jj: list[int], k: int, n: int, seed: int) -> dict:
+    """Per pair: calibrated = raw − null mean (0 at chance), z = that over the null std, p_value = (1 + #{null ≥
+    raw}) / (1 + P) (one pair, one-sided), p_max = (1 + #{max-over-pairs null ≥ raw}) / (1 + P) (family-wise,
+    valid for the pair picked as the max). For the best pair: its raw score, the max-null mean and its p."""
+    P = null.shape[0]
+    out = {c: torch.full_like(scores, math.nan) for c in CALIBRATED_COLUMNS}
+    out["null_mean"] = torch.full_like(scores, math.nan)
+    for a, i in enumerate(ii):
+        for b, j in enumerate(jj):
+            raw, nl = float(scores[i, j]), null[:, a, b]
+            mean, std = float(nl.mean()), float(nl.std()) if P > 1 else math.nan
+            out["null_mean"][i, j] = mean
+            out["calibrated"][i, j] = raw - mean
+            out["z"][i, j] = (raw - mean) / std if std > 0 else math.nan
+            out["p_value"][i, j] = (1 + int((nl >= raw - 1e-12).sum())) / (1 + P)
+            out["p_max"][i, j] = (1 + int((null_max >= raw - 1e-12).sum())) / (1 + P)
+    sub = scores[ii][:, jj]
+    best = float(sub.max())
+    rec = {key: [[None if math.isnan(v) else v for v in row] for row in t.tolist()] for key, t in out.items()}
+    rec.update({
+        "method": "permutation null: rows of the text side permuted (the same permutation for every layer pair); "
+                  "kNN lists reused", "permutations": P, "seed": seed, "chance": k / (n - 1),
+        "best": {"raw": best, "null_max_mean": float(null_max.mean()), "null_max_std": float(null_max.std()) if P > 1 else None,
+                 "calibrated": best - float(null_max.mean()),
+                 "p_value": (1 + int((null_max >= best - 1e-12).sum())) / (1 + P)},
+    })
+    return rec
 
 
 def degenerate(x: torch.Tensor, rtol: float = 1e-6) -> bool:
@@ -144,6 +234,7 @@ def _score(image_feats, text_feats, ia, ta, rows, metric, k, backend):
         for i, x in enumerate(img_idx):
             for j, y in enumerate(txt_idx):
                 scores[i, j] = so.mutual_knn_from_indices(x, y)
+        return scores, kk, img_idx, txt_idx
     else:
         kk = None
         unbiased = metric == "cka_unbiased"
@@ -153,4 +244,4 @@ def _score(image_feats, text_feats, ia, ta, rows, metric, k, backend):
             xa = F.normalize(image_feats[a][rows].double(), dim=1)
             for j, xb in enumerate(txt):
                 scores[i, j] = so.cka(xa, xb, unbiased=unbiased)
-    return scores, kk
+    return scores, kk, None, None
