@@ -7,6 +7,7 @@ Modules (each kernel states its math at the top):
   structure_flash.py  level 1, pass (b): fully fused tiles, online log-sum-exp, O(N) saved state
   clip.py           clip_loss forward (row + column lse in one pass) and backward
   knn.py            streamed top-k neighbour lists
+  siglip.py         siglip_loss: fused tiles (GEMM + stable log-sigmoid epilogue + gradient), deterministic
   ops.py            registration behind the torch.library op boundary (structure_ops::triton_*)
   aot.py            ahead-of-time compilation of every kernel for sm_80 / sm_90 (CI, no GPU needed)
 
