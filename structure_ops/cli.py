@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr = _p(sub, "train", "train the two heads with CLIP + λ·STRUCTURE (checkpointed; --resume continues)")
     tr.add_argument("--run", required=True)
     tr.add_argument("--layers", default="best", help="best | last | IMAGE_LAYER,TEXT_LAYER (default best: needs select-layers)")
+    tr.add_argument("--method", default="structure", choices=["structure", "csa"],
+                    help="structure: heads trained with CLIP + λ·STRUCTURE; csa: the closed-form canonical-correlation "
+                    "baseline (linear heads onto the top --dim canonical directions of the training pairs; no training)")
+    tr.add_argument("--ridge", type=float, default=1e-4, help="--method csa: covariance ridge, relative to its mean eigenvalue")
     tr.add_argument("--head", default="linear", choices=["linear", "mlp"])
     tr.add_argument("--dim", type=int, default=512)
     tr.add_argument("--lam", type=float, default=10.0, help="λ of STRUCTURE (0: CLIP only)")
@@ -361,6 +365,16 @@ def _cmd_train(a) -> None:
     from .train.plots import training_curves
     from .train.trainer import TrainConfig, TrainingWarning
 
+    if a.method == "csa":
+        from .train.csa import csa_run
+
+        if a.resume:
+            raise CliError("--resume does not apply to --method csa (a closed-form fit)")
+        name, out, fit = csa_run(a.run, a.layers, a.dim, a.ridge, name=a.name)
+        corr = fit.correlations
+        print(f"fitted CSA '{name}': {corr.numel()} canonical directions, correlations {float(corr[0]):.4f} … "
+              f"{float(corr[-1]):.4f}; wrote {out}/heads.safetensors")
+        return
     rank, device = _init_distributed()
     cfg = TrainConfig(head=a.head, dim=a.dim, lam=a.lam, warmup=a.warmup, warmup_epochs=a.warmup_epochs,
                       warmup_frac=a.warmup_frac, levels=a.levels, temperature=a.temperature, lr=a.lr, epochs=a.epochs,
