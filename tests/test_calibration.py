@@ -67,6 +67,23 @@ def test_related_features_are_significant():
     assert (p[:, 2] > 0.01).all()  # the unrelated layer is not significant
 
 
+def test_calibrate_paths_agree(monkeypatch):
+    """The all-masks, per-layer-mask and intersection (large n) paths give the same null."""
+    from structure_ops.train import selection
+
+    g = torch.Generator().manual_seed(2)
+    xi = [so.knn(torch.randn(40, 4, generator=g), 4) for _ in range(2)]
+    xt = [so.knn(torch.randn(40, 3, generator=g), 4) for _ in range(3)]
+    ref, ref_max = calibrate(xi, xt, permutations=4, seed=1)
+    monkeypatch.setattr(selection, "_MASKS_MAX_BYTES", 0)
+    per_layer = calibrate(xi, xt, permutations=4, seed=1)
+    monkeypatch.setattr(selection, "_DENSE_MAX_N", 10)
+    chunked = calibrate(xi, xt, permutations=4, seed=1)
+    for null, null_max in (per_layer, chunked):
+        assert torch.equal(null, ref) and torch.equal(null_max, ref_max)
+    assert ref.std() > 0
+
+
 def test_calibrate_against_recomputed_null_and_json_round_trip(tmp_path):
     """Each null draw equals mutual kNN of freshly searched kNN lists of the permuted text rows."""
     n, k = 50, 5

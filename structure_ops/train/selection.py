@@ -29,6 +29,8 @@ from .features import atomic_write_text
 METRICS = ("mutual_knn", "cka", "cka_unbiased")
 # Per-pair columns that --calibrate adds to layer_scores.csv (see :func:`calibrate`).
 CALIBRATED_COLUMNS = ("calibrated", "z", "p_value", "p_max")
+_DENSE_MAX_N = 16384  # calibration: up to this n, an (n, n) boolean neighbour mask per image layer
+_MASKS_MAX_BYTES = 2 << 30  # ... all image layers' masks held at once up to this size
 
 
 @dataclass
@@ -170,20 +172,35 @@ def calibrate(image_knn: list[torch.Tensor], text_knn: list[torch.Tensor], permu
     perms = [torch.randperm(n, generator=g) for _ in range(permutations)]
     invs = [torch.empty_like(p).scatter_(0, p, torch.arange(n)) for p in perms]
     null = torch.empty(permutations, len(image_knn), len(text_knn), dtype=torch.float64)
-    dense = n <= 16384  # an (n, n) membership mask per image layer: each pair and draw is one gather
-    rows = torch.arange(n)[:, None]
-    for i, x in enumerate(image_knn):
-        x = x.cpu().long()
-        if dense:
-            mask = torch.zeros(n, n, dtype=torch.bool)
-            mask[rows, x] = True
+    image_knn = [x.cpu().long() for x in image_knn]
+    text_knn = [y.cpu().long() for y in text_knn]
+    offsets = (torch.arange(n) * n)[:, None]
+
+    def membership(x):  # flattened (n, n) mask: entry i·n + j set when j is among row i's neighbours
+        mask = torch.zeros(n * n, dtype=torch.bool)
+        mask[(x + offsets).view(-1)] = True
+        return mask
+
+    def score(mask, x, yp):
+        if mask is not None:
+            return float(mask[(yp + offsets).view(-1)].sum()) / (n * k)
+        return float(so.mutual_knn_from_indices(x, yp))
+
+    dense = n <= _DENSE_MAX_N
+    if dense and len(image_knn) * n * n <= _MASKS_MAX_BYTES:
+        # Every image layer's mask held at once (≤ 2 GiB): each permuted text list is built once per draw.
+        masks = [membership(x) for x in image_knn]
         for p, (perm, inv) in enumerate(zip(perms, invs, strict=True)):
             for j, y in enumerate(text_knn):
-                yp = inv[y.cpu().long()[perm]]
-                if dense:
-                    null[p, i, j] = mask[rows, yp].sum().double() / (n * k)
-                else:
-                    null[p, i, j] = so.mutual_knn_from_indices(x, yp)
+                yp = inv[y[perm]]
+                for i, mask in enumerate(masks):
+                    null[p, i, j] = score(mask, None, yp)
+    else:
+        for i, x in enumerate(image_knn):
+            mask = membership(x) if dense else None
+            for p, (perm, inv) in enumerate(zip(perms, invs, strict=True)):
+                for j, y in enumerate(text_knn):
+                    null[p, i, j] = score(mask, x, inv[y[perm]])
     return null, null.flatten(1).max(1).values
 
 
