@@ -183,7 +183,7 @@ def calibrate(image_knn: list[torch.Tensor], text_knn: list[torch.Tensor], permu
 
     def score(mask, x, yp):
         if mask is not None:
-            return float(mask[(yp + offsets).view(-1)].sum()) / (n * k)
+            return int(torch.count_nonzero(mask[(yp + offsets).view(-1)])) / (n * k)
         return float(so.mutual_knn_from_indices(x, yp))
 
     dense = n <= _DENSE_MAX_N
