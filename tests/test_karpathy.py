@@ -171,3 +171,27 @@ def test_extract_karpathy_cli_and_test_split_retrieval(tmp_path, monkeypatch, ca
     # --karpathy without --images is refused in one line
     assert cli(["extract", "--karpathy", str(path), "--out", str(tmp_path / "run2")]) == 2
     assert "--karpathy needs --images" in capsys.readouterr().err
+
+
+def test_zero_shot_mean_per_class_recall_by_loops():
+    g = torch.Generator().manual_seed(1)
+    n_cls = 4
+    cls = torch.nn.functional.normalize(torch.randn(n_cls, 5, generator=g), dim=1)
+    labels = [0] * 10 + [1] * 3 + [2] * 6 + [3] * 1  # unbalanced
+    emb = cls[labels] + 0.9 * torch.randn(len(labels), 5, generator=g)
+    from structure_ops.train.evaluate import zero_shot
+
+    got = zero_shot(emb, cls, labels, topk=(1,), mean_per_class=True)
+    recalls = []
+    for c in range(n_cls):
+        rows = [i for i, y in enumerate(labels) if y == c]
+        correct = 0
+        for i in rows:
+            e = emb[i] / emb[i].norm()
+            scores = [float(e @ cls[d]) for d in range(n_cls)]
+            correct += max(range(n_cls), key=lambda d: scores[d]) == c
+        recalls.append(correct / len(rows))
+    assert got["mean_per_class"] == pytest.approx(sum(recalls) / n_cls, abs=1e-12)
+    top1 = sum(r * sum(1 for y in labels if y == c) for c, r in enumerate(recalls)) / len(labels)
+    assert got["top1"] == pytest.approx(top1, abs=1e-6) and got["mean_per_class"] != pytest.approx(got["top1"], abs=1e-3)
+    assert "mean_per_class" not in zero_shot(emb, cls, labels, topk=(1,))

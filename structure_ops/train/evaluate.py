@@ -20,14 +20,22 @@ def class_embeddings(prompt_emb: torch.Tensor, n_classes: int) -> torch.Tensor:
     return F.normalize(per_class, dim=1)
 
 
-def zero_shot(image_emb: torch.Tensor, class_emb: torch.Tensor, labels, topk=(1, 5)) -> dict[str, float]:
+def zero_shot(image_emb: torch.Tensor, class_emb: torch.Tensor, labels, topk=(1, 5),
+              mean_per_class: bool = False) -> dict[str, float]:
     """Top-k accuracy of 100·cos(image, class) against ``labels``; a k not below the number of classes (where
-    every prediction is a hit) is left out."""
+    every prediction is a hit) is left out. ``mean_per_class``: also ``mean_per_class`` = the top-1 recall of
+    each class present in ``labels``, averaged over those classes (the metric of unbalanced sets such as
+    Caltech-101, Oxford Pets, Flowers-102, FGVC Aircraft)."""
     topk = tuple(k for k in topk if k < class_emb.shape[0] or k == 1)
     labels = torch.as_tensor(labels, device=image_emb.device)
     logits = 100.0 * F.normalize(image_emb, dim=1) @ class_emb.T
     ranked = logits.topk(min(max(topk), class_emb.shape[0]), dim=1).indices
-    return {f"top{k}": float((ranked[:, :k] == labels[:, None]).any(1).float().mean()) for k in topk}
+    out = {f"top{k}": float((ranked[:, :k] == labels[:, None]).any(1).float().mean()) for k in topk}
+    if mean_per_class:
+        hit = (ranked[:, 0] == labels).double()
+        present = labels.unique()
+        out["mean_per_class"] = float(torch.stack([hit[labels == c].mean() for c in present]).mean())
+    return out
 
 
 def retrieval(image_emb: torch.Tensor, text_emb: torch.Tensor, image_of, ks=(1, 5, 10)) -> dict[str, float]:
