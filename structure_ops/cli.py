@@ -397,10 +397,12 @@ def _cmd_train(a) -> None:
 
 
 def _cmd_evaluate(a) -> None:
-    from .train.pipeline import evaluate_run
+    from .train.pipeline import evaluate_run, read_manifest
 
     r = evaluate_run(a.run, a.name, a.split)
-    print(f"{r['name']} on the {a.split} split: {r['n_images']} images, {r['n_captions']} captions"
+    protocol = read_manifest(a.run).get("protocol")
+    print(f"{r['name']} on the {a.split} split{f' ({protocol} protocol)' if protocol else ''}: {r['n_images']} images, "
+          f"{r['n_captions']} captions"
           + (f"; zero-shot {r['zero_shot']['n_images']} images, {r['zero_shot']['n_classes']} classes" if "zero_shot" in r else ""))
     for k, v in r.items():
         if isinstance(v, float):

@@ -168,6 +168,10 @@ def test_extract_karpathy_cli_and_test_split_retrieval(tmp_path, monkeypatch, ca
     for k in (1, 2):
         t2i, i2t = _brute_force_recall(xi, xt, local, k)
         assert got[f"t2i_R@{k}"] == pytest.approx(t2i, abs=1e-6) and got[f"i2t_R@{k}"] == pytest.approx(i2t, abs=1e-6)
+    # end to end on the Karpathy splits: a CSA fit on train, evaluated on the test split (4 images, 20 captions)
+    assert cli(["train", "--run", str(run), "--method", "csa", "--layers", "last", "--dim", "4", "--name", "csa"]) == 0
+    assert cli(["evaluate", "--run", str(run), "--name", "csa"]) == 0
+    assert "csa on the test split (karpathy protocol): 4 images, 20 captions" in capsys.readouterr().out
     # --karpathy without --images is refused in one line
     assert cli(["extract", "--karpathy", str(path), "--out", str(tmp_path / "run2")]) == 2
     assert "--karpathy needs --images" in capsys.readouterr().err
