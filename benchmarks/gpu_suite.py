@@ -51,6 +51,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 
 import _harness as H  # noqa: E402  (inputs and FLOP models shared with the CPU harness)
+import roofline  # noqa: E402  (each record's roofline: model FLOPs / bytes, bound, fraction_of_bound)
 from _gpu_run import TARGET_KEYS, validate_targets  # noqa: E402,F401  (the schema of targets.json)
 
 PROVIDERS = ("reference", "compile_reference", "chunked", "triton_rows", "triton_flash", "triton", "cuda", "inf_cl")
@@ -437,6 +438,8 @@ class Targets:
                 flops = H.OPS[op].flops(n, dims, "fwd+bwd", self.params)
                 rec["model_flops"] = flops
                 rec["tflops"] = flops / rec["median_s"] / 1e12
+                roofline.annotate(rec, _ceilings(self.device), op=op, dims=dims, params=self.params,
+                                  precision=torch.get_float32_matmul_precision())
                 del fn, inputs
             except torch.cuda.OutOfMemoryError as e:
                 rec["oom"] = str(e)[:300]
@@ -579,6 +582,12 @@ SWEEPS = {  # op: (dims, default N list, modes)
 }
 
 
+def _ceilings(device: torch.device):
+    """The device's stored roofline ceilings (None on a CPU or an unknown GPU: records then carry the
+    model terms but no bound)."""
+    return roofline.ceilings_for_device(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
 def run(op: str, out: str, ns, dtypes, providers, smoke: bool, seed: int = 0) -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dims, default_ns, modes = SWEEPS[op]
@@ -612,6 +621,8 @@ def run(op: str, out: str, ns, dtypes, providers, smoke: bool, seed: int = 0) ->
                             flops = H.OPS[op].flops(n, dims, mode, params)
                             rec.update(median_s=m["median_s"], peak_bytes=m.get("peak_extra_bytes"),
                                        tflops=flops / m["median_s"] / 1e12 if flops else None)
+                            roofline.annotate(rec, _ceilings(device), op=op, dims=dims, params=params,
+                                              precision=torch.get_float32_matmul_precision())
                         except torch.cuda.OutOfMemoryError:
                             rec["oom"] = True
                             dead.add(provider)
