@@ -385,7 +385,9 @@ def knn(a: torch.Tensor, k: int | str = "rice") -> torch.Tensor:
     ties go to the lower index (a stable sort on descending similarity); NaN similarities rank last."""
     n = a.shape[0]
     k = resolve_k(k, n)
-    sim = torch.nan_to_num(a @ a.T, nan=float("-inf"))
+    # NaN ranks as −inf (ties with real −inf go to the lower index); ±inf stay infinite (nan_to_num's defaults
+    # would map them to the largest finite values and rank −inf above NaN).
+    sim = torch.nan_to_num(a @ a.T, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     # Column ids without j = i, by arithmetic (no boolean mask, so meta tensors work): row i skips column i.
     j = torch.arange(n - 1, device=a.device)[None, :]
     cols = j + (j >= torch.arange(n, device=a.device)[:, None]).long()

@@ -84,12 +84,8 @@ def test_inf_values_match_cpu_op(emu_knn, dtype):
         assert torch.equal(out, torch.ops.structure_ops.knn(a, k))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known discrepancy: reference.knn maps −inf similarities to the lowest finite value (torch.nan_to_num's "
-    "neginf default), so it ranks −inf above NaN; the C++ CPU op and the CUDA kernel tie NaN with −inf by index",
-)
 def test_inf_values_match_oracle(emu_knn):
+    """±inf and NaN similarities: NaN ranks as −inf, ties by index, in the oracle as in the kernel."""
     a = _with_inf(torch.float64)
     assert torch.equal(emu_knn.ops.knn(a, 12), knn_oracle(a, 12))
 
