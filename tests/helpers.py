@@ -158,3 +158,26 @@ def tiny_vit(folder, layers: int = 2, image_size: int = 32, patch_size: int = 8,
     with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
         json.dump({"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"height": image_size, "width": image_size}}, f)
     return str(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# multi-process (gloo) tests
+def spawn_ranks(worker, nprocs: int, args: tuple, out_dir, timeout_s: float) -> list:
+    """Run ``worker(rank, *args)`` on ``nprocs`` spawned processes and return each rank's results, which the
+    worker saves as ``out_dir/rank{r}.pt``. A rank that does not finish within ``timeout_s`` (a hang in a
+    collective) fails the test after every rank is killed, instead of stalling the suite."""
+    import os
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{nprocs} gloo ranks did not finish within {timeout_s} s (a hang in a collective?)")
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(nprocs)]

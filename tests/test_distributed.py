@@ -19,8 +19,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import F64, structured
+from helpers import F64, spawn_ranks, structured
 from torch import nn
 
 import structure_ops
@@ -214,15 +213,7 @@ def _worker(rank, k, init_file, out_dir):
 
 def _spawn(k, tmp):
     tmp.mkdir(parents=True, exist_ok=True)
-    ctx = mp.spawn(_worker, args=(k, str(tmp / "store"), str(tmp)), nprocs=k, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{k} gloo ranks did not finish within {SPAWN_TIMEOUT_S} s (a hang in a collective?)")
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(k)]
+    return spawn_ranks(_worker, k, (k, str(tmp / "store"), str(tmp)), tmp, SPAWN_TIMEOUT_S)
 
 
 _RESULTS: dict[int, list] = {}

@@ -12,14 +12,12 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import F64, require_cpu_extension, structured
+from helpers import F64, require_cpu_extension, spawn_ranks, structured
 
 from structure_ops import distributed as D
 from structure_ops import reference as R
@@ -100,15 +98,7 @@ def _worker(rank, init_file, out_dir):
 def results(tmp_path_factory):
     require_cpu_extension()
     tmp = tmp_path_factory.mktemp("dist_robust")
-    ctx = mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=K, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{K} gloo ranks did not finish within {SPAWN_TIMEOUT_S} s (a hang in a collective?)")
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(K)]
+    return spawn_ranks(_worker, K, (str(tmp / "store"), str(tmp)), tmp, SPAWN_TIMEOUT_S)
 
 
 def test_a_rank_that_cannot_run_raises_on_every_rank(results):
