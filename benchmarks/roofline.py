@@ -802,7 +802,9 @@ def measure_cpu_ceilings(gemm_n: int = 2048, copy_mb: int = 512, exp_elems: int 
         sfu = nthreads * exp_elems * exp_iters / _best_time(exps, max(2, reps))
     finally:
         torch.set_num_threads(nthreads)
-    name = _cpu_name()
+    from _harness import cpu_model  # imported here: _harness imports this module at its end
+
+    name = cpu_model()
     return Ceilings(
         name=f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads; measured)",
         gemm={"fp32": fp32, "fp64": fp64}, sfu=sfu, mem_bw=bw, l2_bw=None, int_ops=None, sms=None,
@@ -812,17 +814,6 @@ def measure_cpu_ceilings(gemm_n: int = 2048, copy_mb: int = 512, exp_elems: int 
     )  # fmt: skip
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------------
