@@ -1,5 +1,5 @@
 """Shared by the Triton kernels: precision policy, tf32 rounding, device guard, dtypes, interpreter detection,
-panel sizing.
+panel sizing, autotuning (``TuneSpace``: see the section at the end and docs/kernels.md, "Autotuning").
 
 TF32 (torch.get_float32_matmul_precision() "high"/"medium" on fp32 inputs): ``tl.dot(..., input_precision="tf32")``
 feeds fp32 operands to the tensor cores as they are, and the hardware ignores their low 13 mantissa bits, i.e.
@@ -20,8 +20,12 @@ the float64 model).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
+import json
 import os
 import threading
+from collections.abc import Callable
 
 import torch
 import triton
@@ -192,3 +196,291 @@ def level1_terms(a, b, eps, ln2, JS: tl.constexpr):
         qg = 0.25 * q * t - 0.25 * pt * (q * ra)
         pg = 0.25 * p * t - 0.25 * qt * (p * ro)
     return p, q, term, qg, pg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autotuning: tile spaces declared as data, one choice per (space, shape bucket, dtype, precision, device)
+# ---------------------------------------------------------------------------------------------------------------
+# Why not triton.autotune itself: it keys on the exact values of kernel arguments (every new N, e.g. a ragged last
+# batch or a benchmark sweep, would re-benchmark the whole space), it benchmarks under the interpreter too (do_bench
+# needs a GPU), and its choice lives inside one kernel object. Here a kernel module declares its space once
+# (``TuneSpace``: the configurations as data, a heuristic, a shared-memory estimate), the host builds a key from
+# shape buckets (``autotune_key``: next power of two of N and d, dtype, float32 matmul precision, options) and asks
+# ``TuneSpace.choose(key, bench)`` for a config; aot.py compiles every config of every declared space.
+#
+# Knobs (read at each call):
+#   STRUCTURE_OPS_AUTOTUNE=0        no benchmarking: the space's deterministic heuristic choice (also always under
+#                                   TRITON_INTERPRET=1, so CPU tests never benchmark)
+#   STRUCTURE_OPS_AUTOTUNE_FORCE    "space:index[,space:index...]" (or "*:index"): launch that config of the
+#                                   declared space whatever the key (tests run every config in the interpreter)
+#   STRUCTURE_OPS_AUTOTUNE_CACHE    a JSON file: benchmark choices are loaded from it and written back (atomically)
+# ``autotune_cache()`` returns every choice made in this process (config, how it was chosen, the timings).
+AUTOTUNE_ENV = "STRUCTURE_OPS_AUTOTUNE"
+AUTOTUNE_FORCE_ENV = "STRUCTURE_OPS_AUTOTUNE_FORCE"
+AUTOTUNE_CACHE_ENV = "STRUCTURE_OPS_AUTOTUNE_CACHE"
+# Limits used to prune a space when no device can be asked (the interpreter, aot.py): an sm_90 SM (H100/H200).
+SM90_LIMITS = {"max_shared_mem": 232448, "max_num_regs": 65536, "cc": 90}
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """One candidate launch: constexprs (kernel meta-parameters) plus num_warps and num_stages."""
+
+    constexprs: tuple[tuple[str, int], ...]
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __getitem__(self, name: str):
+        return dict(self.constexprs)[name]
+
+    @property
+    def meta(self) -> dict:
+        return dict(self.constexprs)
+
+    @property
+    def options(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    @property
+    def name(self) -> str:
+        return ",".join([f"{k}={v}" for k, v in self.constexprs] + [f"w{self.num_warps}", f"s{self.num_stages}"])
+
+
+def config_grid(*, num_warps=(4, 8), num_stages=(2,), where=None, **axes) -> tuple[TuneConfig, ...]:
+    """The cartesian product of ``axes`` (constexpr name → values, in the given order), ``num_warps`` and
+    ``num_stages``, keeping the configs for which ``where(meta: dict, num_warps, num_stages)`` is true (the declared
+    pruning: e.g. the tiles that spill registers on sm_90, each with a comment at the declaration)."""
+    names = list(axes)
+    out = []
+    for values in itertools.product(*(axes[n] for n in names)):
+        meta = dict(zip(names, (int(v) for v in values), strict=True))
+        for w in num_warps:
+            for s in num_stages:
+                if where is None or where(meta, int(w), int(s)):
+                    out.append(TuneConfig(tuple(meta.items()), int(w), int(s)))
+    return tuple(out)
+
+
+_SPACES: dict[str, TuneSpace] = {}
+_CHOICES: dict[str, dict[str, dict]] = {}
+_CHOICES_LOCK = threading.Lock()
+_DISK: dict | None = None
+
+
+@dataclasses.dataclass
+class TuneSpace:
+    """A kernel's autotune space, declared once as data.
+
+    name: "module.kernel" (the key of STRUCTURE_OPS_AUTOTUNE_FORCE and of ``autotune_cache()``).
+    configs: every candidate (``config_grid``); aot.py compiles all of them (for every variant the module lists in
+        its ``aot_configs()``).
+    heuristic: key → the config chosen without benchmarking (interpreter, STRUCTURE_OPS_AUTOTUNE=0); must return a
+        member of ``configs`` (deterministic).
+    smem: (config, key) → estimated shared-memory bytes; candidates above the device's limit are pruned before
+        benchmarking (None: no estimate). Register spills are pruned at declaration (aot.py --no-spills decides) and
+        again at run time: a candidate whose compiled kernel reports spills is never chosen.
+    """
+
+    name: str
+    configs: tuple[TuneConfig, ...]
+    heuristic: Callable[[dict], TuneConfig]
+    smem: Callable[[TuneConfig, dict], int] | None = None
+
+    def __post_init__(self):
+        if not self.configs:
+            raise ValueError(f"autotune space {self.name}: no configurations")
+        _SPACES[self.name] = self
+
+    def index(self, config: TuneConfig) -> int:
+        return self.configs.index(config)
+
+    def candidates(self, key: dict, limits: dict | None = None) -> list[TuneConfig]:
+        """The configs that fit ``limits`` (default: an sm_90 SM) by the shared-memory estimate."""
+        limits = limits or SM90_LIMITS
+        if self.smem is None:
+            return list(self.configs)
+        return [c for c in self.configs if self.smem(c, key) <= limits["max_shared_mem"]]
+
+    def choose(self, key: dict, bench: Callable[[TuneConfig], object] | None = None,
+               device: torch.device | str | None = None) -> TuneConfig:  # fmt: skip
+        """The config for ``key``: forced (STRUCTURE_OPS_AUTOTUNE_FORCE), else the heuristic when not benchmarking
+        (interpreter, STRUCTURE_OPS_AUTOTUNE=0, no ``bench``, a non-CUDA device), else the fastest candidate by
+        ``triton.testing.do_bench(lambda: bench(config))``, cached per key and device. ``bench(config)`` launches
+        the kernel(s) with that config on the real arguments: it must only overwrite its outputs (no accumulation),
+        and may return the launched kernel(s) so that spilling candidates are skipped."""
+        forced = forced_config_index(self.name)
+        if forced is not None:
+            if not 0 <= forced < len(self.configs):
+                raise ValueError(f"{AUTOTUNE_FORCE_ENV}: {self.name} has configs 0..{len(self.configs) - 1}, "
+                                 f"got {forced}")  # fmt: skip
+            cfg = self.configs[forced]
+            self._record(key, None, cfg, "forced")
+            return cfg
+        device = torch.device(device) if device is not None else None
+        if bench is None or not autotune_enabled() or device is None or device.type != "cuda":
+            cfg = self.heuristic(key)
+            if cfg not in self.configs:
+                raise AssertionError(f"{self.name}: heuristic returned a config outside the space: {cfg.name}")
+            self._record(key, None, cfg, "heuristic")
+            return cfg
+        dev_key = _device_key(device)
+        skey = key_string(key)
+        with _CHOICES_LOCK:
+            hit = _CHOICES.get(self.name, {}).get(f"{dev_key}|{skey}") or _disk_lookup(self.name, dev_key, skey)
+        if hit is not None and hit.get("source") == "benchmark":
+            return self.configs[hit["index"]]
+        return self._benchmark(key, bench, device, dev_key)
+
+    def _benchmark(self, key, bench, device, dev_key) -> TuneConfig:
+        from triton.testing import do_bench
+
+        limits = device_limits(device)
+        timings, skipped = {}, {}
+        for cfg in self.candidates(key, limits):
+            try:
+                launched = bench(cfg)  # the first call compiles
+                spills = [getattr(k, "n_spills", 0) or 0 for k in _as_list(launched)]
+                if any(spills):
+                    skipped[cfg.name] = f"{max(spills)} spilled registers"
+                    continue
+                timings[cfg.name] = float(do_bench(lambda cfg=cfg: bench(cfg), warmup=5, rep=20))
+            except Exception as e:  # out of resources on this device: not a candidate here
+                skipped[cfg.name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if not timings:
+            raise RuntimeError(f"autotune {self.name}: no candidate ran for {key_string(key)}: {skipped}")
+        best = min(timings, key=timings.get)
+        cfg = next(c for c in self.configs if c.name == best)
+        self._record(key, dev_key, cfg, "benchmark", timings, skipped)
+        return cfg
+
+    def _record(self, key, dev_key, cfg, source, timings=None, skipped=None) -> None:
+        rec = {"config": cfg.name, "index": self.index(cfg), "source": source, "key": dict(key)}
+        if dev_key is not None:
+            rec["device"] = dev_key
+        if timings is not None:
+            rec["timings_ms"] = {k: round(v, 6) for k, v in timings.items()}
+            rec["skipped"] = dict(skipped or {})
+        with _CHOICES_LOCK:
+            _CHOICES.setdefault(self.name, {})[f"{dev_key or source}|{key_string(key)}"] = rec
+        if source == "benchmark":
+            _disk_store(self.name, dev_key, key_string(key), rec)
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def autotune_enabled() -> bool:
+    """Whether choices are benchmarked: not under the interpreter and STRUCTURE_OPS_AUTOTUNE is not "0"."""
+    return not INTERPRET and os.environ.get(AUTOTUNE_ENV, "1").strip() not in ("0", "false", "off", "")
+
+
+def forced_config_index(space: str) -> int | None:
+    """The index STRUCTURE_OPS_AUTOTUNE_FORCE sets for ``space`` ("space:index" entries, "*" for every space)."""
+    spec = os.environ.get(AUTOTUNE_FORCE_ENV, "").strip()
+    found = None
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, idx = item.rpartition(":")
+        if not sep or not idx.strip().lstrip("-").isdigit():
+            raise ValueError(f"{AUTOTUNE_FORCE_ENV}={spec!r}: expected 'space:index[,space:index...]'")
+        if name.strip() in (space, "*"):
+            found = int(idx)
+            if name.strip() == space:
+                return found
+    return found
+
+
+def autotune_key(*, n: int | None = None, d: int | None = None, dtype: torch.dtype, precision: str | None = None,
+                 **extra) -> dict:  # fmt: skip
+    """A cache key: N and d bucketed to the next power of two (shapes within a factor of 2 share a choice), the
+    dtype, the tl.dot precision (fp32: torch's float32 matmul precision) and any module options (``extra``)."""
+    key = {}
+    if n is not None:
+        key["n"] = next_pow2(n)
+    if d is not None:
+        key["d"] = next_pow2(d)
+    key["dtype"] = str(dtype).replace("torch.", "")
+    key["precision"] = dot_precision(dtype, precision)
+    key.update(extra)
+    return key
+
+
+def key_string(key: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in key.items())
+
+
+def device_limits(device: torch.device | str | None = None) -> dict:
+    """Shared memory per block (opt-in) and registers per SM of a CUDA device; SM90_LIMITS without one."""
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda" or INTERPRET:
+        return dict(SM90_LIMITS)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    props = triton.runtime.driver.active.utils.get_device_properties(idx)
+    major, minor = torch.cuda.get_device_capability(idx)
+    return {"max_shared_mem": int(props["max_shared_mem"]), "max_num_regs": int(props.get("max_num_regs", 65536)),
+            "cc": 10 * major + minor}  # fmt: skip
+
+
+def _device_key(device: torch.device) -> str:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(idx)
+    return f"{torch.cuda.get_device_name(idx)} sm_{major}{minor} triton {triton.__version__}"
+
+
+def autotune_cache() -> dict[str, dict[str, dict]]:
+    """Every choice made in this process: {space name: {"<device or source>|<key>": {"config", "index", "source"
+    ("benchmark" | "heuristic" | "forced"), "key", and for benchmarks "device", "timings_ms", "skipped"}}} (a copy,
+    JSON-serializable: the GPU benchmark writes it next to its timings)."""
+    with _CHOICES_LOCK:
+        return json.loads(json.dumps(_CHOICES))
+
+
+def clear_autotune_cache() -> None:
+    """Forget every choice made in this process (not the STRUCTURE_OPS_AUTOTUNE_CACHE file)."""
+    global _DISK
+    with _CHOICES_LOCK:
+        _CHOICES.clear()
+        _DISK = None
+
+
+def autotune_spaces() -> dict[str, TuneSpace]:
+    """Every declared space (of the kernel modules imported so far)."""
+    return dict(_SPACES)
+
+
+def _load_disk() -> dict:
+    global _DISK
+    if _DISK is None:
+        try:
+            with open(os.environ[AUTOTUNE_CACHE_ENV]) as f:
+                _DISK = json.load(f)
+        except (OSError, ValueError):
+            _DISK = {}
+    return _DISK
+
+
+def _disk_lookup(space: str, dev_key: str, skey: str) -> dict | None:
+    # (called with _CHOICES_LOCK held)
+    if not os.environ.get(AUTOTUNE_CACHE_ENV):
+        return None
+    rec = _load_disk().get(space, {}).get(f"{dev_key}|{skey}")
+    sp = _SPACES.get(space)
+    # a file from an older space: ignore entries whose index no longer names the same config
+    if rec is None or sp is None or not 0 <= rec.get("index", -1) < len(sp.configs):
+        return None
+    return rec if sp.configs[rec["index"]].name == rec.get("config") else None
+
+
+def _disk_store(space: str, dev_key: str, skey: str, rec: dict) -> None:
+    path = os.environ.get(AUTOTUNE_CACHE_ENV)
+    if not path:
+        return
+    with _CHOICES_LOCK:
+        disk = _load_disk()
+        disk.setdefault(space, {})[f"{dev_key}|{skey}"] = rec
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(disk, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
