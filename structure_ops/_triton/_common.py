@@ -109,11 +109,34 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def panel_rows(n: int, bytes_per_row: int, budget_mb: float | None = None) -> int:
-    """Rows per panel so that panel buffers stay within a budget (STRUCTURE_OPS_TRITON_PANEL_MB, default
-    256 MiB; at least 1 row, at most n)."""
-    mb = budget_mb if budget_mb is not None else float(os.environ.get("STRUCTURE_OPS_TRITON_PANEL_MB", "256"))
-    return max(1, min(n, int(mb * (1 << 20)) // max(1, bytes_per_row)))
+PANEL_FREE_FRACTION = 0.5  # share of the free device memory (free + cached) that row panels may take
+
+
+def free_device_bytes(device: torch.device | str | None) -> int | None:
+    """Free memory of a CUDA device (cudaMemGetInfo's free + what the caching allocator holds unused); None for
+    CPU tensors (the interpreter) or no device."""
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def panel_rows(n: int, bytes_per_row: int, budget_mb: float | None = None, device=None) -> int:
+    """Rows per panel (at least 1, at most n) so that panel buffers of ``bytes_per_row`` each fit a budget: an
+    explicit ``budget_mb``; otherwise, on a CUDA ``device``, PANEL_FREE_FRACTION of its free memory capped by
+    STRUCTURE_OPS_TRITON_PANEL_MB when that is set; without a device (CPU / interpreter)
+    STRUCTURE_OPS_TRITON_PANEL_MB or 256 MiB."""
+    if budget_mb is not None:
+        budget = budget_mb * (1 << 20)
+    else:
+        env = os.environ.get("STRUCTURE_OPS_TRITON_PANEL_MB")
+        cap = float(env) * (1 << 20) if env else None
+        free = free_device_bytes(device)
+        if free is None:
+            budget = cap if cap is not None else 256.0 * (1 << 20)
+        else:
+            budget = PANEL_FREE_FRACTION * free if cap is None else min(cap, PANEL_FREE_FRACTION * free)
+    return max(1, min(n, int(budget) // max(1, bytes_per_row)))
 
 
 def next_pow2(x: int) -> int:
@@ -370,6 +393,21 @@ def _as_list(x) -> list:
     if x is None:
         return []
     return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def space_aot_entries(space: TuneSpace, kernel, variants, signature) -> list[tuple]:
+    """aot.py entries (kernel, signature, constexprs, options) for EVERY config of ``space`` and every variant.
+
+    ``variants``: iterable of (pointer type, constexprs): the module's non-tuned constexprs for each dtype, precision
+    and option it can launch (a config's own constexprs override them); ``signature(kernel, ptr, constexprs)`` builds
+    the kernel's signature. A module returns these from ``aot_space_configs()`` and aot.py compiles them all."""
+    out = []
+    for ptr, base in variants:
+        for cfg in space.configs:
+            cst = {**base, **cfg.meta}
+            cst = {a: cst[a] for a in kernel.arg_names if a in cst}
+            out.append((kernel, signature(kernel, ptr, cst), cst, cfg.options))
+    return out
 
 
 def autotune_enabled() -> bool:

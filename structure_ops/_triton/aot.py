@@ -6,7 +6,11 @@ The configurations come from the kernel modules themselves: each module's ``aot_
 own launch/config functions (the ones its host code calls to pick block sizes, num_warps and constexprs) over
 every supported dtype (fp16, bf16, fp32, fp64 where the module takes it), float32 matmul precision (highest /
 high / medium), option (similarity, divergence, ...) and gradient flag, and returns the deduplicated
-(kernel, signature, constexprs, options) list: nothing here is a hand-picked list. Each entry is compiled with
+(kernel, signature, constexprs, options) list: nothing here is a hand-picked list. A module that declares autotune
+spaces (``_common.TuneSpace``) also returns, from ``aot_space_configs()``, EVERY config of each space for every
+variant it can launch (``_common.space_aot_entries``): the whole space is compiled, not only the heuristic's choice,
+so that no candidate the autotuner can pick on a GPU escapes the checks. Entries are deduplicated (the heuristic's
+choice is also a space config) and compiled by ``--jobs`` worker processes. Each entry is compiled with
 ``triton.compile(..., target=GPUTarget("cuda", cc, 32))`` and Triton's bundled ptxas is run with ``-v`` on the PTX
 for registers, spill bytes and stack frame. Codegen errors that the interpreter cannot see (layouts, shared
 memory, dot shapes) fail the run; with ``--no-spills`` any spill (or stack frame) on a ``--targets`` target fails
@@ -58,11 +62,26 @@ def _ptxas_usage(ptx: str, cc: int) -> dict:
             "stack_bytes": max(map(int, stack)) if stack else 0}  # fmt: skip
 
 
+def _entry_key(e: tuple) -> tuple:
+    kernel, sig, cst, opts = e
+    return (_kernel_name(kernel), tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in cst.items())),
+            tuple(sorted(opts.items())))  # fmt: skip
+
+
 def module_entries(mod_name: str) -> list[tuple]:
-    """(kernel, signature, constexprs, options) of a kernel module: its ``aot_configs()`` (the launch functions)."""
+    """(kernel, signature, constexprs, options) of a kernel module: its ``aot_configs()`` (the launch functions) and,
+    when it declares autotune spaces, ``aot_space_configs()`` (every config of every space), deduplicated."""
     mod = importlib.import_module(f"structure_ops._triton.{mod_name}")
     if hasattr(mod, "aot_configs"):
-        return [tuple(e) + ({},) * (4 - len(e)) for e in mod.aot_configs()]
+        entries = [tuple(e) + ({},) * (4 - len(e)) for e in mod.aot_configs()]
+        entries += [tuple(e) for e in getattr(mod, "aot_space_configs", list)()]
+        seen, out = set(), []
+        for e in entries:
+            k = _entry_key(e)
+            if k not in seen:
+                seen.add(k)
+                out.append(e)
+        return out
     # legacy: a static AOT_KERNELS list (+ module-wide AOT_OPTIONS or per-entry AOT_NUM_WARPS)
     module_options = getattr(mod, "AOT_OPTIONS", {})
     warps = getattr(mod, "AOT_NUM_WARPS", None)
