@@ -64,7 +64,7 @@ def check(out, ref, tol, xh, zh, grad_x=True):
 def small_tiles(monkeypatch):
     """Row panels of 5 rows, row blocks of 4 and column blocks of 16 (N = 37: 8 panels, the last of 2 rows;
     3 column blocks, the last of 5 columns)."""
-    monkeypatch.setattr(S, "panel_rows", lambda n, bytes_per_row, budget_mb=None: min(n, 5))
+    monkeypatch.setattr(S, "panel_rows", lambda n, bytes_per_row, budget_mb=None, device=None: min(n, 5))
     monkeypatch.setattr(S, "MAX_BLOCK_M", 4)
     monkeypatch.setattr(S, "MAX_BLOCK_N", 16)
 

@@ -48,12 +48,16 @@ import triton.language as tl
 
 from ._common import (
     INTERPRET,
+    PRECISIONS,
     compute_dtype,
     device_guard,
+    dot_operand,
+    dot_precision,
     level1_terms,
     log1p,
     next_pow2,
     panel_rows,
+    round_tf32,
     row_max,
     row_sum,
 )
@@ -61,8 +65,8 @@ from ._common import (
 log = logging.getLogger("structure_ops")
 
 __all__ = [
-    "structure_fwd", "choose_mode", "multilevel_memory_estimate", "rows_config", "level_div_config",
-    "softmax_bwd_config", "aot_configs", "MODES", "AOT_KERNELS",
+    "structure_fwd", "choose_mode", "multilevel_memory_estimate", "rows_config", "gram_config", "grad_gemm_config",
+    "row_grid", "fp16_w_exp", "level_div_config", "softmax_bwd_config", "aot_configs", "MODES", "AOT_KERNELS",
 ]  # fmt: skip
 
 MODES = ("auto", "rows", "flash")
@@ -79,7 +83,9 @@ MAX_BLOCK_M = 64 if INTERPRET else 8
 _TILE_BYTES = 1 << 30 if INTERPRET else 8192
 
 # Layout of the scalar-parameter tensor read by every kernel (compute dtype, so fp64 keeps full precision).
-_P_INV_TAU, _P_GAMMA, _P_EPS, _P_INV_N, _P_LN2, _P_TINY = range(6)
+_P_INV_TAU, _P_GAMMA, _P_EPS, _P_INV_N, _P_LN2, _P_TINY, _P_W_SCALE = range(7)
+# The SM count the row kernels' grid rule (row_grid) assumes under the interpreter (a GPU reports its own).
+INTERPRET_SMS = 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,135 +114,231 @@ def _tile_logits(g_rows, sq_ptr, sq_i, offs, cmask, mask, inv_tau, gamma, RBF: t
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Kernel 1: the fused level-1 row kernel (one program per BLOCK_M panel rows)
+# Kernel 1: Gram panel GEMM with the logits and log-sum-exp partials in its epilogue
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _l1_rows_kernel(
-    gx_ptr, gz_ptr, stride_g,        # Gram panels X̂_I X̂ᵀ, Ẑ_I Ẑᵀ (b × N), row stride stride_g
-    sqx_ptr, sqz_ptr,                # ‖x̂_j‖², ‖ẑ_j‖² (N; rbf only)
-    par_ptr,                         # [1/τ, γ, ε, 1/N, ln 2, tiny] in the compute dtype
-    row0, b, n,                      # global index of the panel's first row, rows in the panel, N
-    loss_ptr,                        # ℓ_i (N; written at the global row)
-    wx_ptr, wz_ptr, stride_w,        # out: W_X, W_Z panel rows (b × N, local rows); also scratch for P∘g_P, Q∘g_Q
-    ksx_ptr, ksz_ptr,                # out (RBF_K): Σ_j S_ij W_ij per global row (N)
-    p_ptr, q_ptr, stride_p,          # out (WRITE_PQ): rows of P, Q (N × N, global rows)
-    RBF: tl.constexpr, JS: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Z: tl.constexpr,
-    RBF_K: tl.constexpr, WRITE_PQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _gram_kernel(
+    u_ptr, stride_u,                 # Û (N × d, input dtype: half operands stay half), row stride
+    s_ptr, stride_s,                 # out: logits panel S_I (b × N, compute dtype, local rows)
+    pm_ptr, pl_ptr, stride_p,        # out: per (row, column block) max and Σ exp(S − max) (b × ⌈N/BLOCK_N⌉)
+    sq_ptr, par_ptr,                 # ‖û_j‖² (N, compute dtype; rbf only), scalars
+    row0, b, n, d,                   # first global row of the panel, its rows, N, feature width
+    RBF: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Rows i of the panel, a = S^X_i − lseX_i, b = S^Z_i − lseZ_i, P = e^a, Q = e^b:
-    #   pass 1  online (max, Σexp) per lane over column blocks → lseX_i, lseZ_i
-    #   pass 2  ℓ_i = Σ_j term(P_ij, Q_ij);  Q∘g, P∘g (stored as scratch in W) and their row sums ḡ
-    #           "structure": T = log1p((d/P̃)(d/Q̃)/4), d = P̃ − Q̃;  term = ¼(P̃ + Q̃)T;
-    #                        Q∘g = ¼QT − ¼P̃(Q/Q̃)  (the +¼ of ∂term/∂Q cancels against ḡ since Σ_j Q_ij = 1;
-    #                        P̃·(Q/Q̃) ≤ P̃ avoids the 1/ε-sized ratio P̃/Q̃)
-    #           "js": log(Q/M) = ln2 − softplus(a − b), log(P/M) = ln2 − softplus(b − a)  (no underflow, no ε);
-    #                 term = ½[P log(P/M) + Q log(Q/M)],  Q∘g = ½ Q log(Q/M)
-    #   pass 3  W = (Q∘g − Q ḡ)/N (Q recomputed from the Gram row; RBF_K: S∘W and its row sum)
-    # Per-row accumulators in the compute dtype (fp32 or fp64); each block is reduced before it is added.
-    pid = tl.program_id(0)
-    dt = gz_ptr.dtype.element_ty
+    # S_I = Û_I Ûᵀ/τ (cosine) or exp(−γ max(0, ‖û_i‖² + ‖û_j‖² − 2⟨û_i, û_j⟩)) (rbf, 0 distance on the diagonal):
+    # tl.dot on the input dtype (bf16/fp16 on tensor cores, fp32 per DOT_PRECISION with RNA-rounded tf32 operands,
+    # fp64 IEEE), accumulated in the compute dtype. The epilogue stores S and the tile's (max, Σexp) per row, so the
+    # row kernels never run an online log-sum-exp pass over the panel (one read of S per pair saved).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    dt = s_ptr.dtype.element_ty
     inv_tau = tl.load(par_ptr + 0)
     gamma = tl.load(par_ptr + 1)
-    eps = tl.load(par_ptr + 2)
-    inv_n = tl.load(par_ptr + 3)
-    ln2 = tl.load(par_ptr + 4)
-    loc = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # local row in the panel
+    loc = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = loc < b
-    gi = row0 + loc  # global row
-    loc64 = loc.to(tl.int64)[:, None]
-    gx_rows = gx_ptr + loc64 * stride_g
-    gz_rows = gz_ptr + loc64 * stride_g
-    wx_rows = wx_ptr + loc64 * stride_w
-    wz_rows = wz_ptr + loc64 * stride_w
+    gi = row0 + loc
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < n
+    kk = tl.arange(0, BLOCK_K)
+    a_rows = u_ptr + gi.to(tl.int64)[:, None] * stride_u
+    b_cols = u_ptr + cols.to(tl.int64)[None, :] * stride_u
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, dt)
+    for k0 in range(0, d, BLOCK_K):
+        ks = k0 + kk
+        kmask = ks < d
+        a = tl.load(a_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        bt = tl.load(b_cols + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if UPCAST:  # the interpreter miscomputes raw half dots; half products are exact in fp32
+            a = a.to(tl.float32)
+            bt = bt.to(tl.float32)
+        a = dot_operand(a, ROUND_TF32)
+        bt = dot_operand(bt, ROUND_TF32)
+        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION, out_dtype=dt)
+    mask = rmask[:, None] & cmask[None, :]
     if RBF:
-        sqx_i = tl.load(sqx_ptr + gi, mask=rmask, other=0.0)[:, None]
-        sqz_i = tl.load(sqz_ptr + gi, mask=rmask, other=0.0)[:, None]
+        sq_i = tl.load(sq_ptr + gi, mask=rmask, other=0.0)
+        sq_j = tl.load(sq_ptr + cols, mask=cmask, other=0.0)
+        d2 = sq_i[:, None] + sq_j[None, :] - 2.0 * acc
+        d2 = tl.where(d2 < 0.0, 0.0, d2)
+        d2 = tl.where(gi[:, None] == cols[None, :], 0.0, d2)
+        s = tl.exp(-gamma * d2)
     else:
-        sqx_i = inv_tau
-        sqz_i = inv_tau
+        s = acc * inv_tau
+    tl.store(s_ptr + loc.to(tl.int64)[:, None] * stride_s + cols[None, :], s, mask=mask)
+    # Padding gets −1e30 (weight exactly 0; every column block holds at least one real column).
+    s = tl.where(mask, s, -1e30)
+    m = row_max(s)
+    lsum = row_sum(tl.exp(s - m[:, None]))
+    poff = loc.to(tl.int64) * stride_p + pid_n
+    tl.store(pm_ptr + poff, m, mask=rmask)
+    tl.store(pl_ptr + poff, lsum, mask=rmask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels 2, 3: the level-1 row kernels (grid: row blocks × column chunks)
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _rows_loss_kernel(
+    sx_ptr, sz_ptr, stride_s,        # logits panels S^X_I, S^Z_I (b × N, local rows)
+    lsex_ptr, lsez_ptr,              # lse of the panel's rows (b)
+    par_ptr, row0, b, n, chunk,      # scalars, first global row, rows, N, columns per program (multiple of BLOCK_N)
+    loss_ptr, gbx_ptr, gbz_ptr,      # out: partial Σ_j term, Σ_j P∘g_P, Σ_j Q∘g_Q per (row, chunk) (b × chunks)
+    p_ptr, q_ptr, stride_p,          # out (WRITE_PQ): rows of P, Q (N × N, global rows)
+    JS: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Z: tl.constexpr, WRITE_PQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # a = S^X − lseX, b = S^Z − lseZ, P = e^a, Q = e^b over this program's column chunk:
+    #   ℓ_i partial = Σ_j term(P_ij, Q_ij), ḡ partials Σ_j Q∘g, Σ_j P∘g (docs/kernels.md §1; level1_terms).
+    # One partial per (row, chunk): the host sums them in a fixed order (deterministic, no atomics).
+    pid = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    nchunks = tl.num_programs(1)
+    dt = sz_ptr.dtype.element_ty
+    eps = tl.load(par_ptr + 2)
+    ln2 = tl.load(par_ptr + 4)
+    loc = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = loc < b
+    loc64 = loc.to(tl.int64)[:, None]
+    sx_rows = sx_ptr + loc64 * stride_s
+    sz_rows = sz_ptr + loc64 * stride_s
+    lse_x = tl.load(lsex_ptr + loc, mask=rmask, other=0.0)[:, None]
+    lse_z = tl.load(lsez_ptr + loc, mask=rmask, other=0.0)[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
-
-    # pass 1: online log-sum-exp, one (max, Σexp) per row (padding: −1e30 logits, weight exp(−1e30 − max) = 0).
-    m_x = tl.full([BLOCK_M], -1e30, dt)
-    m_z = tl.full([BLOCK_M], -1e30, dt)
-    l_x = tl.full([BLOCK_M], 0.0, dt)
-    l_z = tl.full([BLOCK_M], 0.0, dt)
-    for start in range(0, n, BLOCK_N):
-        offs = start + cols
-        cmask = offs < n
-        mask = rmask[:, None] & cmask
-        sx = _tile_logits(gx_rows, sqx_ptr, sqx_i, offs, cmask, mask, inv_tau, gamma, RBF, gi)
-        sz = _tile_logits(gz_rows, sqz_ptr, sqz_i, offs, cmask, mask, inv_tau, gamma, RBF, gi)
-        mx_new = tl.maximum(m_x, row_max(sx))
-        mz_new = tl.maximum(m_z, row_max(sz))
-        l_x = l_x * tl.exp(m_x - mx_new) + row_sum(tl.exp(sx - mx_new[:, None]))
-        l_z = l_z * tl.exp(m_z - mz_new) + row_sum(tl.exp(sz - mz_new[:, None]))
-        m_x = mx_new
-        m_z = mz_new
-    lse_x = (m_x + tl.log(l_x))[:, None]
-    lse_z = (m_z + tl.log(l_z))[:, None]
-
-    # pass 2: divergence terms, row loss, Q∘g / P∘g and ḡ (row sums per block: no tile-sized accumulators).
+    c0 = pid_c * chunk
+    c1 = tl.minimum(c0 + chunk, n)
     acc = tl.full([BLOCK_M], 0.0, dt)
     acc_gx = tl.full([BLOCK_M], 0.0, dt)
     acc_gz = tl.full([BLOCK_M], 0.0, dt)
-    for start in range(0, n, BLOCK_N):
+    for start in range(c0, c1, BLOCK_N):
         offs = start + cols
-        cmask = offs < n
-        mask = rmask[:, None] & cmask
-        a = _tile_logits(gx_rows, sqx_ptr, sqx_i, offs, cmask, mask, inv_tau, gamma, RBF, gi) - lse_x
-        b_ = _tile_logits(gz_rows, sqz_ptr, sqz_i, offs, cmask, mask, inv_tau, gamma, RBF, gi) - lse_z
+        mask = rmask[:, None] & (offs < c1)
+        a = tl.load(sx_rows + offs, mask=mask, other=0.0) - lse_x
+        b_ = tl.load(sz_rows + offs, mask=mask, other=0.0) - lse_z
         p, q, val, qg, pg = level1_terms(a, b_, eps, ln2, JS)
         acc += row_sum(tl.where(mask, val, 0.0))
         if GRAD_Z:
-            qg = tl.where(mask, qg, 0.0)
-            acc_gz += row_sum(qg)
-            tl.store(wz_rows + offs, qg, mask=mask)
+            acc_gz += row_sum(tl.where(mask, qg, 0.0))
         if GRAD_X:
-            pg = tl.where(mask, pg, 0.0)
-            acc_gx += row_sum(pg)
-            tl.store(wx_rows + offs, pg, mask=mask)
+            acc_gx += row_sum(tl.where(mask, pg, 0.0))
         if WRITE_PQ:
-            prow = gi.to(tl.int64)[:, None] * stride_p
+            prow = (row0 + loc).to(tl.int64)[:, None] * stride_p
             tl.store(p_ptr + prow + offs, p, mask=mask)
             tl.store(q_ptr + prow + offs, q, mask=mask)
-    tl.store(loss_ptr + gi, acc, mask=rmask)
+    poff = loc.to(tl.int64) * nchunks + pid_c
+    tl.store(loss_ptr + poff, acc, mask=rmask)
+    if GRAD_Z:
+        tl.store(gbz_ptr + poff, acc_gz, mask=rmask)
+    if GRAD_X:
+        tl.store(gbx_ptr + poff, acc_gx, mask=rmask)
 
-    # pass 3: W = (Q∘g − Q ḡ)/N in place of the scratch (each lane re-reads only what it wrote itself).
-    if GRAD_Z or GRAD_X:
-        gbar_z = acc_gz[:, None]
-        gbar_x = acc_gx[:, None]
-        ks_x = tl.full([BLOCK_M], 0.0, dt)
-        ks_z = tl.full([BLOCK_M], 0.0, dt)
-        for start in range(0, n, BLOCK_N):
-            offs = start + cols
-            cmask = offs < n
-            mask = rmask[:, None] & cmask
-            if GRAD_Z:
-                sz = _tile_logits(gz_rows, sqz_ptr, sqz_i, offs, cmask, mask, inv_tau, gamma, RBF, gi)
-                q = tl.exp(sz - lse_z)
-                w = (tl.load(wz_rows + offs, mask=mask, other=0.0) - q * gbar_z) * inv_n
-                if RBF_K:
-                    w = tl.where(mask, sz * w, 0.0)
-                    ks_z += row_sum(w)
-                tl.store(wz_rows + offs, w, mask=mask)
-            if GRAD_X:
-                sx = _tile_logits(gx_rows, sqx_ptr, sqx_i, offs, cmask, mask, inv_tau, gamma, RBF, gi)
-                p = tl.exp(sx - lse_x)
-                w = (tl.load(wx_rows + offs, mask=mask, other=0.0) - p * gbar_x) * inv_n
-                if RBF_K:
-                    w = tl.where(mask, sx * w, 0.0)
-                    ks_x += row_sum(w)
-                tl.store(wx_rows + offs, w, mask=mask)
-        if RBF_K:
-            if GRAD_Z:
-                tl.store(ksz_ptr + gi, ks_z, mask=rmask)
-            if GRAD_X:
-                tl.store(ksx_ptr + gi, ks_x, mask=rmask)
+
+@triton.jit
+def _rows_grad_kernel(
+    sx_ptr, sz_ptr, stride_s,        # logits panels (b × N, local rows)
+    lsex_ptr, lsez_ptr, gbx_ptr, gbz_ptr,  # lse and the complete ḡ of the panel's rows (b)
+    par_ptr, b, n, chunk,
+    wx_ptr, wz_ptr, stride_w,        # out: W_X, W_Z panel rows (b × N; the gradient GEMM's operand dtype)
+    ksx_ptr, ksz_ptr,                # out (RBF_K): partial Σ_j S_ij W_ij per (row, chunk) (b × chunks)
+    JS: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Z: tl.constexpr, RBF_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # W = w_scale·(Q∘g − Q ḡ) (the terms recomputed from both logits rows: no Q∘g scratch written and re-read);
+    # RBF_K: W ← S∘W and its row sums. w_scale (par[6]) is 1, a power of two for fp16 operands (half_scale_exp), or
+    # 1/N for levels > 1; the remaining factors are applied once to the accumulated gradient.
+    pid = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    nchunks = tl.num_programs(1)
+    dt = sz_ptr.dtype.element_ty
+    eps = tl.load(par_ptr + 2)
+    ln2 = tl.load(par_ptr + 4)
+    w_scale = tl.load(par_ptr + 6)
+    loc = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = loc < b
+    loc64 = loc.to(tl.int64)[:, None]
+    sx_rows = sx_ptr + loc64 * stride_s
+    sz_rows = sz_ptr + loc64 * stride_s
+    wx_rows = wx_ptr + loc64 * stride_w
+    wz_rows = wz_ptr + loc64 * stride_w
+    lse_x = tl.load(lsex_ptr + loc, mask=rmask, other=0.0)[:, None]
+    lse_z = tl.load(lsez_ptr + loc, mask=rmask, other=0.0)[:, None]
+    if GRAD_X:
+        gbar_x = tl.load(gbx_ptr + loc, mask=rmask, other=0.0)[:, None]
+    if GRAD_Z:
+        gbar_z = tl.load(gbz_ptr + loc, mask=rmask, other=0.0)[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    c0 = pid_c * chunk
+    c1 = tl.minimum(c0 + chunk, n)
+    ks_x = tl.full([BLOCK_M], 0.0, dt)
+    ks_z = tl.full([BLOCK_M], 0.0, dt)
+    for start in range(c0, c1, BLOCK_N):
+        offs = start + cols
+        mask = rmask[:, None] & (offs < c1)
+        sx = tl.load(sx_rows + offs, mask=mask, other=0.0)
+        sz = tl.load(sz_rows + offs, mask=mask, other=0.0)
+        p, q, val, qg, pg = level1_terms(sx - lse_x, sz - lse_z, eps, ln2, JS)
+        if GRAD_Z:
+            w = (qg - q * gbar_z) * w_scale
+            if RBF_K:
+                w = tl.where(mask, sz * w, 0.0)
+                ks_z += row_sum(w)
+            tl.store(wz_rows + offs, w.to(wz_ptr.dtype.element_ty), mask=mask)
+        if GRAD_X:
+            w = (pg - p * gbar_x) * w_scale
+            if RBF_K:
+                w = tl.where(mask, sx * w, 0.0)
+                ks_x += row_sum(w)
+            tl.store(wx_rows + offs, w.to(wx_ptr.dtype.element_ty), mask=mask)
+    if RBF_K:
+        poff = loc.to(tl.int64) * nchunks + pid_c
+        if GRAD_Z:
+            tl.store(ksz_ptr + poff, ks_z, mask=rmask)
+        if GRAD_X:
+            tl.store(ksx_ptr + poff, ks_x, mask=rmask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Kernel 2: divergence epilogue of one level > 1 (one program per BLOCK_M rows of the two powers)
+# Kernel 4: gradient GEMM C += A·B (C in the compute dtype, beta = 1; the scale is applied once by the host)
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _grad_gemm_kernel(
+    a_ptr, stride_am, stride_ak,     # A (M × K): W_I (b × N) or W_Iᵀ (N × b, by strides), operand dtype
+    b_ptr, stride_b,                 # B (K × D), row-major: Û or Û_I, input dtype
+    c_ptr, stride_c,                 # C (M × D), compute dtype, accumulated in place
+    m, k, d,
+    DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Each program owns one C tile and runs the K loop in a fixed order: deterministic, no atomics.
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    dt = c_ptr.dtype.element_ty
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < m
+    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = dcols < d
+    kk = tl.arange(0, BLOCK_K)
+    cmask = rmask[:, None] & dmask[None, :]
+    c_tile = c_ptr + rows.to(tl.int64)[:, None] * stride_c + dcols[None, :]
+    acc = tl.load(c_tile, mask=cmask, other=0.0)
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am
+    for k0 in range(0, k, BLOCK_K):
+        ks = k0 + kk
+        kmask = ks < k
+        a = tl.load(a_rows + ks.to(tl.int64)[None, :] * stride_ak, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        bt = tl.load(b_ptr + ks.to(tl.int64)[:, None] * stride_b + dcols[None, :], mask=kmask[:, None] & dmask[None, :],
+                     other=0.0)  # fmt: skip
+        if UPCAST:
+            a = a.to(tl.float32)
+            bt = bt.to(tl.float32)
+        a = dot_operand(a, ROUND_TF32)
+        bt = dot_operand(bt, ROUND_TF32)
+        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION, out_dtype=dt)
+    tl.store(c_tile, acc, mask=cmask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel 5: divergence epilogue of one level > 1 (one program per BLOCK_M rows of the two powers)
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _level_div_kernel(
@@ -299,7 +401,7 @@ def _level_div_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Kernel 3: softmax Jacobian of the multilevel backward (+ level-1 term, + rbf factor)
+# Kernel 6: softmax Jacobian of the multilevel backward (+ level-1 term, + rbf factor)
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _softmax_bwd_kernel(
@@ -367,12 +469,11 @@ def choose_mode(n: int, dx: int, dz: int, dtype: torch.dtype) -> str:
 def _tiles(n: int, rows: int, esize: int, interpret: bool = INTERPRET) -> dict:
     """Launch meta-parameters of the row kernels: rows of length n, launches of up to ``rows`` rows.
 
-    On a GPU one fixed tile per compute dtype: one row per program (memory-bound streaming; ≥ 1024 programs in
-    flight whenever a panel has ≥ 1024 rows) and a 1024-column (fp32) / 512-column (fp64, twice the registers)
-    block, 4 warps: ≤ 170 registers and no spills on sm_90 (aot.py --no-spills), and the number of compiled
-    variants stays small (a small N only masks lanes). Under the interpreter a whole panel in one program is
-    fastest (its cost is per program and per op); tests lower MAX_BLOCK_M/N to run the column loop and ragged
-    row blocks.
+    On a GPU one fixed tile per compute dtype: one row per program (memory-bound streaming) and a 1024-column (fp32)
+    / 512-column (fp64, twice the registers) block, 4 warps: no spills on sm_90 (aot.py --no-spills), and the
+    number of compiled variants stays small (a small N only masks lanes); a panel with fewer rows than SMs splits
+    its columns over a 2-D grid (``row_grid``). Under the interpreter a whole panel in one program is fastest (its
+    cost is per program and per op); tests lower MAX_BLOCK_M/N to run the column loop and ragged row blocks.
     """
     if not interpret:
         return dict(BLOCK_M=1, BLOCK_N=512 if esize == 8 else 1024, num_warps=4)
@@ -382,14 +483,86 @@ def _tiles(n: int, rows: int, esize: int, interpret: bool = INTERPRET) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
 
 
+def row_grid(b: int, n: int, block_m: int, block_n: int, sms: int) -> tuple[tuple[int, int], int]:
+    """(grid, chunk) of the row kernels for a panel of ``b`` rows: ⌈b/BLOCK_M⌉ row blocks × column chunks of
+    ``chunk`` columns (a multiple of BLOCK_N). One chunk (a 1-D grid) when the row blocks alone fill ``sms`` SMs;
+    otherwise the columns are split so that about 2·sms programs run. Each program writes its own partial sums
+    (per row and chunk) and the host adds them in a fixed order: deterministic for a given device."""
+    rb = triton.cdiv(b, block_m)
+    nblk = triton.cdiv(n, block_n)
+    splits = 1 if rb >= sms else max(1, min(nblk, triton.cdiv(2 * sms, rb)))
+    chunk = triton.cdiv(nblk, splits) * block_n
+    return (rb, triton.cdiv(n, chunk)), chunk
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRET_SMS
+
+
+def _clamp_pow2(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(next_pow2(x), next_pow2(hi)))
+
+
+def _dot_flags(dtype: torch.dtype, precision: str | None, interpret: bool) -> dict:
+    half = dtype in (torch.bfloat16, torch.float16)
+    return dict(DOT_PRECISION=dot_precision(dtype, precision), ROUND_TF32=round_tf32(dtype, precision),
+                UPCAST=bool(interpret and half))  # fmt: skip
+
+
+def gram_config(n: int, rows: int, d: int, dtype: torch.dtype, *, rbf: bool, precision: str | None = None,
+                interpret: bool = INTERPRET) -> dict:  # fmt: skip
+    """Constexprs and options of ``_gram_kernel`` for inputs of ``dtype`` (the operand dtype of the GEMM).
+
+    GPU tiles (sm_90, no spills): 128 × 128 with BLOCK_K 64 (bf16/fp16, tensor cores) or 32 (fp32, IEEE or TF32),
+    8 warps, 3 stages; fp64 64 × 64 × 16, 4 warps. N, d and the panel height only mask lanes on a GPU."""
+    if interpret:
+        bm, bn, bk = _clamp_pow2(rows, 16, 64), _clamp_pow2(n, 16, MAX_BLOCK_N), _clamp_pow2(d, 16, 64)
+        opts = {"num_warps": 4}
+    elif dtype == torch.float64:
+        bm, bn, bk = 64, 64, 16
+        opts = {"num_warps": 4, "num_stages": 2}
+    else:
+        bm, bn, bk = 128, 128, 64 if dtype in (torch.bfloat16, torch.float16) else 32
+        opts = {"num_warps": 8, "num_stages": 3}
+    cst = dict(RBF=bool(rbf), **_dot_flags(dtype, precision, interpret), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return {"constexprs": cst, "options": opts}
+
+
+def grad_gemm_config(m: int, k: int, d: int, dtype: torch.dtype, *, precision: str | None = None,
+                     interpret: bool = INTERPRET) -> dict:  # fmt: skip
+    """Constexprs and options of ``_grad_gemm_kernel`` (C[m × d] += A[m × k]·B[k × d], operands of ``dtype``).
+
+    GPU tiles: 128 × 128 (64 × 128 for d ≤ 64) with BLOCK_K 64 (half) / 32 (fp32), 8 warps, 3 stages; fp64
+    64 × 64 × 16, 4 warps."""
+    if interpret:
+        bm, bd, bk = _clamp_pow2(m, 16, 64), _clamp_pow2(d, 16, 64), _clamp_pow2(k, 16, MAX_BLOCK_N)
+        opts = {"num_warps": 4}
+    elif dtype == torch.float64:
+        bm, bd, bk = 64, 64, 16
+        opts = {"num_warps": 4, "num_stages": 2}
+    else:
+        bm, bd, bk = 128, 128 if d > 64 else 64, 64 if dtype in (torch.bfloat16, torch.float16) else 32
+        opts = {"num_warps": 8, "num_stages": 3}
+    cst = dict(**_dot_flags(dtype, precision, interpret), BLOCK_M=bm, BLOCK_D=bd, BLOCK_K=bk)
+    return {"constexprs": cst, "options": opts}
+
+
 def rows_config(n: int, rows: int, esize: int, *, rbf: bool, js: bool, grad_x: bool, grad_z: bool, multilevel: bool,
                 interpret: bool = INTERPRET) -> dict:
-    """Constexprs and options of ``_l1_rows_kernel`` as the host launches it: the row-panel pass (RBF_K for rbf) or
-    the first step of levels > 1 (WRITE_PQ). aot.py compiles exactly these."""
+    """Constexprs and options of the row kernels as the host launches them: {"loss": ``_rows_loss_kernel``, "grad":
+    ``_rows_grad_kernel`` (only with a gradient)}, for the row-panel pass (RBF_K for rbf) or the first step of
+    levels > 1 (WRITE_PQ). ``esize``: the compute dtype's element size. aot.py compiles exactly these."""
     t = _tiles(n, rows, esize, interpret)
-    cst = dict(RBF=bool(rbf), JS=bool(js), GRAD_X=bool(grad_x), GRAD_Z=bool(grad_z), RBF_K=bool(rbf) and not multilevel,
-               WRITE_PQ=bool(multilevel), BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"])  # fmt: skip
-    return {"constexprs": cst, "options": {"num_warps": t["num_warps"]}}
+    blocks = dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"])
+    opts = {"num_warps": t["num_warps"]}
+    out = {"loss": {"constexprs": dict(JS=bool(js), GRAD_X=bool(grad_x), GRAD_Z=bool(grad_z),
+                                       WRITE_PQ=bool(multilevel), **blocks), "options": dict(opts)}}  # fmt: skip
+    if grad_x or grad_z:
+        out["grad"] = {"constexprs": dict(JS=bool(js), GRAD_X=bool(grad_x), GRAD_Z=bool(grad_z),
+                                          RBF_K=bool(rbf) and not multilevel, **blocks), "options": dict(opts)}  # fmt: skip
+    return out
 
 
 def level_div_config(n: int, esize: int, *, js: bool, grad_o: bool, grad_a: bool, interpret: bool = INTERPRET) -> dict:
@@ -406,10 +579,29 @@ def softmax_bwd_config(n: int, rows: int, esize: int, *, rbf: bool, interpret: b
             "options": {"num_warps": t["num_warps"]}}  # fmt: skip
 
 
-def _params(cdt: torch.dtype, device, n: int, temperature: float, gamma: float, eps: float) -> torch.Tensor:
+_FP16_MAX = 65504.0
+
+
+def fp16_w_exp(n: int, js: bool, eps: float) -> int:
+    """k of the power of two 2^k by which the row kernel scales W = Q∘(g − ḡ) before its fp16 cast (the gradient
+    GEMM's operand; 2^-k is applied once to the accumulated gradient). Entries are ~1/N, below fp16's normal range
+    (6.1e-5) from N ≈ 16 k on; k = ⌊log₂ N⌋ brings them to O(1), capped so that the largest possible entry keeps a
+    bit of headroom below 65504: |W| ≤ |Q∘g| + |ḡ| ≤ ½T_max + ½ + ¼Nε for "structure" (T_max = log1p((1 + ε)/(4ε)),
+    |Q∘g| ≤ ¼T_max + ¼P̃), ≤ ln 2 for "js"; rbf's S ≤ 1 only shrinks W. bf16 and fp32 have fp32's range: k = 0."""
+    if js:
+        bound = 1.0
+    else:
+        bound = 0.5 * math.log1p((1.0 + eps) / (4.0 * eps)) + 0.5 + 0.25 * n * eps
+    k_max = math.floor(math.log2(_FP16_MAX / 2.0 / bound))
+    return max(0, min(k_max, int(math.floor(math.log2(max(n, 1))))))
+
+
+def _params(cdt: torch.dtype, device, n: int, temperature: float, gamma: float, eps: float,
+            w_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
     # Built by fill_ (a kernel launch), not torch.tensor(list) (an H2D copy): safe under CUDA-graph capture.
-    par = torch.empty(6, dtype=cdt, device=device)
-    vals = (1.0 / temperature if temperature > 0 else 0.0, gamma, eps, 1.0 / n, math.log(2.0), torch.finfo(cdt).tiny)
+    par = torch.empty(7, dtype=cdt, device=device)
+    vals = (1.0 / temperature if temperature > 0 else 0.0, gamma, eps, 1.0 / n, math.log(2.0), torch.finfo(cdt).tiny,
+            w_scale)  # fmt: skip
     for i, v in enumerate(vals):
         par[i].fill_(v)
     return par
@@ -477,51 +669,106 @@ def _sq_norms(u: torch.Tensor) -> torch.Tensor:
     return (u * u).sum(dim=1)
 
 
-def _level1_rows(x, z, par, temperature, gamma, rbf, js, grad_x, grad_z):
-    """D_1 (0-dim fp64 tensor) and ∂D_1/∂X̂, ∂D_1/∂Ẑ (compute dtype, or None) by row panels."""
+def _panel_bytes_per_row(n: int, ec: int, ew: int, sides: int) -> int:
+    # Two logits rows (compute dtype), a W row per gradient side, and the (max, Σexp) / partial-sum rows (≤ N/16).
+    return n * (2 * ec + sides * ew) + 8 * ec * triton.cdiv(n, 16)
+
+
+def _gram_panel(u, r0, b, s, pm, pl, sq, par, cfg):
+    """S_I = logits of rows r0..r0+b (into ``s``) and lse of those rows: the GEMM epilogue's (max, Σexp) per column
+    block merged in a fixed order (deterministic)."""
+    n, d = u.shape
+    cst = cfg["constexprs"]
+    grid = (triton.cdiv(b, cst["BLOCK_M"]), triton.cdiv(n, cst["BLOCK_N"]))
+    pm, pl = pm[:b, : grid[1]], pl[:b, : grid[1]]
+    _gram_kernel[grid](u, u.stride(0), s, s.stride(0), pm, pl, pm.stride(0), sq, par, r0, b, n, d,
+                       **cst, **cfg["options"])  # fmt: skip
+    m = pm.amax(dim=1)
+    return m + torch.log((pl * torch.exp(pm - m[:, None])).sum(dim=1))
+
+
+def _grad_gemm(a, b_op, c, cfg):
+    """c += a @ b_op on the Triton GEMM (a may be a transposed view: any strides; b_op row-major)."""
+    m, k = a.shape
+    d = b_op.shape[1]
+    cst = cfg["constexprs"]
+    grid = (triton.cdiv(m, cst["BLOCK_M"]), triton.cdiv(d, cst["BLOCK_D"]))
+    _grad_gemm_kernel[grid](a, a.stride(0), a.stride(1), b_op, b_op.stride(0), c, c.stride(0), m, k, d,
+                            **cst, **cfg["options"])  # fmt: skip
+
+
+def _level1_rows(x, z, par, temperature, gamma, rbf, js, grad_x, grad_z, w_exp=0, precision=None):
+    """D_1 (0-dim fp64 tensor) and ∂D_1/∂X̂, ∂D_1/∂Ẑ (compute dtype, or None) by row panels.
+
+    x, z in the input dtype (bf16/fp16 stay half: tensor-core GEMMs with fp32 accumulation; W is cast to the half
+    dtype, ×2^w_exp for fp16, as the gradient GEMMs' operand). Per panel: 2 Gram launches (logits + lse partials),
+    the loss row kernel (ℓ_i, ḡ partials), the gradient row kernel (W) and 2 GEMM launches per side accumulating
+    the unscaled gradient in place; α/(N·2^w_exp) is applied once at the end."""
     n = x.shape[0]
-    dev, cdt = x.device, x.dtype
-    esize = x.element_size()
-    nbuf = 2 + int(grad_x) + int(grad_z)
-    rows = panel_rows(n, nbuf * n * esize)
-    gram_x = torch.empty(rows, n, dtype=cdt, device=dev)
-    gram_z = torch.empty(rows, n, dtype=cdt, device=dev)
-    wx = torch.empty(rows, n, dtype=cdt, device=dev) if grad_x else par
-    wz = torch.empty(rows, n, dtype=cdt, device=dev) if grad_z else par
-    sqx = _sq_norms(x) if rbf else par
-    sqz = _sq_norms(z) if rbf else par
-    ksx = torch.empty(n, dtype=cdt, device=dev) if rbf and grad_x else par
-    ksz = torch.empty(n, dtype=cdt, device=dev) if rbf and grad_z else par
-    colx = torch.zeros(n, dtype=cdt, device=dev) if rbf and grad_x else None
-    colz = torch.zeros(n, dtype=cdt, device=dev) if rbf and grad_z else None
-    gx = torch.zeros_like(x) if grad_x else None
-    gz = torch.zeros_like(z) if grad_z else None
-    row_loss = torch.empty(n, dtype=cdt, device=dev)
-    # cosine: dÛ = (W + Wᵀ) Û / τ;  rbf: the kernel emits K' = S∘W, dÛ = 2γ[(K' + K'ᵀ) Û − (K'1 + K'ᵀ1)∘Û].
-    alpha = 2.0 * gamma if rbf else 1.0 / temperature
-    cfg = rows_config(n, rows, esize, rbf=rbf, js=js, grad_x=grad_x, grad_z=grad_z, multilevel=False)
+    dev, dtype = x.device, x.dtype
+    cdt = compute_dtype(dtype)
+    half = dtype in (torch.bfloat16, torch.float16)
+    wdt = dtype if half else cdt
+    ec = torch.finfo(cdt).bits // 8
+    ew = torch.finfo(wdt).bits // 8
+    sides = int(grad_x) + int(grad_z)
+    rows = panel_rows(n, _panel_bytes_per_row(n, ec, ew, sides), device=dev)
+    f = dict(dtype=cdt, device=dev)
+    gcfg = {u: gram_config(n, rows, t.shape[1], dtype, rbf=rbf, precision=precision) for u, t in (("x", x), ("z", z))}
+    nb = max(triton.cdiv(n, c["constexprs"]["BLOCK_N"]) for c in gcfg.values())
+    sx, sz = torch.empty(rows, n, **f), torch.empty(rows, n, **f)
+    pm, pl = torch.empty(rows, nb, **f), torch.empty(rows, nb, **f)
+    wx = torch.empty(rows, n, dtype=wdt, device=dev) if grad_x else par
+    wz = torch.empty(rows, n, dtype=wdt, device=dev) if grad_z else par
+    sqx = _sq_norms(x.to(cdt)) if rbf else par
+    sqz = _sq_norms(z.to(cdt)) if rbf else par
+    ksx = torch.empty(n, **f) if rbf and grad_x else None
+    ksz = torch.empty(n, **f) if rbf and grad_z else None
+    colx = torch.zeros(n, **f) if rbf and grad_x else None
+    colz = torch.zeros(n, **f) if rbf and grad_z else None
+    gx = torch.zeros(x.shape, **f) if grad_x else None
+    gz = torch.zeros(z.shape, **f) if grad_z else None
+    row_loss = torch.empty(n, **f)
+    cfg = rows_config(n, rows, ec, rbf=rbf, js=js, grad_x=grad_x, grad_z=grad_z, multilevel=False)
+    bm, bn = cfg["loss"]["constexprs"]["BLOCK_M"], cfg["loss"]["constexprs"]["BLOCK_N"]
+    sms = _sm_count(dev)
     for r0 in range(0, n, rows):
         b = min(rows, n - r0)
-        sx, sz = gram_x[:b], gram_z[:b]
-        torch.mm(x[r0 : r0 + b], x.T, out=sx)
-        torch.mm(z[r0 : r0 + b], z.T, out=sz)
-        _l1_rows_kernel[(triton.cdiv(b, cfg["constexprs"]["BLOCK_M"]),)](
-            sx, sz, n, sqx, sqz, par, r0, b, n, row_loss, wx, wz, n, ksx, ksz, par, par, 0,
-            **cfg["constexprs"], **cfg["options"],
+        lse_x = _gram_panel(x, r0, b, sx, pm, pl, sqx, par, gcfg["x"])
+        lse_z = _gram_panel(z, r0, b, sz, pm, pl, sqz, par, gcfg["z"])
+        grid, chunk = row_grid(b, n, bm, bn, sms)
+        parts = torch.empty(3, b, grid[1], **f)
+        _rows_loss_kernel[grid](
+            sx, sz, n, lse_x, lse_z, par, r0, b, n, chunk, parts[0], parts[1], parts[2], par, par, 0,
+            **cfg["loss"]["constexprs"], **cfg["loss"]["options"],
         )  # fmt: skip
-        for want, w, u, g, col in ((grad_z, wz, z, gz, colz), (grad_x, wx, x, gx, colx)):
+        sums = parts.sum(dim=2)  # fixed order over the chunks: deterministic
+        row_loss[r0 : r0 + b] = sums[0]
+        if not sides:
+            continue
+        ks = torch.empty(2, b, grid[1], **f) if rbf else par
+        _rows_grad_kernel[grid](
+            sx, sz, n, lse_x, lse_z, sums[1], sums[2], par, b, n, chunk, wx, wz, n,
+            ks[0] if rbf else par, ks[1] if rbf else par, **cfg["grad"]["constexprs"], **cfg["grad"]["options"],
+        )  # fmt: skip
+        for want, w, u, g, col, kk, i in ((grad_z, wz, z, gz, colz, ksz, 1), (grad_x, wx, x, gx, colx, ksx, 0)):
             if not want:
                 continue
             wb = w[:b]
-            g[r0 : r0 + b].addmm_(wb, u, alpha=alpha)
-            g.addmm_(wb.T, u[r0 : r0 + b], alpha=alpha)
+            _grad_gemm(wb, u, g[r0 : r0 + b], grad_gemm_config(b, n, u.shape[1], dtype, precision=precision))
+            _grad_gemm(wb.T, u[r0 : r0 + b], g, grad_gemm_config(n, b, u.shape[1], dtype, precision=precision))
             if rbf:
-                col += wb.sum(dim=0)
-    if rbf:
-        if grad_z:
-            gz.sub_((ksz + colz)[:, None] * z, alpha=alpha)
-        if grad_x:
-            gx.sub_((ksx + colx)[:, None] * x, alpha=alpha)
+                col += wb.sum(dim=0, dtype=cdt)
+                kk[r0 : r0 + b] = ks[i].sum(dim=1)
+    # cosine: dÛ = (W + Wᵀ) Û / τ;  rbf: the kernel emits K' = S∘W, dÛ = 2γ[(K' + K'ᵀ) Û − (K'1 + K'ᵀ1)∘Û]; W was
+    # accumulated without 1/N and with the fp16 scale 2^w_exp: one scale for everything, applied once.
+    scale = (2.0 * gamma if rbf else 1.0 / temperature) / (n * math.ldexp(1.0, w_exp))
+    for g, u, kk, col in ((gx, x, ksx, colx), (gz, z, ksz, colz)):
+        if g is None:
+            continue
+        if rbf:
+            g.sub_((kk + col)[:, None] * u.to(cdt))
+        g.mul_(scale)
     d = row_loss.sum(dtype=torch.float64) / n  # fixed reduction order: deterministic
     return d, gx, gz
 
@@ -581,22 +828,36 @@ def _multilevel(x, z, par, levels, temperature, weighting, margin, gamma, rbf, j
     sqx = _sq_norms(x) if rbf else par
     sqz = _sq_norms(z) if rbf else par
 
-    # Level 1: Gram panels → the fused row kernel writes P, Q, W_1 (= ∂D_1/∂S, unscaled) and ℓ_i.
-    rows = panel_rows(n, 2 * n * esize)
-    gram_x, gram_z = torch.empty(rows, n, **nn), torch.empty(rows, n, **nn)
+    # Level 1: logits panels (Gram GEMM + lse epilogue) → the loss row kernel writes P, Q and ℓ_i, the gradient row
+    # kernel W_1 (= ∂D_1/∂S: par[6] = 1/N). fp32 operands here (half inputs were upcast: the N × N powers are fp32).
+    rows = panel_rows(n, _panel_bytes_per_row(n, esize, esize, 0), device=dev)
+    gcfg = {u: gram_config(n, rows, t.shape[1], cdt, rbf=rbf) for u, t in (("x", x), ("z", z))}
+    nb = max(triton.cdiv(n, c["constexprs"]["BLOCK_N"]) for c in gcfg.values())
+    sx, sz = torch.empty(rows, n, **nn), torch.empty(rows, n, **nn)
+    pm, pl = torch.empty(rows, nb, **nn), torch.empty(rows, nb, **nn)
     cfg = rows_config(n, rows, esize, rbf=rbf, js=js, grad_x=grad_x, grad_z=grad_z, multilevel=True)
+    bm, bn = cfg["loss"]["constexprs"]["BLOCK_M"], cfg["loss"]["constexprs"]["BLOCK_N"]
+    sms = _sm_count(dev)
     for r0 in range(0, n, rows):
         b = min(rows, n - r0)
-        sx, sz = gram_x[:b], gram_z[:b]
-        torch.mm(x[r0 : r0 + b], x.T, out=sx)
-        torch.mm(z[r0 : r0 + b], z.T, out=sz)
-        wx = w1x[r0 : r0 + b] if grad_x else par
-        wz = w1z[r0 : r0 + b] if grad_z else par
-        _l1_rows_kernel[(triton.cdiv(b, cfg["constexprs"]["BLOCK_M"]),)](
-            sx, sz, n, sqx, sqz, par, r0, b, n, row_loss[0], wx, wz, n, par, par, p, q, n,
-            **cfg["constexprs"], **cfg["options"],
+        lse_x = _gram_panel(x, r0, b, sx, pm, pl, sqx, par, gcfg["x"])
+        lse_z = _gram_panel(z, r0, b, sz, pm, pl, sqz, par, gcfg["z"])
+        grid, chunk = row_grid(b, n, bm, bn, sms)
+        parts = torch.empty(3, b, grid[1], **nn)
+        _rows_loss_kernel[grid](
+            sx, sz, n, lse_x, lse_z, par, r0, b, n, chunk, parts[0], parts[1], parts[2], p, q, n,
+            **cfg["loss"]["constexprs"], **cfg["loss"]["options"],
         )  # fmt: skip
-    del gram_x, gram_z, sx, sz
+        sums = parts.sum(dim=2)
+        row_loss[0, r0 : r0 + b] = sums[0]
+        if "grad" in cfg:
+            wx = w1x[r0 : r0 + b] if grad_x else par
+            wz = w1z[r0 : r0 + b] if grad_z else par
+            _rows_grad_kernel[grid](
+                sx, sz, n, lse_x, lse_z, sums[1], sums[2], par, b, n, chunk, wx, wz, n, par, par,
+                **cfg["grad"]["constexprs"], **cfg["grad"]["options"],
+            )  # fmt: skip
+    del sx, sz, pm, pl
 
     # Levels 2..L: one product per side and level, then the fused divergence epilogue.
     cfg = level_div_config(n, esize, js=js, grad_o=grad_x, grad_a=grad_z)
@@ -750,10 +1011,12 @@ def structure_fwd(
                 gx = gx if grad_x else None
                 gz = gz if grad_z else None
             else:
-                x = xh.to(cdt).contiguous()
-                z = zh.to(cdt).contiguous()
-                par = _params(cdt, dev, n, temperature, gamma, eps)
-                d, gx, gz = _level1_rows(x, z, par, temperature, gamma, rbf, js, grad_x, grad_z)
+                # Inputs stay in their dtype: half operands go to the tensor cores (fp32 accumulation).
+                x, z = xh.contiguous(), zh.contiguous()
+                w_exp = fp16_w_exp(n, js, eps) if in_dtype == torch.float16 else 0
+                par = _params(cdt, dev, n, temperature, gamma, eps, math.ldexp(1.0, w_exp))
+                d, gx, gz = _level1_rows(x, z, par, temperature, gamma, rbf, js, grad_x, grad_z, w_exp,
+                                         torch.get_float32_matmul_precision())  # fmt: skip
             loss, gate = _gate(d, margin)
             # A closed gate zeroes the gradient (torch.relu's backward); where, not a product, so NaN·0 stays 0.
             gx = None if gx is None else torch.where(gate, gx, torch.zeros((), dtype=gx.dtype, device=dev))
@@ -761,7 +1024,7 @@ def structure_fwd(
         else:
             x = xh.to(cdt).contiguous()
             z = zh.to(cdt).contiguous()
-            par = _params(cdt, dev, n, temperature, gamma, eps)
+            par = _params(cdt, dev, n, temperature, gamma, eps, 1.0 / n)
             loss, gx, gz = _multilevel(x, z, par, levels, temperature, weighting, margin, gamma, rbf, js, grad_x, grad_z)
         out = loss.to(in_dtype)
         gx = gx.to(in_dtype).contiguous() if grad_x else xh.new_empty((0,))
@@ -772,39 +1035,66 @@ def structure_fwd(
 # ---------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compilation entries (structure_ops/_triton/aot.py compiles them for sm_80 and sm_90)
 # ---------------------------------------------------------------------------------------------------------------
-_AOT_PTRS = {4: "*fp32", 8: "*fp64"}  # the kernels see fp32 buffers for fp32/bf16/fp16 inputs, fp64 for fp64
+_AOT_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}
+# Pointer arguments in the input (operand) dtype and in the W dtype; every other pointer is in the compute dtype.
+_INPUT_PTRS = {"u_ptr", "b_ptr"}
+_W_PTRS = {"wx_ptr", "wz_ptr", "a_ptr"}
 
 
-def _signature(kernel, ptr: str, constexprs: dict) -> dict[str, str]:
-    return {name: ("constexpr" if name in constexprs else ptr if name.endswith("_ptr") else "i32")
+def _signature(kernel, constexprs: dict, cdt: torch.dtype, in_dtype: torch.dtype | None = None,
+               w_dtype: torch.dtype | None = None) -> dict[str, str]:  # fmt: skip
+    def ptr(name):
+        if name in _INPUT_PTRS and in_dtype is not None:
+            return _AOT_PTR[in_dtype]
+        if name in _W_PTRS and w_dtype is not None:
+            return _AOT_PTR[w_dtype]
+        return _AOT_PTR[cdt]
+
+    return {name: ("constexpr" if name in constexprs else ptr(name) if name.endswith("_ptr") else "i32")
             for name in kernel.arg_names}  # fmt: skip
 
 
 def aot_configs() -> list[tuple]:
-    """(kernel, signature, constexprs, options) of every launch the host can make on a GPU: rows_config,
-    level_div_config and softmax_bwd_config over both compute dtypes (fp32 for fp32/bf16/fp16 inputs, fp64), both
-    similarities and divergences, every gradient flag, the row-panel pass and levels > 1; deduplicated. (N does
-    not change the GPU tiles; the float32 matmul precision only reaches torch's GEMMs here.)"""
+    """(kernel, signature, constexprs, options) of every launch the host can make on a GPU, deduplicated:
+    gram_config and grad_gemm_config over every input dtype (fp16, bf16, fp32 at each float32 matmul precision,
+    fp64) and both similarities / GEMM widths; rows_config, level_div_config and softmax_bwd_config over both
+    compute dtypes, both similarities and divergences, every gradient flag, the row-panel pass and levels > 1
+    (whose Gram GEMMs run on fp32 operands, or fp64). N and the panel height do not change the GPU tiles."""
     seen, entries = set(), []
     n = 4096
 
-    def add(kernel, esize, cfg):
+    def add(kernel, cfg, cdt, in_dtype=None, w_dtype=None):
         cst = cfg["constexprs"]
-        key = (id(kernel), esize, tuple(cst.items()), tuple(cfg["options"].items()))
+        sig = _signature(kernel, cst, cdt, in_dtype, w_dtype)
+        key = (id(kernel), tuple(sig.items()), tuple(cst.items()), tuple(cfg["options"].items()))
         if key not in seen:
             seen.add(key)
-            entries.append((kernel, _signature(kernel, _AOT_PTRS[esize], cst), dict(cst), dict(cfg["options"])))
+            entries.append((kernel, sig, dict(cst), dict(cfg["options"])))
 
-    for esize in (4, 8):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        cdt = compute_dtype(dtype)
+        wdt = dtype if dtype in (torch.float16, torch.bfloat16) else cdt
+        for precision in PRECISIONS:
+            for d in (64, 512):
+                for rbf in (False, True):
+                    add(_gram_kernel, gram_config(n, n, d, dtype, rbf=rbf, precision=precision, interpret=False),
+                        cdt, dtype)  # fmt: skip
+                for m, k in ((n, 256), (256, n)):
+                    add(_grad_gemm_kernel, grad_gemm_config(m, k, d, dtype, precision=precision, interpret=False),
+                        cdt, dtype, wdt)  # fmt: skip
+        esize = torch.finfo(cdt).bits // 8
         for rbf in (False, True):
             for js in (False, True):
                 for gx, gz in ((False, False), (False, True), (True, False), (True, True)):
                     for multilevel in (False, True):
-                        add(_l1_rows_kernel, esize, rows_config(n, n, esize, rbf=rbf, js=js, grad_x=gx, grad_z=gz,
-                                                                 multilevel=multilevel, interpret=False))  # fmt: skip
-                    add(_level_div_kernel, esize, level_div_config(n, esize, js=js, grad_o=gx, grad_a=gz,
-                                                                   interpret=False))  # fmt: skip
-            add(_softmax_bwd_kernel, esize, softmax_bwd_config(n, n, esize, rbf=rbf, interpret=False))
+                        cfgs = rows_config(n, n, esize, rbf=rbf, js=js, grad_x=gx, grad_z=gz, multilevel=multilevel,
+                                           interpret=False)  # fmt: skip
+                        add(_rows_loss_kernel, cfgs["loss"], cdt)
+                        if "grad" in cfgs:
+                            add(_rows_grad_kernel, cfgs["grad"], cdt, None, cdt if multilevel else wdt)
+                    add(_level_div_kernel, level_div_config(n, esize, js=js, grad_o=gx, grad_a=gz, interpret=False),
+                        cdt)  # fmt: skip
+            add(_softmax_bwd_kernel, softmax_bwd_config(n, n, esize, rbf=rbf, interpret=False), cdt)
     return entries
 
 
