@@ -127,10 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr = _p(sub, "train", "train the two heads with CLIP + λ·STRUCTURE (checkpointed; --resume continues)")
     tr.add_argument("--run", required=True)
     tr.add_argument("--layers", default="best", help="best | last | IMAGE_LAYER,TEXT_LAYER (default best: needs select-layers)")
-    tr.add_argument("--method", default="structure", choices=["structure", "csa"],
+    tr.add_argument("--method", default="structure", choices=["structure", "csa", "csa+structure"],
                     help="structure: heads trained with CLIP + λ·STRUCTURE; csa: the closed-form canonical-correlation "
-                    "baseline (linear heads onto the top --dim canonical directions of the training pairs; no training)")
+                    "baseline (linear heads onto the top --dim canonical directions of the training pairs; no training); "
+                    "csa+structure: CSA fine-tuned with --lam·R_S (--levels) and re-whitened, as in the paper's code")
     tr.add_argument("--ridge", type=float, default=1e-4, help="--method csa: covariance ridge, relative to its mean eigenvalue")
+    tr.add_argument("--refine-epochs", type=int, default=10, help="--method csa+structure: Adam epochs")
+    tr.add_argument("--refine-lr", type=float, default=5e-4, help="--method csa+structure: Adam learning rate")
+    tr.add_argument("--refine-temperature", type=float, default=0.2, help="--method csa+structure: τ of R_S")
+    tr.add_argument("--refine-batch-size", type=int, default=4096, help="--method csa+structure: pairs per step")
+    tr.add_argument("--pairing-weight", type=float, default=1e-2,
+                    help="--method csa+structure: weight of −Σ⟨ẑ_image, ẑ_text⟩/dim (keeps the pairs aligned)")
     tr.add_argument("--head", default="linear", choices=["linear", "mlp"])
     tr.add_argument("--dim", type=int, default=512)
     tr.add_argument("--lam", type=float, default=10.0, help="λ of STRUCTURE (0: CLIP only)")
@@ -158,10 +165,30 @@ def build_parser() -> argparse.ArgumentParser:
                     "configuration, e.g. linear_lam10_<image layer>x<text layer>)")
     tr.add_argument("--resume", action="store_true", help="continue from <run>/train/<name>/checkpoint.pt")
 
-    ev = _p(sub, "evaluate", "retrieval (R@1/5/10 both ways) on the test split and zero-shot accuracy")
-    ev.add_argument("--run", required=True)
+    ev = _p(sub, "evaluate", "retrieval (R@1/5/10 both ways) on the test split and zero-shot accuracy; --suite: the "
+            "26-dataset zero-shot suite",
+            "With --run: retrieval and zero-shot metrics of a training run on its split (<run>/metrics.json). With --suite "
+            "ROOT: every dataset of the zero-shot suite found under ROOT (class folders ROOT/<dataset>/{train,test}/<class>/ "
+            "or torchvision's on-disk formats; see docs/evaluation.md) is classified with CLIP's class names and templates; "
+            "top-1, top-5 and mean-per-class recall per dataset go to one table (suite.md, suite.json).")
+    ev_src = ev.add_mutually_exclusive_group(required=True)
+    ev_src.add_argument("--run", help="run folder with trained heads")
+    ev_src.add_argument("--model", help="with --suite: a folder written by structure-ops export")
     ev.add_argument("--name", help="training run to evaluate (default: the only one)")
     ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--suite", metavar="ROOT", help="evaluate the zero-shot suite on the datasets under ROOT")
+    ev.add_argument("--datasets", help="with --suite: comma-separated dataset keys (default: all 26 of the suite)")
+    ev.add_argument("--linear-probe", action="store_true",
+                    help="with --suite: also fit a logistic-regression probe on the aligned image embeddings of each "
+                    "dataset's train split and report its test accuracy")
+    ev.add_argument("--limit", type=int, help="with --suite: at most this many images per split (a seeded subset; for "
+                    "quick looks, not comparable to published numbers)")
+    ev.add_argument("--prompts", choices=["dataset", "simple"], default="dataset",
+                    help="with --suite: each dataset's CLIP templates, or only 'a photo of a {c}.'")
+    ev.add_argument("--out", help="with --suite: folder for suite.{md,json} (default <run>/suite/<training run>; "
+                    "required with --model)")
+    ev.add_argument("--device", default="auto", help="with --suite: auto | cpu | cuda | cuda:N (where the encoders run)")
+    ev.add_argument("--batch-size", type=int, default=32, help="with --suite: inputs per encoder batch")
 
     ca = _p(sub, "cache", "list or clear the shared feature cache",
             "Features are cached by content (encoder weights, preprocessing, pooling, dtype, data) in one folder: "
@@ -363,17 +390,26 @@ def _cmd_train(a) -> None:
 
     from .train.pipeline import train_run
     from .train.plots import training_curves
-    from .train.trainer import TrainConfig, TrainingWarning
+    from .train.trainer import TrainConfig, TrainingWarning, resolve_device
 
-    if a.method == "csa":
-        from .train.csa import csa_run
+    if a.method in ("csa", "csa+structure"):
+        from .train.csa import RefineConfig, csa_run
 
         if a.resume:
-            raise CliError("--resume does not apply to --method csa (a closed-form fit)")
-        name, out, fit = csa_run(a.run, a.layers, a.dim, a.ridge, name=a.name)
+            raise CliError(f"--resume does not apply to --method {a.method} (a closed-form fit"
+                           f"{' and a short refinement' if a.method != 'csa' else ''})")
+        refine = None
+        if a.method == "csa+structure":
+            refine = RefineConfig(lam=a.lam, cca_weight=a.pairing_weight, levels=a.levels, temperature=a.refine_temperature,
+                                  epochs=a.refine_epochs, lr=a.refine_lr, batch_size=a.refine_batch_size, seed=a.seed,
+                                  backend=a.backend, device=str(resolve_device(a.device)))
+        log = (lambda h: print(f"  refine epoch {h['epoch']}: loss {h['loss']:.4f}, R_S {h['structure']:.4f}, "
+                               f"pairing {h['pairing']:.4f}", flush=True)) if refine else None
+        name, out, fit = csa_run(a.run, a.layers, a.dim, a.ridge, name=a.name, refine=refine, log=log)
         corr = fit.correlations
-        print(f"fitted CSA '{name}': {corr.numel()} canonical directions, correlations {float(corr[0]):.4f} … "
-              f"{float(corr[-1]):.4f}; wrote {out}/heads.safetensors")
+        what = "CSA" if refine is None else "CSA + STRUCTURE"
+        print(f"fitted {what} '{name}': {corr.numel()} {'canonical ' if refine is None else ''}directions, correlations "
+              f"{float(corr[0]):.4f} … {float(corr[-1]):.4f}; wrote {out}/heads.safetensors")
         return
     rank, device = _init_distributed()
     cfg = TrainConfig(head=a.head, dim=a.dim, lam=a.lam, warmup=a.warmup, warmup_epochs=a.warmup_epochs,
@@ -399,6 +435,10 @@ def _cmd_train(a) -> None:
 def _cmd_evaluate(a) -> None:
     from .train.pipeline import evaluate_run, read_manifest
 
+    if a.suite:
+        return _cmd_evaluate_suite(a)
+    if a.model:
+        raise CliError("--model goes with --suite; evaluate a run folder with --run")
     r = evaluate_run(a.run, a.name, a.split)
     protocol = read_manifest(a.run).get("protocol")
     print(f"{r['name']} on the {a.split} split{f' ({protocol} protocol)' if protocol else ''}: {r['n_images']} images, "
@@ -411,6 +451,53 @@ def _cmd_evaluate(a) -> None:
                 chance = r["zero_shot"]["chance"].get(k.removeprefix("zeroshot_"))
             print(f"{k:16s} {v:.4f}" + (f"   (chance {chance:.4f})" if chance is not None else ""))
     print(f"wrote {Path(a.run) / 'metrics.json'} ['{r['name']}']['{a.split}']")
+
+
+def _cmd_evaluate_suite(a) -> None:
+    from .train.suite import evaluate_suite, find_dataset, suite_keys, write_table
+
+    if a.limit is not None and a.limit < 1:
+        raise CliError(f"--limit must be >= 1, got {a.limit}")
+    if a.batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if not Path(a.suite).is_dir():
+        raise CliError(f"--suite {a.suite}: no such folder")
+    if a.model and not a.out:
+        raise CliError("--suite with --model needs --out (the folder for suite.md and suite.json)")
+    if a.out:
+        _check_folder(a.out, "--out")
+    keys = None
+    if a.datasets:
+        keys = [k.strip().lower() for k in a.datasets.split(",") if k.strip()]
+        unknown = [k for k in keys if k not in suite_keys()]
+        if unknown:
+            raise CliError(f"--datasets: unknown {', '.join(unknown)}; the suite has {', '.join(suite_keys())}")
+    # every dataset is indexed before the model loads: a malformed one stops here, in one line
+    present = [k for k in (keys or suite_keys()) if find_dataset(a.suite, k) is not None]
+    if not present:
+        raise CliError(f"--suite {a.suite}: none of the suite's datasets is there (expected e.g. "
+                       f"{Path(a.suite) / 'cifar10' / 'test' / '<class>' / '<image>'} or {Path(a.suite) / 'cifar-10-batches-py'}; "
+                       "see docs/evaluation.md)")
+    print(f"zero-shot suite under {a.suite}: {len(present)} of {len(keys or suite_keys())} datasets present "
+          f"({', '.join(present)})", flush=True)
+    model = _load_model(a)
+
+    def show(i, n, r):
+        line = (f"[{i}/{n}] {r['name']}: {r['n_test']} test images, {r['n_classes']} classes: top-1 {r['top1']:.4f}"
+                + (f", top-5 {r['top5']:.4f}" if r["top5"] is not None else "")
+                + f", mean per class {r['mean_per_class']:.4f}")
+        if a.linear_probe:
+            line += (f"; probe top-1 {r['probe']['top1']:.4f}" if r.get("probe") else f"; probe skipped ({r.get('probe_note')})")
+        print(line + f" ({r['seconds']:.0f} s)", flush=True)
+
+    res = evaluate_suite(model, a.suite, datasets=present, linear_probe=a.linear_probe, limit=a.limit,
+                         prompts=a.prompts, batch_size=a.batch_size, on_dataset=show)
+    res["absent"] = [k for k in (keys or suite_keys()) if k not in present]
+    out = Path(a.out) if a.out else Path(a.run) / "suite" / str(model.meta.get("name") or "model")
+    js, md = write_table(res, out)
+    m = res["mean"]
+    print(f"mean over {m['n_top1']} datasets: top-1 {m['top1']:.4f}, mean per class {m['mean_per_class']:.4f}"
+          + (f"; absent: {', '.join(res['absent'])}" if res["absent"] else "") + f"; wrote {md} and {js}")
 
 
 def _cmd_cache(a) -> None:
