@@ -148,3 +148,24 @@ def test_benchmark_with_no_runnable_candidate_is_an_error(monkeypatch):
 
     with pytest.raises(RuntimeError, match="test.none: no candidate ran"):
         sp.choose({"n": 1}, bench, device="cuda")
+
+
+def test_allowed_prunes_per_key_and_aot_entries_are_the_candidates():
+    # ``allowed`` removes configs per key (e.g. tiles that spill only for fp32); space_aot_entries emits exactly the
+    # candidates of each variant's key, every config when a variant has no key.
+    cfgs = C.config_grid(BLOCK_M=(64, 128), num_warps=(4, 8))
+    sp = C.TuneSpace("test.allowed", cfgs, heuristic=lambda key: cfgs[0],
+                     allowed=lambda c, key: key["dtype"] != "float32" or c["BLOCK_M"] == 64)  # fmt: skip
+    assert len(sp.candidates({"dtype": "bfloat16"})) == 4 and len(sp.candidates({"dtype": "float32"})) == 2
+
+    class K:
+        arg_names = ["x_ptr", "n", "FLAG", "BLOCK_M"]
+
+    sig = lambda k, ptr, cst: {a: "constexpr" if a in cst else ptr if a.endswith("_ptr") else "i32" for a in k.arg_names}  # noqa: E731
+    variants = [("*bf16", {"FLAG": 1, "UNUSED": 3}, {"dtype": "bfloat16"}), ("*fp32", {"FLAG": 0}, {"dtype": "float32"}),
+                ("*fp16", {"FLAG": 0})]  # fmt: skip
+    entries = C.space_aot_entries(sp, K, variants, sig)
+    assert len(entries) == 4 + 2 + 4
+    assert all(e[2]["BLOCK_M"] == 64 for e in entries if e[1]["x_ptr"] == "*fp32")
+    assert entries[0][2] == {"FLAG": 1, "BLOCK_M": 64} and entries[0][3] == {"num_warps": 4, "num_stages": 2}
+    assert entries[0][1] == {"x_ptr": "*bf16", "n": "i32", "FLAG": "constexpr", "BLOCK_M": "constexpr"}

@@ -302,12 +302,16 @@ class TuneSpace:
     smem: (config, key) → estimated shared-memory bytes; candidates above the device's limit are pruned before
         benchmarking (None: no estimate). Register spills are pruned at declaration (aot.py --no-spills decides) and
         again at run time: a candidate whose compiled kernel reports spills is never chosen.
+    allowed: (config, key) → False for configs that are not candidates for this key (declared pruning that depends
+        on the variant, e.g. a tile that spills only with fp32 operands; None: every config). aot.py compiles exactly
+        the candidates of each variant's key.
     """
 
     name: str
     configs: tuple[TuneConfig, ...]
     heuristic: Callable[[dict], TuneConfig]
     smem: Callable[[TuneConfig, dict], int] | None = None
+    allowed: Callable[[TuneConfig, dict], bool] | None = None
 
     def __post_init__(self):
         if not self.configs:
@@ -318,11 +322,13 @@ class TuneSpace:
         return self.configs.index(config)
 
     def candidates(self, key: dict, limits: dict | None = None) -> list[TuneConfig]:
-        """The configs that fit ``limits`` (default: an sm_90 SM) by the shared-memory estimate."""
+        """The configs ``allowed`` for ``key`` that fit ``limits`` (default: an sm_90 SM) by the shared-memory
+        estimate: what the autotuner benchmarks, and what aot.py compiles."""
         limits = limits or SM90_LIMITS
-        if self.smem is None:
-            return list(self.configs)
-        return [c for c in self.configs if self.smem(c, key) <= limits["max_shared_mem"]]
+        out = [c for c in self.configs if self.allowed is None or self.allowed(c, key)]
+        if self.smem is not None:
+            out = [c for c in out if self.smem(c, key) <= limits["max_shared_mem"]]
+        return out
 
     def choose(self, key: dict, bench: Callable[[TuneConfig], object] | None = None,
                device: torch.device | str | None = None) -> TuneConfig:  # fmt: skip
@@ -342,7 +348,7 @@ class TuneSpace:
         device = torch.device(device) if device is not None else None
         if bench is None or not autotune_enabled() or device is None or device.type != "cuda":
             cfg = self.heuristic(key)
-            if cfg not in self.configs:
+            if cfg not in self.candidates(key):
                 raise AssertionError(f"{self.name}: heuristic returned a config outside the space: {cfg.name}")
             self._record(key, None, cfg, "heuristic")
             return cfg
@@ -396,14 +402,16 @@ def _as_list(x) -> list:
 
 
 def space_aot_entries(space: TuneSpace, kernel, variants, signature) -> list[tuple]:
-    """aot.py entries (kernel, signature, constexprs, options) for EVERY config of ``space`` and every variant.
+    """aot.py entries (kernel, signature, constexprs, options) for EVERY candidate config of ``space`` and variant.
 
-    ``variants``: iterable of (pointer type, constexprs): the module's non-tuned constexprs for each dtype, precision
-    and option it can launch (a config's own constexprs override them); ``signature(kernel, ptr, constexprs)`` builds
-    the kernel's signature. A module returns these from ``aot_space_configs()`` and aot.py compiles them all."""
+    ``variants``: iterable of (pointer type, constexprs) or (pointer type, constexprs, key): the module's non-tuned
+    constexprs for each dtype, precision and option it can launch (a config's own constexprs override them) and,
+    with a key, only ``space.candidates(key)`` (sm_90 limits) instead of every config; ``signature(kernel, ptr,
+    constexprs)`` builds the kernel's signature. A module returns these from ``aot_space_configs()`` and aot.py
+    compiles them all."""
     out = []
-    for ptr, base in variants:
-        for cfg in space.configs:
+    for ptr, base, *key in variants:
+        for cfg in space.candidates(key[0]) if key else space.configs:
             cst = {**base, **cfg.meta}
             cst = {a: cst[a] for a in kernel.arg_names if a in cst}
             out.append((kernel, signature(kernel, ptr, cst), cst, cfg.options))
