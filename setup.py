@@ -101,7 +101,7 @@ os.replace(tmp, os.path.join(ROOT, "structure_ops", "_build_info.json"))
 
 setup(
     packages=find_packages(include=["structure_ops", "structure_ops.*"]),
-    package_data={"structure_ops": ["_build_info.json"]},
+    package_data={"structure_ops": ["_build_info.json", "train/zero_shot_suite.json"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )
