@@ -13,27 +13,39 @@ Returns: clip_fwd → (loss [image dtype, 0-dim], lse_row, lse_col [fp32, fp64 f
 clip_bwd → (grad_image [image dtype], grad_text [text dtype], grad_logit_scale [shape, dtype and device
 of logit_scale]).
 
-Pass structure (GEMM FLOPs; C = ⌈d / BLOCK_DO⌉ output column chunks of the backward; BLOCK_DO is capped
-at 256 (128 for fp64) so that the fp32 dX accumulator fits in registers without spills (ptxas -v,
-sm_80/sm_90), hence C = 1 for d ≤ 256 and C = 2 at d = 512):
+Pass structure (GEMM FLOPs):
 
-  forward   _clip_fwd_kernel: one program per row block I loops over all column blocks J; each tile
-            L_IJ = s·A_I B_Jᵀ (tl.dot, K-loop over d) feeds an online row log-sum-exp (registers) and a
-            column partial (max, Σexp) per (I, j) written to a (⌈N/BM⌉ × N) buffer; the diagonal logits
-            are picked from the tiles that hold them.                                           2 N² d
-            _clip_col_merge_kernel: logaddexp of the column partials over the row blocks → c_j, and
-            per-block partial sums of (r_j − L_jj) + (c_j − L_jj) for the loss (O(N²/BM) floats).
-  backward  _clip_bwd_kernel, one launch, grid (⌈N/BM⌉, 2, C): role 0 programs own a row block of A
-            and emit dA_I = s·dL_I,: B (+ the ds partial of their rows); role 1 programs own a row block
-            of B (a column block of L) and emit dB_J = s·dL_:,Jᵀ A. Each recomputes its tiles
-            (2 N² d per role and chunk) and multiplies (2 N² d per role).                 (4C + 4) N² d
-  total     10 N² d for C = 1 (2 forward + 8 backward); 14 N² d at d = 512 (C = 2).
+  forward   _clip_fwd_kernel, grid (RG, CP) = (row groups, column panels): program (g, q) owns the row
+            blocks I ≡ g (mod RG) and the column blocks J ≡ q (mod CP). For each of its row blocks it
+            loads A_I once (on chip when BLOCK_D ≥ d) and loops over its column blocks: the tile
+            L_IJ = s·A_I B_Jᵀ (tl.dot) feeds the online row log-sum-exp of I over the panel (registers,
+            written once per (q, I)) and the running column statistics of J over the group (a (max, Σexp)
+            pair per (g, j) that only this program reads and writes). The diagonal logits come from the
+            tiles that hold them.                                                                2 N² d
+            _clip_col_merge_kernel: logaddexp of the CP row partials → r_i, of the RG column partials
+            → c_j, and per-block sums of (r_j − L_jj) + (c_j − L_jj) for the loss.
+            Extra memory: 2·(RG + CP)·N statistics + 3N, RG, CP ≤ GROUP_CAP (32): O(N) (at most 66 KiB per
+            1 024 rows in fp32), whatever the tile shape. RG·CP ≈ 2 programs per SM.
+  backward  _clip_bwd_kernel, one launch, grid (⌈N/BM⌉, 2, C): role 0 programs own a row block of A and
+            emit dA_I = s·dL_I,: B (+ the ds partial of their rows); role 1 programs own a row block of B
+            (a column block of L) and emit dB_J = s·dL_:,Jᵀ A. Each recomputes its tiles (2 N² d per
+            role) and multiplies (2 N² d per role).                                             8 N² d
+            C = ⌈d / BLOCK_DO⌉ = 1 for every width whose fp32 BM × d accumulator fits the registers of a
+            tile in the space (d ≤ 512 for bf16/fp16/TF32, see bwd_space); wider d recomputes the tiles once
+            per output chunk: (4C + 4) N² d. Extra memory: the ds partials, one per row block (O(N/BM)).
+  total     10 N² d (2 forward + 8 backward) for C = 1.
 
-Why 10 and not the 8 N² d of a single backward sweep: emitting dA and dB from the same recomputed tile
-needs a cross-program reduction of dB (atomics: not deterministic) or an N × d partial per row block
-(O(N² d / BM) memory). Recomputing each tile once per owner costs 2 N² d more and keeps the result
-bitwise deterministic with O(N) extra memory (2N lse + the O(N²/BM) column partial buffer of the
-forward; the backward keeps only per-row-block ds partials).
+Why not a single backward sweep (6 N² d): emitting dA and dB from the same recomputed tile needs a
+cross-program reduction of dB (atomics: not deterministic) or an N × d partial per row block (O(N² d/BM)
+memory). Recomputing each tile once per owner costs 2 N² d more and keeps the result bitwise deterministic
+with O(N) extra memory. Every output element and every statistic is written by exactly one program, in a
+fixed order.
+
+Tiles (docs/kernels.md §4): fwd_space / bwd_space list the configurations for a width, dtype and float32
+matmul precision (128 × 128 tiles included; the row operand A_I kept on chip when BM·d fits). On a GPU the
+launch picks among them by timing (cached per shape bucket, dtype and precision); ``config=`` forces one
+(tests run every entry in the interpreter). aot_configs() is the union of the spaces, and every entry
+compiles for sm_90 without spills (``python -m structure_ops._triton.aot --targets 90 --no-spills``).
 
 Precision (docs/kernels.md §6): fp32 tiles use tl.dot(input_precision=dot_precision(fp32)) ("ieee" for
 torch's "highest", TF32 otherwise); bf16/fp16 use tensor cores with fp32 accumulation; fp64 uses fp64
@@ -45,13 +57,18 @@ rounded to bf16/fp16).
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (
+from ._common import (  # numpy's reductions in the interpreter (see _common)
     INTERPRET,
     PRECISIONS,
+    _add,
+    _max2,
     compute_dtype,
     device_guard,
     dot_operand,
@@ -60,13 +77,18 @@ from ._common import (
     round_tf32,
 )
 
-__all__ = ["clip_fwd", "clip_bwd", "gemm_flops", "fwd_config", "bwd_config", "aot_configs", "AOT_KERNELS"]
+__all__ = ["clip_fwd", "clip_bwd", "gemm_flops", "fwd_config", "bwd_config", "merge_config", "fwd_space",
+           "bwd_space", "fwd_grid", "workspace_bytes", "aot_configs", "AOT_KERNELS", "GROUP_CAP"]
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+GROUP_CAP = 32  # row groups and column panels of the forward: the statistics are ≤ 2·(2·GROUP_CAP)·N values
 
 
-def gemm_flops(n: int, d: int, block_do: int = 256) -> dict[str, int]:
-    """GEMM FLOPs of the forward and backward passes (the module docstring's model)."""
+def gemm_flops(n: int, d: int, block_do: int | None = None) -> dict[str, int]:
+    """GEMM FLOPs of the forward and backward passes (the module docstring's model). ``block_do``: the
+    backward's output chunk (default: what bwd_config picks for bf16 on a GPU; C = ⌈d / block_do⌉)."""
+    if block_do is None:
+        block_do = bwd_config(d, torch.bfloat16, interpret=False)["constexprs"]["BLOCK_DO"]
     c = -(-d // block_do)
     return {"forward": 2 * n * n * d, "backward": (4 * c + 4) * n * n * d, "total": (4 * c + 6) * n * n * d}
 
@@ -78,129 +100,163 @@ def gemm_flops(n: int, d: int, block_do: int = 256) -> dict[str, int]:
 # @jit functions of triton.language.standard, and when triton was imported before TRITON_INTERPRET=1 was
 # set (importing torch._dynamo imports triton) the interpreter refuses to call them. Same code on the GPU.
 @triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _maximum(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
 def _rsum(x, axis: tl.constexpr):
     return tl.reduce(x, axis, _add)
 
 
 @triton.jit
 def _rmax(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, _maximum)
+    return tl.reduce(x, axis, _max2)
+
+
+@triton.jit
+def _finite_or_zero(m):
+    return tl.where(tl.abs(m) < float("inf"), m, 0.0)
+
+
+@triton.jit
+def _tile_lse(x, axis: tl.constexpr):
+    # A log-sum-exp partial (m, l) of x along ``axis``: lse = m + log l with l = Σ e^{x − m}. The shift m is the
+    # max when finite; a ±inf/NaN max shifts by 0 (the C++ op's rule: ±inf logits give inf/NaN, never a trap);
+    # an all −inf slice is the empty partial (−inf, 0).
+    t = _rmax(x, axis)
+    sh = _finite_or_zero(t)
+    if axis == 1:
+        e = tl.exp(x - sh[:, None])
+    else:
+        e = tl.exp(x - sh[None, :])
+    return tl.where(t == float("-inf"), t, sh), _rsum(e, axis)
+
+
+@triton.jit
+def _lse_merge(m1, l1, m2, l2):
+    # logaddexp of two partials in the (m, l) form of _tile_lse; (−inf, 0) is the identity.
+    m = tl.maximum(m1, m2)
+    sh = _finite_or_zero(m)
+    l = l1 * tl.exp(m1 - sh) + l2 * tl.exp(m2 - sh)
+    return tl.where(m == float("-inf"), m, sh), l
+
+
+@triton.jit
+def _load_operand(ptr, mask, UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr):
+    v = tl.load(ptr, mask=mask, other=0.0)
+    if UPCAST:  # the interpreter miscomputes bf16 dots: feed it fp32 (exact products)
+        v = v.to(tl.float32)
+    # fp32 at TF32: operands rounded to nearest (ties away) here, not truncated by the tensor cores
+    return dot_operand(v, ROUND_TF32)
 
 
 @triton.jit
 def _clip_fwd_kernel(
     a_ptr, b_ptr, s_ptr,  # A, B: (N, D) contiguous; s: 1 value in the statistics dtype
-    lse_row_ptr, diag_ptr,  # (N,) outputs: r_i and L_ii
-    cmax_ptr, csum_ptr,  # (⌈N/BM⌉, N) column partials: max_i∈I L_ij and Σ_i∈I e^{L_ij − max}
-    N, D,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    diag_ptr,  # (N,) output: L_ii
+    rm_ptr, rl_ptr,  # (CP, N) row partials (m, l) of r_i over column panel q
+    cm_ptr, cl_ptr,  # (RG, N) column partials (m, l) of c_j over row group g
+    N, D, RG, CP,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, X_ON_CHIP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
-    # Math: for the row block I (this program) and every column block J,
-    #   L_IJ = s · A_I B_Jᵀ                                   (tl.dot over D in BLOCK_D chunks)
-    #   row:    m_i ← max(m_i, max_j L_ij),  l_i ← l_i e^{m_i,old − m_i} + Σ_j e^{L_ij − m_i}
-    #           r_i = m_i + log l_i                            (online log-sum-exp, registers)
-    #   column: M_Ij = max_{i∈I} L_ij,  S_Ij = Σ_{i∈I} e^{L_ij − M_Ij}   → buffers, merged by
-    #           _clip_col_merge_kernel as c_j = logaddexp_I (M_Ij + log S_Ij)
-    #   diag:   L_ii is read from the tile J ∋ i (the C++ op uses the same product).
-    # Why one pass for both directions: the column statistics need the same tiles as the row ones, so
-    # the second direction costs only exps and an O(N²/BM) buffer, not another 2 N² d GEMM.
-    ACC: tl.constexpr = lse_row_ptr.dtype.element_ty
-    pid = tl.program_id(0)
+    # Math: program (g, q), for each row block I ≡ g (mod RG) and column block J ≡ q (mod CP):
+    #   L_IJ = s · A_I B_Jᵀ                                       (one tl.dot when A_I is on chip, else a K-loop)
+    #   row:    (m, l)_i ← logaddexp((m, l)_i, tile partial)      registers; → rm/rl[q, I] after the panel
+    #   column: (m, l)_gj ← logaddexp((m, l)_gj, tile partial)    cm/cl[g, J]: owned by this program
+    #   diag:   L_ii from the tile J ∋ i, stored by the one program whose panel holds J.
+    # Why this grid: one pass makes both directions (the column statistics need the same tiles as the row ones)
+    # and the partial statistics stay O((RG + CP)·N) = O(N) for any N, with RG·CP programs to fill the GPU.
+    ACC: tl.constexpr = rm_ptr.dtype.element_ty
+    g = tl.program_id(0)
+    q = tl.program_id(1)
+    nrb = tl.cdiv(N, BLOCK_M)
+    ncb = tl.cdiv(N, BLOCK_N)
     rl = tl.arange(0, BLOCK_M)
-    rows = pid * BLOCK_M + rl
-    row_ok = rows < N
     cl = tl.arange(0, BLOCK_N)
     kl = tl.arange(0, BLOCK_D)
-    # Addresses: scalar int64 block bases (N·D may exceed 2³¹) + int32 offsets inside a block, so the
-    # per-element address arithmetic stays 32-bit (fewer registers than int64 offset tensors).
-    a_blk = a_ptr + (pid * BLOCK_M).to(tl.int64) * D
     s = tl.load(s_ptr).to(ACC)
-
-    m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
-    l_i = tl.full((BLOCK_M,), 0.0, ACC)
-    diag = tl.full((BLOCK_M,), 0.0, ACC)
-    buf_off = pid.to(tl.int64) * N
-    b_blk = b_ptr
-    for j0 in range(0, N, BLOCK_N):
-        cols = j0 + cl
-        col_ok = cols < N
-        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)
-        for k0 in range(0, D, BLOCK_D):
-            k_ok = (k0 + kl) < D
-            x = tl.load(a_blk + k0 + rl[:, None] * D + kl[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            y = tl.load(b_blk + k0 + cl[:, None] * D + kl[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:  # the interpreter miscomputes bf16 dots: feed it fp32 (exact products)
-                x = x.to(tl.float32)
-                y = y.to(tl.float32)
-            # fp32 at TF32: operands rounded to nearest (ties away) here, not truncated by the tensor cores
-            x = dot_operand(x, ROUND_TF32)
-            y = dot_operand(y, ROUND_TF32)
-            acc = tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
-        b_blk += BLOCK_N * D
-        logits = acc * s
-        diag += _rsum(tl.where(rows[:, None] == cols[None, :], logits, 0.0), 1)
-
-        # Row direction: masked columns are −inf, so they add e^{−inf} = 0. A non-finite running max
-        # is replaced by 0 in the exponent (the C++ op's rule), so ±inf logits give inf/NaN, not a trap.
-        lv = tl.where(col_ok[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m_i, _rmax(lv, 1))
-        m_use = tl.where(tl.abs(m_new) < float("inf"), m_new, 0.0)
-        l_i = l_i * tl.exp(m_i - m_use) + _rsum(tl.exp(lv - m_use[:, None]), 1)
-        m_i = m_new
-
-        # Column direction: this row block's partial statistics of every column of the tile.
-        cv = tl.where(row_ok[:, None], logits, float("-inf"))
-        cm = _rmax(cv, 0)
-        cm_use = tl.where(tl.abs(cm) < float("inf"), cm, 0.0)
-        cs = _rsum(tl.exp(cv - cm_use[None, :]), 0)
-        tl.store(cmax_ptr + buf_off + cols, cm_use, mask=col_ok)
-        tl.store(csum_ptr + buf_off + cols, cs, mask=col_ok)
-
-    m_fin = tl.where(tl.abs(m_i) < float("inf"), m_i, 0.0)
-    tl.store(lse_row_ptr + rows, m_fin + tl.log(l_i), mask=row_ok)
-    tl.store(diag_ptr + rows, diag, mask=row_ok)
+    # Addresses: scalar int64 block bases (N·D may exceed 2³¹) + int32 offsets inside a block.
+    for ib in range(g, nrb, RG):
+        rows = ib * BLOCK_M + rl
+        row_ok = rows < N
+        a_blk = a_ptr + tl.cast(ib * BLOCK_M, tl.int64) * D
+        if X_ON_CHIP:  # BLOCK_D ≥ D: A_I stays on chip for the whole panel
+            x_full = _load_operand(a_blk + rl[:, None] * D + kl[None, :], row_ok[:, None] & (kl < D)[None, :],
+                                   UPCAST, ROUND_TF32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
+        l_i = tl.full((BLOCK_M,), 0.0, ACC)
+        diag = tl.full((BLOCK_M,), 0.0, ACC)
+        for jb in range(q, ncb, CP):
+            cols = jb * BLOCK_N + cl
+            col_ok = cols < N
+            b_blk = b_ptr + tl.cast(jb * BLOCK_N, tl.int64) * D
+            if X_ON_CHIP:
+                y = _load_operand(b_blk + cl[:, None] * D + kl[None, :], col_ok[:, None] & (kl < D)[None, :],
+                                  UPCAST, ROUND_TF32)
+                acc = tl.dot(x_full, tl.trans(y), input_precision=DOT_PRECISION, out_dtype=ACC)
+            else:
+                acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)
+                for k0 in range(0, D, BLOCK_D):
+                    k_ok = (k0 + kl) < D
+                    x = _load_operand(a_blk + k0 + rl[:, None] * D + kl[None, :], row_ok[:, None] & k_ok[None, :],
+                                      UPCAST, ROUND_TF32)
+                    y = _load_operand(b_blk + k0 + cl[:, None] * D + kl[None, :], col_ok[:, None] & k_ok[None, :],
+                                      UPCAST, ROUND_TF32)
+                    acc = tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+            logits = acc * s
+            diag += _rsum(tl.where(rows[:, None] == cols[None, :], logits, 0.0), 1)
+            # Row direction: masked columns are −inf (they add e^{−inf} = 0).
+            tm, tsum = _tile_lse(tl.where(col_ok[None, :], logits, float("-inf")), 1)
+            m_i, l_i = _lse_merge(m_i, l_i, tm, tsum)
+            # Column direction: this tile's partial, merged into the group's running one (read back from the
+            # second row block of the group on; only this program touches cm/cl[g, J]).
+            cm, csum = _tile_lse(tl.where(row_ok[:, None], logits, float("-inf")), 0)
+            coff = g.to(tl.int64) * N + cols
+            old = col_ok & (ib != g)
+            om = tl.load(cm_ptr + coff, mask=old, other=float("-inf"))
+            osum = tl.load(cl_ptr + coff, mask=old, other=0.0)
+            cm, csum = _lse_merge(om, osum, cm, csum)
+            tl.store(cm_ptr + coff, cm, mask=col_ok)
+            tl.store(cl_ptr + coff, csum, mask=col_ok)
+        roff = q.to(tl.int64) * N + rows
+        tl.store(rm_ptr + roff, m_i, mask=row_ok)
+        tl.store(rl_ptr + roff, l_i, mask=row_ok)
+        tl.store(diag_ptr + rows, diag, mask=row_ok & ((rows // BLOCK_N) % CP == q))
+        # the column statistics stored above are read back (possibly by other threads of this program) for the
+        # group's next row block: a CTA barrier orders the global stores before those loads
+        tl.debug_barrier()
 
 
 @triton.jit
 def _clip_col_merge_kernel(
-    cmax_ptr, csum_ptr, lse_row_ptr, diag_ptr,  # inputs (see _clip_fwd_kernel)
-    lse_col_ptr, loss_part_ptr,  # outputs: c_j (N,), per-block Σ_j (r_j − L_jj) + (c_j − L_jj) (fp64)
-    N, NUM_ROW_BLOCKS,
+    rm_ptr, rl_ptr, cm_ptr, cl_ptr, diag_ptr,  # inputs (see _clip_fwd_kernel)
+    lse_row_ptr, lse_col_ptr, loss_part_ptr,  # outputs: r, c (N,), per-block Σ_j (r_j − L_jj) + (c_j − L_jj) (fp64)
+    N, RG, CP,
     BLOCK: tl.constexpr,
 ):
-    # Math: c_j = log Σ_I S_Ij e^{M_Ij}, evaluated as a running logaddexp over the row blocks I
-    #   m ← max(m, M_Ij),  l ← l e^{m_old − m} + S_Ij e^{M_Ij − m},  c_j = m + log l,
-    # then the loss terms of this column block, (r_j − L_jj) + (c_j − L_jj), summed in fp64 (the C++ op
-    # accumulates the loss in double). Deterministic: fixed loop order, one program per column block.
+    # Math: r_i = logaddexp over the CP panels of (m, l)[q, i]; c_j = logaddexp over the RG groups of (m, l)[g, j];
+    # then the loss terms of this block, (r_j − L_jj) + (c_j − L_jj), summed in fp64 (the C++ op accumulates the
+    # loss in double). Deterministic: fixed loop order, one program per block of indices.
     ACC: tl.constexpr = lse_col_ptr.dtype.element_ty
     pid = tl.program_id(0)
-    cols = pid * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < N
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < N
+    off = idx.to(tl.int64)  # int64 running offset: GROUP_CAP·N may exceed 2³¹
     m = tl.full((BLOCK,), float("-inf"), ACC)
     l = tl.full((BLOCK,), 0.0, ACC)
-    off = cols.to(tl.int64)  # int64 running offset: (N/BM)·N may exceed 2³¹
-    for _ in range(0, NUM_ROW_BLOCKS):
-        cm = tl.load(cmax_ptr + off, mask=ok, other=0.0)
-        cs = tl.load(csum_ptr + off, mask=ok, other=1.0)
-        m_new = tl.maximum(m, cm)
-        l = l * tl.exp(m - m_new) + cs * tl.exp(cm - m_new)
-        m = m_new
+    for _ in range(0, CP):
+        m, l = _lse_merge(m, l, tl.load(rm_ptr + off, mask=ok, other=float("-inf")),
+                          tl.load(rl_ptr + off, mask=ok, other=0.0))
         off += N
-    c = m + tl.log(l)
-    tl.store(lse_col_ptr + cols, c, mask=ok)
-    r = tl.load(lse_row_ptr + cols, mask=ok, other=0.0)
-    dg = tl.load(diag_ptr + cols, mask=ok, other=0.0)
+    r = m + tl.log(tl.where(ok, l, 1.0))  # masked lanes: no log(0)
+    off = idx.to(tl.int64)
+    m = tl.full((BLOCK,), float("-inf"), ACC)
+    l = tl.full((BLOCK,), 0.0, ACC)
+    for _ in range(0, RG):
+        m, l = _lse_merge(m, l, tl.load(cm_ptr + off, mask=ok, other=float("-inf")),
+                          tl.load(cl_ptr + off, mask=ok, other=0.0))
+        off += N
+    c = m + tl.log(tl.where(ok, l, 1.0))
+    tl.store(lse_row_ptr + idx, r, mask=ok)
+    tl.store(lse_col_ptr + idx, c, mask=ok)
+    dg = tl.load(diag_ptr + idx, mask=ok, other=0.0)
     t = ((r - dg) + (c - dg)).to(tl.float64)
     tl.store(loss_part_ptr + pid, _rsum(tl.where(ok, t, 0.0), 0))
 
@@ -213,6 +269,7 @@ def _clip_bwd_kernel(
     ds_part_ptr,  # (⌈N/BM⌉,) per-row-block partials of ds (written by role 0, chunk 0)
     N, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    X_ON_CHIP: tl.constexpr, ONE_TILE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     # Math: dL_ij = coef · E_ij with coef = g/2N and E_ij = e^{L_ij − r_i} + e^{L_ij − c_j} − 2δ_ij.
@@ -222,11 +279,14 @@ def _clip_bwd_kernel(
     # so one kernel body serves both owners: program (I, role, chunk) owns rows I of X and the output
     # columns [chunk·BLOCK_DO, …) of dX, recomputes M_IJ for every J (2·BM·BN·D) and accumulates
     # E_IJ · Y_J[:, chunk] (2·BM·BN·BLOCK_DO) in fp32 registers. Every output element is written once
-    # by one program: deterministic, no atomics, no N × N buffer.
+    # by one program: deterministic, no atomics, no N × N or N × d buffer.
     #   ds = Σ_ij dL_ij (A Bᵀ)_ij = coef · Σ_I Σ_i∈I Σ_j E_ij (A Bᵀ)_ij: role 0, chunk 0 writes its block's sum.
+    # X_ON_CHIP (BLOCK_D ≥ D): X_I is loaded once for all J. ONE_TILE (X_ON_CHIP and BLOCK_DO = BLOCK_D): the Y_J
+    # tile of the recompute is also the operand of the second GEMM (one load of Y_J per tile).
     # Why E and not dL in the second GEMM: E ∈ [−2, 2] survives the cast to bf16/fp16 for tensor cores;
     # coef ~ 1/N would underflow fp16 at large N. coef·s scales the fp32 accumulator at the end.
     ACC: tl.constexpr = lse_row_ptr.dtype.element_ty
+    IN: tl.constexpr = a_ptr.dtype.element_ty
     pid = tl.program_id(0)
     role = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -243,7 +303,6 @@ def _clip_bwd_kernel(
         v_ptr = lse_row_ptr
         o_ptr = db_ptr
 
-    # Addresses: scalar int64 block bases + int32 offsets inside a block (see _clip_fwd_kernel).
     rl = tl.arange(0, BLOCK_M)
     rows = pid * BLOCK_M + rl
     row_ok = rows < N
@@ -256,38 +315,44 @@ def _clip_bwd_kernel(
     kl = tl.arange(0, BLOCK_D)
     dos = chunk * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = dos < D
+    if X_ON_CHIP:
+        x_full = _load_operand(x_blk + rl[:, None] * D + kl[None, :], row_ok[:, None] & (kl < D)[None, :],
+                               UPCAST, ROUND_TF32)
 
     out = tl.full((BLOCK_M, BLOCK_DO), 0.0, ACC)
     ds_rows = tl.full((BLOCK_M,), 0.0, ACC)
-    y_blk = y_ptr
     for j0 in range(0, N, BLOCK_N):
         cols = j0 + cl
         col_ok = cols < N
+        y_blk = y_ptr + tl.cast(j0, tl.int64) * D
         # other=+inf: a masked column contributes e^{M − inf} = 0 (it is also zeroed below).
         v = tl.load(v_ptr + cols, mask=col_ok, other=float("inf"))
-        dot = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)
-        for k0 in range(0, D, BLOCK_D):
-            k_ok = (k0 + kl) < D
-            x = tl.load(x_blk + k0 + rl[:, None] * D + kl[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            y = tl.load(y_blk + k0 + cl[:, None] * D + kl[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:
-                x = x.to(tl.float32)
-                y = y.to(tl.float32)
-            x = dot_operand(x, ROUND_TF32)
-            y = dot_operand(y, ROUND_TF32)
-            dot = tl.dot(x, tl.trans(y), dot, input_precision=DOT_PRECISION, out_dtype=ACC)
+        if X_ON_CHIP:
+            y = _load_operand(y_blk + cl[:, None] * D + kl[None, :], col_ok[:, None] & (kl < D)[None, :],
+                              UPCAST, ROUND_TF32)
+            dot = tl.dot(x_full, tl.trans(y), input_precision=DOT_PRECISION, out_dtype=ACC)
+        else:
+            dot = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)
+            for k0 in range(0, D, BLOCK_D):
+                k_ok = (k0 + kl) < D
+                x = _load_operand(x_blk + k0 + rl[:, None] * D + kl[None, :], row_ok[:, None] & k_ok[None, :],
+                                  UPCAST, ROUND_TF32)
+                y = _load_operand(y_blk + k0 + cl[:, None] * D + kl[None, :], col_ok[:, None] & k_ok[None, :],
+                                  UPCAST, ROUND_TF32)
+                dot = tl.dot(x, tl.trans(y), dot, input_precision=DOT_PRECISION, out_dtype=ACC)
         m = dot * s
         e = tl.exp(m - u[:, None]) + tl.exp(m - v[None, :])
         e = tl.where(rows[:, None] == cols[None, :], e - 2.0, e)
         e = tl.where(row_ok[:, None] & col_ok[None, :], e, 0.0)
         ds_rows += _rsum(e * dot, 1)
-        yo = tl.load(y_blk + cl[:, None] * D + dos[None, :], mask=col_ok[:, None] & do_ok[None, :], other=0.0)
-        if UPCAST:
-            yo = yo.to(tl.float32)
-        eo = dot_operand(e.to(yo.dtype), ROUND_TF32)
-        yo = dot_operand(yo, ROUND_TF32)
+        if ONE_TILE:
+            yo = y
+        else:
+            yo = _load_operand(y_blk + cl[:, None] * D + dos[None, :], col_ok[:, None] & do_ok[None, :],
+                               UPCAST, ROUND_TF32)
+        # E rounded to the input dtype as the tensor cores see it (in the interpreter too: to IN, then to fp32)
+        eo = dot_operand(e.to(IN).to(yo.dtype), ROUND_TF32)
         out = tl.dot(eo, yo, out, input_precision=DOT_PRECISION, out_dtype=ACC)
-        y_blk += BLOCK_N * D
 
     out = out * (coef * s)
     o_offs = rl[:, None] * D + dos[None, :]
@@ -329,20 +394,121 @@ def _check(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, o
         raise RuntimeError(f"{op} (triton): image must be a CUDA tensor, got {image.device}")
 
 
-def fwd_config(d: int, dtype: torch.dtype, precision: str | None = None, interpret: bool = INTERPRET) -> dict:
-    """Constexprs and options of ``_clip_fwd_kernel`` as the host launches it for width ``d`` and ``dtype`` (fp32:
-    torch's float32 matmul ``precision``, default the current one). aot.py compiles exactly these."""
-    if interpret:  # few programs, big blocks: the interpreter pays per program and per op
-        bm, bn, bd, w = 32, 32, min(64, max(16, next_pow2(d))), 4
-    elif dtype == torch.float64:
-        bm, bn, bd, w = 64, 32, 16, 4
-    elif dtype == torch.float32:
-        bm, bn, bd, w = 64, 64, 32, 8
-    else:
-        bm, bn, bd, w = 128, 64, 64, 8
-    cst = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=dot_precision(dtype, precision),
-               UPCAST=bool(interpret) and dtype == torch.bfloat16, ROUND_TF32=round_tf32(dtype, precision))
+
+
+# --------------------------------------------------------------------------------------------------
+# Configurations: the tile spaces (every entry compiles for sm_90 without spills: aot.py --no-spills)
+# --------------------------------------------------------------------------------------------------
+def _kind(dtype: torch.dtype, precision: str | None) -> str:
+    if dtype == torch.float64:
+        return "fp64"
+    if dtype == torch.float32:
+        return "ieee" if dot_precision(dtype, precision) == "ieee" else "tf32"
+    return "half"
+
+
+_ESIZE = {"half": 2, "tf32": 4, "ieee": 4, "fp64": 8}
+# (BLOCK_M, BLOCK_N, num_warps) candidates, best guess first (the default without timing).
+_FWD_TILES = {
+    "half": ((128, 128, 8), (128, 64, 8), (64, 128, 4), (64, 64, 4)),
+    "tf32": ((128, 128, 8), (128, 64, 8), (64, 128, 4), (64, 64, 4)),
+    "ieee": ((128, 128, 8), (64, 64, 4), (64, 32, 4)),
+    "fp64": ((64, 64, 8), (64, 32, 4), (32, 32, 4)),
+}
+_BWD_TILES = {
+    "half": ((128, 128, 8), (128, 64, 8), (64, 128, 8), (64, 64, 4), (64, 32, 8)),
+    "tf32": ((128, 128, 8), (128, 64, 8), (64, 128, 8), (64, 64, 4), (64, 32, 8)),
+    "ieee": ((128, 128, 8), (64, 64, 8), (64, 32, 8), (32, 32, 4)),
+    "fp64": ((64, 32, 8), (32, 32, 4)),
+}
+_K_STEP = {"half": 64, "tf32": 32, "ieee": 16, "fp64": 16}  # BLOCK_D of the K-loop when A_I is not on chip
+# A_I (BM × d_pad) stays on chip when it is at most this many bytes (the dot operand lives in shared memory
+# or registers for the whole loop over J).
+_ON_CHIP_BYTES = {"half": 32 * 1024, "tf32": 32 * 1024, "ieee": 16 * 1024, "fp64": 16 * 1024}
+# The fp32 (fp64) BM × BLOCK_DO accumulator of the backward: at most this many registers per thread.
+_ACC_REGS = {"half": 128, "tf32": 128, "ieee": 64, "fp64": 64}
+# (kind, kernel, BM, BN, warps, BLOCK_D, BLOCK_DO) that spill on sm_90 (ptxas -v): pruned from the spaces.
+_SPILLS: frozenset = frozenset()
+
+
+def _width(d: int) -> int:
+    return max(16, next_pow2(d))
+
+
+def _fwd_entry(kind: str, bm: int, bn: int, w: int, d: int, dtype, precision) -> dict:
+    dp = _width(d)
+    bd = dp if bm * dp * _ESIZE[kind] <= _ON_CHIP_BYTES[kind] else min(_K_STEP[kind], dp)
+    cst = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, X_ON_CHIP=bd >= d, DOT_PRECISION=dot_precision(dtype, precision),
+               UPCAST=False, ROUND_TF32=round_tf32(dtype, precision))
     return {"constexprs": cst, "options": {"num_warps": w}}
+
+
+def _bwd_entry(kind: str, bm: int, bn: int, w: int, d: int, dtype, precision, bdo: int) -> dict:
+    dp = _width(d)
+    esz = _ESIZE[kind]
+    if bdo >= dp and bm * dp * esz <= _ON_CHIP_BYTES[kind]:
+        bd = dp  # A_I on chip and one Y_J tile for both GEMMs
+    else:
+        bd = min(_K_STEP[kind], dp)
+    on_chip = bd >= d
+    cst = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo, X_ON_CHIP=on_chip, ONE_TILE=on_chip and bd == bdo,
+               DOT_PRECISION=dot_precision(dtype, precision), UPCAST=False, ROUND_TF32=round_tf32(dtype, precision))
+    return {"constexprs": cst, "options": {"num_warps": w}}
+
+
+def _spills(kind: str, kernel: str, cfg: dict) -> bool:
+    c = cfg["constexprs"]
+    key = (kind, kernel, c["BLOCK_M"], c["BLOCK_N"], cfg["options"]["num_warps"], c["BLOCK_D"], c.get("BLOCK_DO", 0))
+    return key in _SPILLS
+
+
+def fwd_space(d: int, dtype: torch.dtype, precision: str | None = None) -> list[dict]:
+    """Every GPU configuration of ``_clip_fwd_kernel`` for width ``d`` and ``dtype`` (fp32: torch's float32 matmul
+    ``precision``, default the current one), best guess first. aot.py compiles all of them."""
+    kind = _kind(dtype, precision)
+    out = [_fwd_entry(kind, bm, bn, w, d, dtype, precision) for bm, bn, w in _FWD_TILES[kind]]
+    return [c for c in out if not _spills(kind, "fwd", c)]
+
+
+def bwd_space(d: int, dtype: torch.dtype, precision: str | None = None) -> list[dict]:
+    """Every GPU configuration of ``_clip_bwd_kernel`` for width ``d`` and ``dtype``, best guess first: the tiles
+    whose BM × d_pad fp32 accumulator fits (one output chunk: 8 N² d); when none does, every tile with the widest
+    chunk that fits it (C = ⌈d / BLOCK_DO⌉ chunks, (4C + 4) N² d)."""
+    kind = _kind(dtype, precision)
+    dp = _width(d)
+    whole, chunked = [], []
+    for bm, bn, w in _BWD_TILES[kind]:
+        cap = _ACC_REGS[kind] * 32 * w // bm  # accumulator columns that fit the register budget
+        cap = 1 << (cap.bit_length() - 1) if cap >= 16 else 0
+        if cap < 16:
+            continue
+        cfg = _bwd_entry(kind, bm, bn, w, d, dtype, precision, min(dp, cap))
+        if _spills(kind, "bwd", cfg):
+            continue
+        (whole if cap >= dp else chunked).append(cfg)
+    if whole:
+        return whole
+    widest = max(c["constexprs"]["BLOCK_DO"] for c in chunked)
+    return [c for c in chunked if c["constexprs"]["BLOCK_DO"] == widest]
+
+
+def _interpret_cfg(cfg: dict, dtype: torch.dtype) -> dict:
+    # the interpreter computes bf16 dots wrongly: it gets fp32 operands (exact products), otherwise the same
+    cfg = {"constexprs": dict(cfg["constexprs"]), "options": dict(cfg["options"])}
+    cfg["constexprs"]["UPCAST"] = bool(INTERPRET) and dtype == torch.bfloat16
+    return cfg
+
+
+def fwd_config(d: int, dtype: torch.dtype, precision: str | None = None, interpret: bool = INTERPRET) -> dict:
+    """The default ``_clip_fwd_kernel`` configuration (without timing): the first entry of fwd_space on a GPU;
+    32 × 32 tiles in the interpreter (it pays per program and per op)."""
+    if interpret:
+        dp = _width(d)
+        bd = dp if dp <= 64 else 64
+        cst = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=bd, X_ON_CHIP=bd >= d, DOT_PRECISION=dot_precision(dtype, precision),
+                   UPCAST=dtype == torch.bfloat16, ROUND_TF32=round_tf32(dtype, precision))
+        return {"constexprs": cst, "options": {"num_warps": 4}}
+    return fwd_space(d, dtype, precision)[0]
 
 
 def merge_config(dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
@@ -351,27 +517,21 @@ def merge_config(dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
 
 
 def bwd_config(d: int, dtype: torch.dtype, precision: str | None = None, interpret: bool = INTERPRET) -> dict:
-    """Constexprs and options of ``_clip_bwd_kernel`` (host launch and aot.py). BLOCK_DO covers all of d when d ≤
-    the cap (C = 1, 10 N² d in all); above it the tiles are recomputed once per output chunk. The cap keeps the
-    fp32 dX accumulator in registers without spills on sm_90 (ptxas -v, aot.py --no-spills): 128 for fp64 and for
-    IEEE fp32 (FMA dots hold their operands in registers), 256 otherwise."""
-    prec = dot_precision(dtype, precision)
+    """The default ``_clip_bwd_kernel`` configuration (without timing): the first entry of bwd_space on a GPU."""
     if interpret:
-        bm, bn, bd, w, cap = 32, 32, min(64, max(16, next_pow2(d))), 4, 128
-    elif dtype == torch.float64:
-        bm, bn, bd, w, cap = 32, 32, 16, 4, 128
-    elif dtype == torch.float32:
-        # IEEE fp32 (FMA dots hold their operands in registers): BLOCK_D 16 (68 B of spills at 32, BLOCK_DO 128)
-        bm, bn, bd, w, cap = 64, 32, (16 if prec == "ieee" else 32), 8, (128 if prec == "ieee" else 256)
-    else:
-        bm, bn, bd, w, cap = 64, 32, 32, 8, 256  # BLOCK_D 32: 24 B of spills at 64 with BLOCK_DO 128
-    bdo = min(cap, max(16, next_pow2(d)))
-    cst = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo, DOT_PRECISION=prec,
-               UPCAST=bool(interpret) and dtype == torch.bfloat16, ROUND_TF32=round_tf32(dtype, precision))
-    return {"constexprs": cst, "options": {"num_warps": w}}
+        dp = _width(d)
+        bd = dp if dp <= 64 else 64
+        bdo = min(dp, 128)
+        on_chip = bd >= d
+        cst = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=bd, BLOCK_DO=bdo, X_ON_CHIP=on_chip,
+                   ONE_TILE=on_chip and bd == bdo, DOT_PRECISION=dot_precision(dtype, precision),
+                   UPCAST=dtype == torch.bfloat16, ROUND_TF32=round_tf32(dtype, precision))
+        return {"constexprs": cst, "options": {"num_warps": 4}}
+    return bwd_space(d, dtype, precision)[0]
 
 
-def _override(cfg: dict, **blocks) -> dict:
+def _override(cfg: dict, d: int, **blocks) -> dict:
+    cfg = {"constexprs": dict(cfg["constexprs"]), "options": dict(cfg["options"])}
     cst = cfg["constexprs"]
     for name, v in blocks.items():
         if v is None:
@@ -379,7 +539,82 @@ def _override(cfg: dict, **blocks) -> dict:
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name.lower()} must be a power of two ≥ 16, got {v}")
         cst[name] = int(v)
+    cst["X_ON_CHIP"] = cst["BLOCK_D"] >= d
+    if "ONE_TILE" in cst:
+        cst["ONE_TILE"] = cst["X_ON_CHIP"] and cst["BLOCK_DO"] == cst["BLOCK_D"]
     return cfg
+
+
+def _validate(cfg: dict, d: int, kernel: str) -> dict:
+    """A forced configuration (``config=``): the flags must agree with the width (a wrong X_ON_CHIP would drop
+    columns), then the interpreter's UPCAST rule applies."""
+    cst = cfg["constexprs"]
+    if cst["X_ON_CHIP"] != (cst["BLOCK_D"] >= d):
+        raise ValueError(f"{kernel} config: X_ON_CHIP={cst['X_ON_CHIP']} but BLOCK_D={cst['BLOCK_D']}, d={d}")
+    if "ONE_TILE" in cst and cst["ONE_TILE"] != (cst["X_ON_CHIP"] and cst["BLOCK_DO"] == cst["BLOCK_D"]):
+        raise ValueError(f"{kernel} config: ONE_TILE={cst['ONE_TILE']} disagrees with BLOCK_D/BLOCK_DO/X_ON_CHIP")
+    return cfg
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def fwd_grid(n: int, block_m: int, block_n: int, sms: int) -> tuple[int, int]:
+    """(RG, CP): row groups × column panels of the forward, ≈ 2 programs per SM, each ≤ GROUP_CAP (so the
+    partial statistics are at most 2·(RG + CP)·N values) and never more than there are blocks."""
+    nrb, ncb = triton.cdiv(n, block_m), triton.cdiv(n, block_n)
+    rg = min(nrb, GROUP_CAP)
+    cp = max(1, min(ncb, GROUP_CAP, triton.cdiv(2 * max(1, sms), rg)))
+    return rg, cp
+
+
+def workspace_bytes(n: int, dtype: torch.dtype, block_m: int, rg: int, cp: int) -> dict[str, int]:
+    """Extra device memory of one clip_fwd / clip_bwd call beyond inputs and outputs, by the launch code's own
+    allocations (the tests check them against what the launch code allocates)."""
+    e = 8 if dtype == torch.float64 else 4
+    fwd = e * (2 * (rg + cp) * n + n + 1) + 8 * triton.cdiv(n, 256 if not INTERPRET else 64)
+    bwd = e * (2 + triton.cdiv(n, block_m))
+    return {"forward": fwd, "backward": bwd}
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection: a forced config, block overrides, the timed pick on a GPU, or the default
+# --------------------------------------------------------------------------------------------------
+_TUNED: dict = {}
+
+
+def _bucket(n: int) -> int:
+    return next_pow2(n)
+
+
+def _pick(kernel: str, key: tuple, space: list[dict], run) -> dict:
+    """The fastest entry of ``space`` for ``key`` (timed once per key with CUDA events, each candidate run twice
+    after a warm-up), cached for the process; STRUCTURE_OPS_TRITON_AUTOTUNE=0 takes the first entry."""
+    if len(space) == 1 or os.environ.get("STRUCTURE_OPS_TRITON_AUTOTUNE", "1") == "0":
+        return space[0]
+    full = (kernel, *key)
+    if full not in _TUNED:
+        best, best_t = space[0], math.inf
+        for cfg in space:
+            try:
+                run(cfg)
+                torch.cuda.synchronize()
+                t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0.record()
+                run(cfg)
+                run(cfg)
+                t1.record()
+                torch.cuda.synchronize()
+                t = t0.elapsed_time(t1)
+            except triton.runtime.errors.OutOfResources:
+                continue
+            if t < best_t:
+                best, best_t = cfg, t
+        _TUNED[full] = best
+    return _TUNED[full]
 
 
 def _scalar(t: torch.Tensor, device, dtype) -> torch.Tensor:
@@ -395,33 +630,49 @@ def clip_fwd(
     block_m: int | None = None,
     block_n: int | None = None,
     block_d: int | None = None,
+    config: dict | None = None,
+    groups: tuple[int, int] | None = None,
 ):
     """``structure_ops::clip_fwd`` in Triton: (loss, lse_row, lse_col). See the module docstring.
 
-    loss is 0-dim in image's dtype; lse_row/lse_col are (N,) in fp32 (fp64 for fp64 inputs). Extra
-    O(N + N²/BLOCK_M) memory. ``block_*`` override the tile shape (powers of two ≥ 16; for tests).
+    loss is 0-dim in image's dtype; lse_row/lse_col are (N,) in fp32 (fp64 for fp64 inputs). Extra memory
+    O(N) (``workspace_bytes``). ``block_*`` override the default tile (powers of two ≥ 16), ``config`` forces an
+    entry of fwd_space, ``groups`` the (RG, CP) grid (each ≤ GROUP_CAP); for tests.
     """
     _check(image, text, logit_scale, "clip_fwd")
     a, b = image.detach().contiguous(), text.detach().contiguous()
     n, d = a.shape
     cdt = compute_dtype(a.dtype)
-    cfg = _override(fwd_config(d, a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
-    nrb = triton.cdiv(n, cfg["constexprs"]["BLOCK_M"])
     dev = a.device
+    mcfg = merge_config(a.dtype)
     with device_guard(dev):
         s = _scalar(logit_scale, dev, cdt)
+
+        def run(cfg):
+            cst = cfg["constexprs"]
+            rg, cp = groups or fwd_grid(n, cst["BLOCK_M"], cst["BLOCK_N"], _num_sms(dev))
+            if not (1 <= rg <= GROUP_CAP and 1 <= cp <= GROUP_CAP):
+                raise ValueError(f"groups must be two integers in [1, {GROUP_CAP}], got {(rg, cp)}")
+            diag = torch.empty(n, device=dev, dtype=cdt)
+            part = torch.empty((2, rg + cp, n), device=dev, dtype=cdt)  # (m, l) × (row panels, column groups)
+            _clip_fwd_kernel[(rg, cp)](a, b, s, diag, part[0, :cp], part[1, :cp], part[0, cp:], part[1, cp:],
+                                       n, d, rg, cp, **cst, **cfg["options"])  # fmt: skip
+            return diag, part, rg, cp
+
+        if config is not None:
+            cfg = _interpret_cfg(_validate(config, d, "_clip_fwd_kernel"), a.dtype)
+        elif INTERPRET or block_m or block_n or block_d:
+            cfg = _override(fwd_config(d, a.dtype), d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+        else:
+            prec = torch.get_float32_matmul_precision()
+            cfg = _pick("fwd", (_bucket(n), _width(d), a.dtype, prec), fwd_space(d, a.dtype), run)
+        diag, part, rg, cp = run(cfg)
+        ncb = triton.cdiv(n, mcfg["constexprs"]["BLOCK"])
         lse_row = torch.empty(n, device=dev, dtype=cdt)
         lse_col = torch.empty(n, device=dev, dtype=cdt)
-        diag = torch.empty(n, device=dev, dtype=cdt)
-        cmax = torch.empty((nrb, n), device=dev, dtype=cdt)
-        csum = torch.empty((nrb, n), device=dev, dtype=cdt)
-        _clip_fwd_kernel[(nrb,)](a, b, s, lse_row, diag, cmax, csum, n, d, **cfg["constexprs"], **cfg["options"])
-        mcfg = merge_config(a.dtype)
-        ncb = triton.cdiv(n, mcfg["constexprs"]["BLOCK"])
         loss_part = torch.empty(ncb, device=dev, dtype=torch.float64)
-        _clip_col_merge_kernel[(ncb,)](
-            cmax, csum, lse_row, diag, lse_col, loss_part, n, nrb, **mcfg["constexprs"], **mcfg["options"]
-        )
+        _clip_col_merge_kernel[(ncb,)](part[0, :cp], part[1, :cp], part[0, cp:], part[1, cp:], diag, lse_row,
+                                       lse_col, loss_part, n, rg, cp, **mcfg["constexprs"], **mcfg["options"])  # fmt: skip
     loss = (loss_part.sum() / (2.0 * n)).to(image.dtype)
     return loss, lse_row, lse_col
 
@@ -438,11 +689,13 @@ def clip_bwd(
     block_n: int | None = None,
     block_d: int | None = None,
     block_do: int | None = None,
+    config: dict | None = None,
 ):
     """``structure_ops::clip_bwd`` in Triton: (grad_image, grad_text, grad_logit_scale).
 
     grad is the upstream gradient of the loss (a 1-element tensor). grad_logit_scale = Σ dL ∘ (A Bᵀ)
     has logit_scale's shape, dtype and device. Deterministic (no atomics); extra memory O(N/BLOCK_M).
+    ``block_*`` override the default tile, ``config`` forces an entry of bwd_space (tests).
     """
     _check(image, text, logit_scale, "clip_bwd")
     a, b = image.detach().contiguous(), text.detach().contiguous()
@@ -451,8 +704,6 @@ def clip_bwd(
     for t, name in ((lse_row, "lse_row"), (lse_col, "lse_col")):
         if t.numel() != n:
             raise RuntimeError(f"{name} must hold N = {n} values, got shape {tuple(t.shape)}")
-    cfg = _override(bwd_config(d, a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DO=block_do)
-    cst = cfg["constexprs"]
     dev = a.device
     with device_guard(dev):
         s = _scalar(logit_scale, dev, cdt)
@@ -461,20 +712,34 @@ def clip_bwd(
         c = lse_col.detach().reshape(n).to(device=dev, dtype=cdt).contiguous()
         da = torch.empty((n, d), device=dev, dtype=image.dtype)
         db = torch.empty((n, d), device=dev, dtype=text.dtype)
-        nrb = triton.cdiv(n, cst["BLOCK_M"])
-        ds_part = torch.empty(nrb, device=dev, dtype=cdt)
-        _clip_bwd_kernel[(nrb, 2, triton.cdiv(d, cst["BLOCK_DO"]))](
-            a, b, s, g, r, c, da, db, ds_part, n, d, **cst, **cfg["options"]
-        )
+
+        def run(cfg):
+            cst = cfg["constexprs"]
+            nrb = triton.cdiv(n, cst["BLOCK_M"])
+            ds_part = torch.empty(nrb, device=dev, dtype=cdt)
+            _clip_bwd_kernel[(nrb, 2, triton.cdiv(d, cst["BLOCK_DO"]))](
+                a, b, s, g, r, c, da, db, ds_part, n, d, **cst, **cfg["options"]
+            )
+            return ds_part
+
+        if config is not None:
+            cfg = _interpret_cfg(_validate(config, d, "_clip_bwd_kernel"), a.dtype)
+        elif INTERPRET or block_m or block_n or block_d or block_do:
+            cfg = _override(bwd_config(d, a.dtype), d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                            BLOCK_DO=block_do)  # fmt: skip
+        else:
+            prec = torch.get_float32_matmul_precision()
+            cfg = _pick("bwd", (_bucket(n), _width(d), a.dtype, prec), bwd_space(d, a.dtype), run)
+        ds_part = run(cfg)
     ds = ds_part.sum().reshape(logit_scale.shape).to(device=logit_scale.device, dtype=logit_scale.dtype)
     return da, db, ds
 
 
 # --------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation (aot.py): every launch the host can make on a GPU, from fwd/merge/bwd_config.
+# Ahead-of-time compilation (aot.py): every launch the host can make on a GPU: the union of the spaces.
 # --------------------------------------------------------------------------------------------------
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}
-AOT_WIDTHS = (16, 32, 64, 128, 256, 512)  # every BLOCK_DO below and at the caps
+AOT_WIDTHS = tuple(2**i for i in range(4, 14))  # 16 … 8192: every width class until the configs stop changing
 
 
 def _signature(kernel, ptr: str, stat: str, constexprs: dict) -> dict[str, str]:
@@ -493,21 +758,19 @@ def _signature(kernel, ptr: str, stat: str, constexprs: dict) -> dict[str, str]:
 
 
 def aot_configs() -> list[tuple]:
-    """(kernel, signature, constexprs, options) for every dtype, float32 matmul precision and width class,
-    from the host's own config functions, deduplicated."""
+    """(kernel, signature, constexprs, options) for every dtype, float32 matmul precision and width class:
+    every entry of fwd_space / bwd_space and the merge kernel's config, deduplicated."""
     seen, entries = set(), []
     for dtype, ptr in _PTR.items():
         stat = "*fp64" if dtype == torch.float64 else "*fp32"
         for precision in PRECISIONS:
             for d in AOT_WIDTHS:
-                for kernel, cfg in (
-                    (_clip_fwd_kernel, fwd_config(d, dtype, precision, interpret=False)),
-                    (_clip_col_merge_kernel, merge_config(dtype, interpret=False)),
-                    (_clip_bwd_kernel, bwd_config(d, dtype, precision, interpret=False)),
-                ):
+                cands = [(_clip_fwd_kernel, c) for c in fwd_space(d, dtype, precision)]
+                cands += [(_clip_bwd_kernel, c) for c in bwd_space(d, dtype, precision)]
+                cands.append((_clip_col_merge_kernel, merge_config(dtype, interpret=False)))
+                for kernel, cfg in cands:
                     cst = cfg["constexprs"]
-                    key = (id(kernel), ptr, tuple(cst.items()),
-                           tuple(cfg["options"].items()))
+                    key = (id(kernel), ptr, tuple(cst.items()), tuple(cfg["options"].items()))
                     if key not in seen:
                         seen.add(key)
                         entries.append((kernel, _signature(kernel, ptr, stat, cst), dict(cst), dict(cfg["options"])))
