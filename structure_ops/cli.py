@@ -114,14 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sel = _p(sub, "select-layers", "score every (image layer, text layer) pair on the training pairs")
     sel.add_argument("--run", required=True)
-    sel.add_argument("--metric", default="mutual_knn", choices=["mutual_knn", "cka", "cka_unbiased"])
-    sel.add_argument("--k", default="rice", help="mutual kNN k: an int or rice | sqrt | sturges")
+    sel.add_argument("--metric", default="mutual_knn",
+                     choices=["mutual_knn", "cka", "cka_unbiased", "rbf_cka", "rbf_cka_unbiased", "cknna"],
+                     help="mutual_knn (default) | linear cka (biased/unbiased HSIC) | rbf_cka (Gaussian kernel, "
+                     "Kornblith et al.) | cknna (kernel alignment on mutual nearest neighbours, Huh et al.)")
+    sel.add_argument("--k", default="rice", help="mutual kNN / CKNNA k: an int or rice | sqrt | sturges")
+    sel.add_argument("--sigma-frac", type=float, default=0.4,
+                     help="rbf_cka: bandwidth σ = this fraction of each layer's median pairwise distance (default 0.4)")
+    sel.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (where the kernel metrics compute)")
     sel.add_argument("--subset", type=int, default=5000, help="random training pairs to score on (paper: 5000)")
     sel.add_argument("--seed", type=int, default=0)
     sel.add_argument("--backend", default="auto")
     sel.add_argument("--calibrate", action="store_true",
-                     help="mutual kNN: add permutation-null calibrated scores and p-values (per pair, and for the max over "
-                     "pairs against the null of the max) to layer_scores.{json,csv}; the kNN lists are reused")
+                     help="add permutation-null calibrated scores and p-values (per pair, and for the max over pairs "
+                     "against the null of the max) to layer_scores.{json,csv}; the per-layer kNN lists / kernels are "
+                     "reused (cka and rbf_cka: O(P·L_image·L_text·n²))")
     sel.add_argument("--permutations", type=int, default=200, help="null draws of --calibrate")
 
     tr = _p(sub, "train", "train the two heads with CLIP + λ·STRUCTURE (checkpointed; --resume continues)")
@@ -346,15 +353,19 @@ def _cmd_select(a) -> None:
     import warnings
 
     k = int(a.k) if a.k.isdigit() else a.k
-    if a.calibrate and a.metric != "mutual_knn":
-        raise CliError(f"--calibrate is implemented for --metric mutual_knn, not {a.metric}")
     if a.calibrate and a.permutations < 1:
         raise CliError(f"--permutations must be >= 1, got {a.permutations}")
+    if not (a.sigma_frac > 0 and a.sigma_frac < float("inf")):
+        raise CliError(f"--sigma-frac must be a positive number, got {a.sigma_frac}")
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         scores = score_layers({n: t[image_rows] for n, t in img.items()}, {n: t[rows] for n, t in txt.items()},
                               metric=a.metric, k=k, subset=a.subset, seed=a.seed, backend=a.backend,
-                              permutations=a.permutations if a.calibrate else 0)
+                              permutations=a.permutations if a.calibrate else 0, sigma_frac=a.sigma_frac,
+                              device=device)
     for w in caught:
         print(f"structure-ops select-layers: warning: {w.message}", file=sys.stderr)
     scores.provenance = selection_provenance(a.run, m)
@@ -366,8 +377,10 @@ def _cmd_select(a) -> None:
           f"wrote {a.run}/layer_scores.{{json,csv,png}}")
     if scores.calibration:
         b = scores.calibration["best"]
-        print(f"calibrated ({scores.calibration['permutations']} permutations; chance k/(n-1) = "
-              f"{scores.calibration['chance']:.4f}): best {b['raw']:.4f} vs the null of the max over pairs "
+        chance = scores.calibration["chance"]
+        print(f"calibrated ({scores.calibration['permutations']} permutations"
+              f"{f'; chance k/(n-1) = {chance:.4f}' if chance is not None else ''}): best {b['raw']:.4f} vs the "
+              f"null of the max over pairs "
               f"{b['null_max_mean']:.4f} → calibrated {b['calibrated']:+.4f}, p = {b['p_value']:.3g}")
 
 

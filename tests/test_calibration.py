@@ -1,5 +1,6 @@
 """Calibrated layer selection (select-layers --calibrate): permutation nulls of mutual kNN from the kNN lists
-computed once per layer, per pair and for the max over pairs."""
+computed once per layer, of CKA / RBF CKA from the kernels computed once per layer and of CKNNA from the kNN lists
+and kernel values computed once per layer, per pair and for the max over pairs."""
 
 from __future__ import annotations
 
@@ -104,8 +105,8 @@ def test_calibrate_against_recomputed_null_and_json_round_trip(tmp_path):
     assert back.calibration["best"] == s.calibration["best"]
     header = (tmp_path / "layer_scores.csv").read_text().splitlines()[0]
     assert header == "image_layer,text_layer,mutual_knn,calibrated,z,p_value,p_max"
-    with pytest.raises(ValueError, match="mutual_knn"):
-        score_layers(img, txt, metric="cka", subset=None, permutations=5)
+    with pytest.raises(ValueError, match="permutations must be an int >= 0"):
+        score_layers(img, txt, metric="cka", subset=None, permutations=-1)
 
 
 def test_select_layers_calibrate_cli(tmp_path, capsys):
@@ -126,5 +127,54 @@ def test_select_layers_calibrate_cli(tmp_path, capsys):
     assert "calibrated (30 permutations" in out and "p = 0.0323" in out  # 1/31: the related pair beats every draw
     cal = json.loads((tmp_path / "run" / "layer_scores.json").read_text())["calibration"]
     assert cal["p_value"][0][0] == 1 / 31 and cal["p_value"][1][0] > 0.05  # layer a related, layer b not
-    assert cli(["select-layers", "--run", run, "--metric", "cka", "--calibrate"]) == 2
-    assert "--calibrate is implemented for --metric mutual_knn" in capsys.readouterr().err
+    for metric in ("rbf_cka", "cknna", "cka"):
+        assert cli(["select-layers", "--run", run, "--metric", metric, "--k", "5", "--calibrate", "--permutations",
+                    "30", "--device", "cpu"]) == 0
+        out = capsys.readouterr().out
+        assert f"({metric}" in out and "calibrated (30 permutations)" in out and "p = 0.0323" in out
+        saved = json.loads((tmp_path / "run" / "layer_scores.json").read_text())
+        cal = saved["calibration"]
+        assert saved["metric"] == metric and cal["chance"] is None
+        assert cal["p_value"][0][0] == 1 / 31 and cal["p_value"][1][0] > 0.05
+        header = (tmp_path / "run" / "layer_scores.csv").read_text().splitlines()[0]
+        assert header == f"image_layer,text_layer,{metric},calibrated,z,p_value,p_max"
+    assert saved["params"]["kernel"] == "linear"
+    assert cli(["select-layers", "--run", run, "--metric", "rbf_cka", "--sigma-frac", "0"]) == 2
+    assert "--sigma-frac must be a positive number" in capsys.readouterr().err
+    assert cli(["select-layers", "--run", run, "--metric", "rbf_cka", "--sigma-frac", "0.8"]) == 0
+    params = json.loads((tmp_path / "run" / "layer_scores.json").read_text())["params"]
+    assert params["sigma_frac"] == 0.8 and set(params["sigma"]) == {"image:a", "image:b", "text:t"}
+
+
+@pytest.mark.parametrize("metric", ["rbf_cka", "rbf_cka_unbiased", "cknna", "cka"])
+def test_kernel_metrics_unrelated_calibrate_to_zero(metric):
+    """Unrelated layers: the raw scores can be far from 0 (biased RBF CKA of two independent 24-wide Gaussian
+    layers is ≈ 0.77 at n = 200), the calibrated ones are ≈ 0 and nothing is significant."""
+    n, P = 200, 100
+    img, txt = _layers(n, [6, 24], 0), _layers(n, [6, 24], 1)
+    s = score_layers(img, txt, metric=metric, k=8, subset=None, permutations=P, seed=0)
+    cal = s.calibration
+    calibrated, z = torch.tensor(cal["calibrated"]), torch.tensor(cal["z"])
+    assert calibrated.abs().max() < 0.03 and z.abs().max() < 3.5
+    assert float(torch.tensor(cal["p_max"]).min()) > 0.05 and cal["best"]["p_value"] > 0.05
+    assert (torch.tensor(cal["p_max"]) >= torch.tensor(cal["p_value"])).all()
+    if metric == "rbf_cka":
+        assert float(s.scores.max()) > 0.5  # width-inflated raw score
+        assert cal["best"]["null_max_mean"] > 0.5 and abs(cal["best"]["calibrated"]) < 0.02
+
+
+@pytest.mark.parametrize("metric", ["rbf_cka", "rbf_cka_unbiased", "cknna", "cka_unbiased"])
+def test_kernel_metrics_related_are_significant(metric):
+    n, P = 200, 60
+    base = torch.randn(n, 4, generator=torch.Generator().manual_seed(7))
+    img = _layers(n, [6, 12], 0, base, noise=0.3)
+    txt = _layers(n, [8, 16], 1, base, noise=0.3)
+    txt["noise"] = torch.randn(n, 10, generator=torch.Generator().manual_seed(9))
+    s = score_layers(img, txt, metric=metric, k=8, subset=None, permutations=P, seed=0)
+    cal = s.calibration
+    p, z = torch.tensor(cal["p_value"]), torch.tensor(cal["z"])
+    assert (p[:, :2] == 1 / (P + 1)).all() and (z[:, :2] > 10).all()
+    assert (torch.tensor(cal["p_max"])[:, :2] == 1 / (P + 1)).all()
+    assert cal["best"]["p_value"] == 1 / (P + 1) and cal["best"]["calibrated"] > 0.3
+    assert (torch.tensor(cal["p_max"])[:, 2] > 0.01).all()  # the unrelated text layer
+    assert s.best()[1] != "noise"
