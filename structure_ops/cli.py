@@ -467,7 +467,7 @@ def _cmd_evaluate(a) -> None:
 
 
 def _cmd_evaluate_suite(a) -> None:
-    from .train.suite import evaluate_suite, find_dataset, suite_keys, write_table
+    from .train.suite import discover, evaluate_suite, suite_keys, write_table
 
     if a.limit is not None and a.limit < 1:
         raise CliError(f"--limit must be >= 1, got {a.limit}")
@@ -486,7 +486,8 @@ def _cmd_evaluate_suite(a) -> None:
         if unknown:
             raise CliError(f"--datasets: unknown {', '.join(unknown)}; the suite has {', '.join(suite_keys())}")
     # every dataset is indexed before the model loads: a malformed one stops here, in one line
-    present = [k for k in (keys or suite_keys()) if find_dataset(a.suite, k) is not None]
+    found, absent = discover(a.suite, keys, with_train=a.linear_probe)
+    present = [ds.key for ds in found]
     if not present:
         raise CliError(f"--suite {a.suite}: none of the suite's datasets is there (expected e.g. "
                        f"{Path(a.suite) / 'cifar10' / 'test' / '<class>' / '<image>'} or {Path(a.suite) / 'cifar-10-batches-py'}; "
@@ -503,9 +504,8 @@ def _cmd_evaluate_suite(a) -> None:
             line += (f"; probe top-1 {r['probe']['top1']:.4f}" if r.get("probe") else f"; probe skipped ({r.get('probe_note')})")
         print(line + f" ({r['seconds']:.0f} s)", flush=True)
 
-    res = evaluate_suite(model, a.suite, datasets=present, linear_probe=a.linear_probe, limit=a.limit,
-                         prompts=a.prompts, batch_size=a.batch_size, on_dataset=show)
-    res["absent"] = [k for k in (keys or suite_keys()) if k not in present]
+    res = evaluate_suite(model, a.suite, linear_probe=a.linear_probe, limit=a.limit, prompts=a.prompts,
+                         batch_size=a.batch_size, on_dataset=show, discovered=(found, absent))
     out = Path(a.out) if a.out else Path(a.run) / "suite" / str(model.meta.get("name") or "model")
     js, md = write_table(res, out)
     m = res["mean"]

@@ -30,7 +30,7 @@ def zero_shot(image_emb: torch.Tensor, class_emb: torch.Tensor, labels, topk=(1,
     labels = torch.as_tensor(labels, device=image_emb.device)
     logits = 100.0 * F.normalize(image_emb, dim=1) @ class_emb.T
     ranked = logits.topk(min(max(topk), class_emb.shape[0]), dim=1).indices
-    out = {f"top{k}": float((ranked[:, :k] == labels[:, None]).any(1).float().mean()) for k in topk}
+    out = {f"top{k}": float((ranked[:, :k] == labels[:, None]).any(1).double().mean()) for k in topk}  # exact counts
     if mean_per_class:
         hit = (ranked[:, 0] == labels).double()
         present = labels.unique()
