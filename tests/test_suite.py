@@ -435,3 +435,100 @@ def test_cli_end_to_end(tmp_path, capsys):
         assert cli(["evaluate", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and "\n" not in err, err
+
+
+def test_listed_formats(tmp_path):
+    """Food-101, DTD, Flowers-102, GTSRB, Caltech-101, Oxford-IIIT Pets, SUN397, FGVC-Aircraft and FER2013 in their
+    download layouts: each image's label names the class it was written under."""
+    data = S.suite_data()["datasets"]
+
+    def names(key, split):
+        return [data[key]["classes"][i] for i in split.labels]
+
+    # Food-101: images/<class>/<id>.jpg listed in meta/{train,test}.json
+    d = tmp_path / "food-101"
+    for c, i in (("apple_pie", 1), ("waffles", 2), ("apple_pie", 3)):
+        save_png(d / "images" / c / f"{i}.jpg", 0)
+    (d / "meta").mkdir()
+    (d / "meta" / "test.json").write_text(json.dumps({"waffles": ["waffles/2"], "apple_pie": ["apple_pie/1"]}))
+    (d / "meta" / "train.json").write_text(json.dumps({"apple_pie": ["apple_pie/3"]}))
+    ds = S.find_dataset(tmp_path, "food101")
+    assert names("food101", ds.test) == ["apple pie", "waffles"] and names("food101", ds.train) == ["apple pie"]
+    # DTD: dtd/dtd/images/<class>/..., labels/{train,val,test}1.txt
+    d = tmp_path / "dtd" / "dtd"
+    for c in ("banded", "zigzagged"):
+        save_png(d / "images" / c / f"{c}_0001.jpg", 0)
+    (d / "labels").mkdir()
+    (d / "labels" / "test1.txt").write_text("zigzagged/zigzagged_0001.jpg\nbanded/banded_0001.jpg\n")
+    (d / "labels" / "train1.txt").write_text("banded/banded_0001.jpg\n")
+    (d / "labels" / "val1.txt").write_text("zigzagged/zigzagged_0001.jpg\n")
+    ds = S.find_dataset(tmp_path, "dtd")
+    assert names("dtd", ds.test) == ["zigzagged", "banded"] and names("dtd", ds.train) == ["banded", "zigzagged"]
+    # Flowers-102: jpg/image_%05d.jpg, imagelabels.mat (1-based labels), setid.mat (1-based ids)
+    scipy_io = pytest.importorskip("scipy.io")
+    d = tmp_path / "flowers-102"
+    for i in range(1, 5):
+        save_png(d / "jpg" / f"image_{i:05d}.jpg", 0)
+    scipy_io.savemat(d / "imagelabels.mat", {"labels": np.array([[1, 102, 5, 1]])})
+    scipy_io.savemat(d / "setid.mat", {"trnid": np.array([[1]]), "valid": np.array([[2]]), "tstid": np.array([[3, 4]])})
+    ds = S.find_dataset(tmp_path, "flowers")
+    assert ds.test.labels.tolist() == [4, 0] and ds.train.labels.tolist() == [0, 101]
+    # GTSRB: GTSRB/Training/<00000>/*.ppm and GTSRB/Final_Test/Images/*.ppm with GT-final_test.csv
+    d = tmp_path / "gtsrb"
+    for c in ("00000", "00042"):
+        save_png(d / "GTSRB" / "Training" / c / "00000_00000.ppm", 0)
+    for f in ("00000.ppm", "00001.ppm"):
+        save_png(d / "GTSRB" / "Final_Test" / "Images" / f, 0)
+    (d / "GT-final_test.csv").write_text("Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\n"
+                                         "00000.ppm;8;8;0;0;7;7;16\n00001.ppm;8;8;0;0;7;7;1\n")
+    ds = S.find_dataset(tmp_path, "gtsrb")
+    assert ds.test.labels.tolist() == [16, 1] and sorted(ds.train.labels.tolist()) == [0, 42]
+    # Caltech-101: 101_ObjectCategories/<102 folders>, sorted folder order; the authors' per-class split
+    d = tmp_path / "caltech-101" / "101_ObjectCategories"
+    for i in range(102):
+        for j in range(3):
+            save_png(d / f"c{i:03d}" / f"image_{j:04d}.jpg", 0)
+    ds = S.find_dataset(tmp_path, "caltech101")
+    assert len(ds.train) == 2 * 102 and len(ds.test) == 102 and sorted(set(ds.test.labels.tolist())) == list(range(102))
+    assert all(f"/c{y:03d}/" in p for p, y in zip(ds.test.images, ds.test.labels, strict=True))
+    # Oxford-IIIT Pets: images/<Breed_id>.jpg listed in annotations/{trainval,test}.txt
+    d = tmp_path / "oxford-iiit-pet"
+    for f in ("Abyssinian_1", "american_bulldog_10", "Sphynx_3"):
+        save_png(d / "images" / f"{f}.jpg", 0)
+    (d / "annotations").mkdir()
+    (d / "annotations" / "test.txt").write_text("american_bulldog_10 2 2 1\nSphynx_3 34 1 12\n")
+    (d / "annotations" / "trainval.txt").write_text("Abyssinian_1 1 1 1\n")
+    ds = S.find_dataset(tmp_path, "pets")
+    assert names("pets", ds.test) == ["american bulldog", "Sphynx"] and names("pets", ds.train) == ["Abyssinian"]
+    # SUN397: ClassName.txt (397 lines), images under /<letter>/<class>/, partition 1 lists
+    d = tmp_path / "SUN397"
+    d.mkdir()
+    classes = [f"/c/class{i:03d}" for i in range(397)]
+    (d / "ClassName.txt").write_text("\n".join(classes) + "\n")
+    for i in (5, 300):
+        save_png(d / "c" / f"class{i:03d}" / "sun_a.jpg", 0)
+    (d / "Testing_01.txt").write_text("/c/class300/sun_a.jpg\n/c/class005/sun_a.jpg\n")
+    ds = S.find_dataset(tmp_path, "sun397")
+    assert ds.test.labels.tolist() == [300, 5] and ds.train is None
+    # FGVC-Aircraft: data/images/<id>.jpg, images_variant_{trainval,test}.txt, variants.txt in class order
+    d = tmp_path / "fgvc-aircraft-2013b" / "data"
+    variants = data["aircraft"]["classes"]
+    (d / "images").mkdir(parents=True)
+    (d / "variants.txt").write_text("\n".join(variants) + "\n")
+    for i in ("0034309", "0056978"):
+        save_png(d / "images" / f"{i}.jpg", 0)
+    (d / "images_variant_test.txt").write_text(f"0034309 {variants[3]}\n0056978 {variants[99]}\n")
+    ds = S.find_dataset(tmp_path, "aircraft")
+    assert ds.test.labels.tolist() == [3, 99]
+    # FER2013: the Kaggle fer2013.csv (emotion, pixels, Usage)
+    d = tmp_path / "fer2013"
+    d.mkdir()
+    pix = " ".join(str(v % 256) for v in range(2304))
+    (d / "fer2013.csv").write_text("emotion,pixels,Usage\n" + f"3,{pix},Training\n6,{pix},PublicTest\n0,{pix},PrivateTest\n")
+    ds = S.find_dataset(tmp_path, "fer2013")
+    assert ds.test.labels.tolist() == [6, 0] and ds.train.labels.tolist() == [3]
+    assert np.asarray(ds.test.images[0]).reshape(-1).tolist() == [v % 256 for v in range(2304)]
+    # a listed file that is missing: one line naming the list
+    (tmp_path / "food-101" / "images" / "waffles" / "2.jpg").unlink()
+    with pytest.raises(ValueError, match=r"test\.json: 1 listed image\(s\) not found"):
+        S.find_dataset(tmp_path, "food101")
