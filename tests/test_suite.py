@@ -250,6 +250,12 @@ def test_class_folder_rules(tmp_path):
         save_png(tmp_path / "clevr" / "test" / f / "a.png", 0)
     clevr = S.suite_data()["datasets"]["clevr"]["classes"]
     assert [clevr[i] for i in S.find_dataset(tmp_path, "clevr").test.labels] == ["10", "3"]
+    # Stanford Cars folders with the words in another order (the year first); CLIP's names have it last
+    for f in ("2000 AM General Hummer SUV", "2012 smart fortwo Convertible"):
+        save_png(tmp_path / "cars" / "test" / f / "a.png", 0)
+    cars = S.suite_data()["datasets"]["cars"]["classes"]
+    assert [cars[i] for i in S.find_dataset(tmp_path, "cars").test.labels] == ["AM General Hummer SUV 2000",
+                                                                                 "smart fortwo Convertible 2012"]
     # folders that match nothing and are not one per class: one line naming the dataset
     save_png(tmp_path / "dtd" / "test" / "weird" / "a.png", 0)
     with pytest.raises(ValueError, match=r"DTD at .*1 class folders \(e\.g\. weird\)"):

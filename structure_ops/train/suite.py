@@ -152,6 +152,10 @@ def _norm(name: str) -> str:
     return " ".join(re.sub(r"[_\-]+", " ", name).lower().split())
 
 
+def _words(name: str) -> str:
+    return " ".join(sorted(_norm(name).split()))
+
+
 def _class_names(spec: dict) -> list[list[str]]:
     return [[c] if isinstance(c, str) else list(c) for c in spec["classes"]]
 
@@ -159,7 +163,7 @@ def _class_names(spec: dict) -> list[list[str]]:
 def folder_labels(key: str, folders: list[str], where: str) -> list[int]:
     """The class index of each class folder name of dataset ``key``, by the first rule that covers every folder:
     the dataset's known folder names (``folders`` in the data file), the class names (case, ``_`` and ``-``
-    ignored; any name of a class with several), integers 0…C−1, and, when there is one folder per class, the
+    ignored; any name of a class with several; then in any word order), integers 0…C−1, and, when there is one folder per class, the
     sorted folder order (what torchvision's ImageFolder and the authors' code use)."""
     spec = suite_data()["datasets"][key]
     n = len(spec["classes"])
@@ -167,12 +171,13 @@ def folder_labels(key: str, folders: list[str], where: str) -> list[int]:
         known = {_norm(f): i for i, f in enumerate(spec["folders"])}
         if all(_norm(f) in known for f in folders):
             return [known[_norm(f)] for f in folders]
-    by_name: dict[str, set[int]] = {}
-    for i, names in enumerate(_class_names(spec)):
-        for nm in names:
-            by_name.setdefault(_norm(nm), set()).add(i)
-    if all(len(by_name.get(_norm(f), ())) == 1 for f in folders):
-        return [next(iter(by_name[_norm(f)])) for f in folders]
+    for norm in (_norm, _words):  # the names as written, then as word multisets ("AM General Hummer SUV 2000")
+        by_name: dict[str, set[int]] = {}
+        for i, names in enumerate(_class_names(spec)):
+            for nm in names:
+                by_name.setdefault(norm(nm), set()).add(i)
+        if all(len(by_name.get(norm(f), ())) == 1 for f in folders):
+            return [next(iter(by_name[norm(f)])) for f in folders]
     if all(f.isdigit() and int(f) < n for f in folders):
         return [int(f) for f in folders]
     if len(folders) == n:
