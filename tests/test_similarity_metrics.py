@@ -91,8 +91,8 @@ def _cknna_brute(x, y, k):
 
 @pytest.mark.parametrize("n,frac,unbiased", [(24, 0.4, False), (25, 0.2, False), (25, 0.8, True), (24, 0.4, True)])
 def test_rbf_cka_matches_brute_force(n, frac, unbiased):
-    # n = 24: 276 pairs (even count: the median averages the two middle distances); n = 25: 300 pairs; both parities
-    # of the median are covered by n(n−1)/2 for n ∈ {24, 25} together with the odd counts of other n below.
+    # n = 24, 25: 276 and 300 pairs (even counts: the median averages the two middle distances); odd counts in
+    # test_rbf_cka_median_parity.
     x, y = _pair(n, seed=n)
     want = _cka_brute(x, y, frac, unbiased)
     got = float(rbf_cka(x.float(), y, frac, unbiased=unbiased))  # float32 input: computed in float64 all the same

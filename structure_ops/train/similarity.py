@@ -134,17 +134,11 @@ class KernelLayer:
         g = center_kernel(k, unbiased)
         norm = float(torch.linalg.vector_norm(g))
         if not norm > 0 or not math.isfinite(norm):
-            raise ValueError(f"CKA: the centered {kind} kernel of a ({n}, {x.shape[1]}) layer is {norm} "
+            raise ValueError(f"CKA: the centered {kind} kernel of a ({n}, {x.shape[1]}) layer has norm {norm} "
                              "(features constant across samples)")
         self.g = g.div_(norm)
         self.scale = norm / math.sqrt(n * (n - 3)) if unbiased else norm
 
-    def score(self, inner: torch.Tensor, other: KernelLayer) -> torch.Tensor:
-        """CKA from ⟨G_self, G_other⟩ (any shape): exact, or with so.cka's floor for linear kernels."""
-        if not self.floor:
-            return inner
-        ss = self.scale * other.scale
-        return inner * (ss / (ss + self.floor))
 
 
 def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma_frac: float = DEFAULT_SIGMA_FRAC, *,
