@@ -209,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
               "goes to <run>/compare/results.{json,md} with plots. Nothing is re-extracted.")
     compare_arguments(cmp_)
 
+    from .train.protocol import add_arguments as protocol_arguments
+
+    prot = _p(sub, "protocol", "the paper's comparison: layers {last, selected} × {clip, clip+structure, csa, "
+              "csa+structure} × seeds (+ a pretrained-CLIP row) in one table",
+              "Trains and evaluates every configuration on a run folder (named training runs <run>/train/protocol_...), "
+              "then writes one table, mean ± std over seeds, to <run>/protocol/results.{md,json}: retrieval R@1/5/10 "
+              "both ways, zero-shot accuracy and a linear probe on the zero-shot set when the run has one. With "
+              "--clip-model (a local CLIPModel folder) and the run's --captions/--karpathy and --images, a reference "
+              "row of the pretrained CLIP itself. See docs/training.md for which paper table each setting matches.")
+    protocol_arguments(prot)
+
     bench = _p(sub, "bench", "run the op benchmarks (benchmarks/ of a source checkout); extra args go to the script")
     bench.add_argument("op", choices=["structure", "clip", "knn", "gpu"],
                        help="a CPU op benchmark, or gpu: the GPU suite (all ops, all GPU backends and baselines)")
@@ -537,6 +548,12 @@ def _cmd_compare(a) -> None:
     compare(a)
 
 
+def _cmd_protocol(a) -> None:
+    from .train.protocol import protocol
+
+    protocol(a)
+
+
 def _cmd_bench(a) -> None:
     name = "gpu_suite.py" if a.op == "gpu" else f"bench_{a.op}.py"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / name
@@ -795,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             {"extract": _cmd_extract, "select-layers": _cmd_select, "train": _cmd_train,
              "evaluate": _cmd_evaluate, "bench": _cmd_bench, "embed": _cmd_embed, "zero-shot": _cmd_zero_shot,
-             "export": _cmd_export, "cache": _cmd_cache, "compare": _cmd_compare}[a.command](a)
+             "export": _cmd_export, "cache": _cmd_cache, "compare": _cmd_compare, "protocol": _cmd_protocol}[a.command](a)
     except KeyboardInterrupt:
         print(f"structure-ops {a.command}: interrupted", file=sys.stderr)
         return 130
