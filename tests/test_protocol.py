@@ -216,3 +216,35 @@ def test_clip_reference_refuses_other_inputs(image_run, capsys, tmp_path):
                 "--captions", str(root / "other.csv")]) == 2
     err = capsys.readouterr().err
     assert "the captions of" in err and "fingerprint differs" in err and err.count("\n") == 1
+
+
+def test_suite_columns_match_the_suite_evaluator(image_run, capsys):
+    """--suite: every row is scored by structure_ops.train.suite on cached frozen features; the numbers are
+    those of the suite's own evaluation of the exported model (AlignedModel: encoder → layer → head)."""
+    from structure_ops.train import suite as S
+    from structure_ops.train.aligned import AlignedModel
+    from structure_ops.train.data import digits_pairs
+
+    root, clip = image_run
+    suite_root = root / "suite"
+    d = digits_pairs(limit=60, image_size=16, seed=3)
+    for i, (im, lab) in enumerate(zip(d.images, d.labels, strict=True)):
+        (suite_root / "mnist" / "test" / str(lab)).mkdir(parents=True, exist_ok=True)
+        im.save(suite_root / "mnist" / "test" / str(lab) / f"{i}.png")
+    run = root / "run"
+    assert cli(["protocol", "--run", str(run), "--layers", "last", "--methods", "csa", "--dim", "4", "--no-probe",
+                "--suite", str(suite_root), "--suite-prompts", "simple", "--clip-model", clip,
+                "--captions", str(root / "pairs.csv")]) == 0
+    rep = json.loads((run / "protocol" / "results.json").read_text())
+    assert rep["suite"]["datasets"] == ["mnist"] and {"suite_top1", "suite_top5", "suite_mean_per_class"} <= set(rep["metrics"])
+    (e,) = rep["rows"].values()
+    r = e["per_seed"][0]
+    own = S.evaluate_suite(AlignedModel.from_run(run, r["name"]), suite_root, prompts="simple", progress=False)
+    row = own["datasets"][0]
+    for k in ("top1", "top5", "mean_per_class"):
+        assert r[f"suite_mnist_{k}"] == pytest.approx(row[k], abs=1.5 / row["n_test"])  # at most one flipped tie
+        assert r[f"suite_{k}"] == r[f"suite_mnist_{k}"]  # one dataset: the mean is its value
+    assert "suite_mnist_top1" in rep["clip_reference"]["metrics"]
+    md = (run / "protocol" / "results.md").read_text()
+    assert "Zero-shot suite, top-1 per dataset:" in md and "MNIST" in md
+    assert "suite [1/1]" in capsys.readouterr().out

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -75,6 +77,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "columns of the CLIP row)")
     clip.add_argument("--class-names", help="with --zero-shot: the class-names file the run was extracted with")
     clip.add_argument("--clip-batch-size", type=int, default=32, help="inputs per CLIP batch")
+    suite = p.add_argument_group("zero-shot suite columns")
+    suite.add_argument("--suite", metavar="ROOT", help="also evaluate every row on the zero-shot suite datasets under ROOT "
+                       "(structure_ops.train.suite; the run's encoders are rebuilt from its manifest)")
+    suite.add_argument("--suite-datasets", help="comma-separated suite dataset keys (default: every one present)")
+    suite.add_argument("--suite-limit", type=int, help="at most this many images per split (a seeded subset; quick looks)")
+    suite.add_argument("--suite-prompts", choices=["dataset", "simple"], default="dataset",
+                       help="each dataset's CLIP templates, or only 'a photo of a {c}.'")
+    suite.add_argument("--suite-probe", action="store_true", help="also a linear probe per suite dataset (train split)")
     p.add_argument("--resume", action="store_true", help="continue interrupted clip configurations from their checkpoints")
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default="auto")
@@ -158,6 +168,9 @@ class ClipReference:
         for s in range(0, len(paths), self.batch_size):
             batch = []
             for p in paths[s : s + self.batch_size]:
+                if hasattr(p, "convert"):  # a PIL image (the suite's array-backed datasets)
+                    batch.append(p.convert("RGB"))
+                    continue
                 try:
                     with Image.open(p) as im:
                         batch.append(im.convert("RGB"))
@@ -242,6 +255,153 @@ def clip_reference_row(clip: ClipReference, pairs, rows, m: dict, zs_paths=None,
 
 
 # ---------------------------------------------------------------------------------------------------------
+# the zero-shot suite (structure_ops.train.suite.evaluate_suite) for every row
+
+class FeatureCache:
+    """Frozen-encoder features of inputs (paths, PIL images or texts), computed once per distinct input for the
+    layers asked: every row of one layer choice (methods × seeds) reuses one encoder pass over a dataset."""
+
+    def __init__(self, encoder, layers) -> None:
+        self.encoder = encoder
+        self.index = {layer: encoder.layer_names.index(layer) for layer in dict.fromkeys(layers)}
+        self.store: dict = {}
+
+    @staticmethod
+    def key(item):
+        if isinstance(item, str):
+            return ("s", item)
+        if isinstance(item, os.PathLike):
+            return ("s", str(item))
+        return ("i", hashlib.sha1(repr((item.mode, item.size)).encode() + item.tobytes()).hexdigest())
+
+    def features(self, items: list, layer: str, batch_size: int) -> torch.Tensor:
+        keys = [self.key(it) for it in items]
+        first: dict = {}  # one encoder pass per distinct input not seen yet
+        for i, k in enumerate(keys):
+            if k not in self.store and k not in first:
+                first[k] = i
+        todo = list(first.values())
+        for s in range(0, len(todo), batch_size):
+            rows = todo[s : s + batch_size]
+            outs = self.encoder.encode([items[i] for i in rows])
+            for j, i in enumerate(rows):
+                self.store[keys[i]] = {name: outs[ix][j].float().clone() for name, ix in self.index.items()}
+        return torch.stack([self.store[k][layer] for k in keys])
+
+    def clear(self) -> None:
+        self.store.clear()
+
+
+class _HeadsModel:
+    """``encode_image`` / ``encode_text`` of one row (its heads on cached frozen features), for evaluate_suite."""
+
+    def __init__(self, images: FeatureCache, texts: FeatureCache, folder: Path, batch_size: int) -> None:
+        from .pipeline import load_heads
+
+        self.image_head, self.text_head, meta = load_heads(folder / "heads.safetensors")
+        self.layers, self.images, self.texts, self.batch_size = tuple(meta["layers"]), images, texts, batch_size
+        self.meta = {"heads": str(folder / "heads.safetensors"), "layers": list(self.layers)}
+
+    def __repr__(self) -> str:
+        return f"heads {self.meta['heads']} on {self.layers[0]} × {self.layers[1]}"
+
+    def encode_image(self, images, *, batch_size: int | None = None) -> torch.Tensor:
+        from .aligned import AlignedModel
+
+        feats = self.images.features(list(images), self.layers[0], batch_size or self.batch_size)
+        return AlignedModel._embed(self.image_head, feats, "image")
+
+    def encode_text(self, texts, *, batch_size: int | None = None) -> torch.Tensor:
+        from .aligned import AlignedModel
+
+        feats = self.texts.features(list(texts), self.layers[1], batch_size or self.batch_size)
+        return AlignedModel._embed(self.text_head, feats, "text")
+
+
+class _ClipModel:
+    def __init__(self, clip: ClipReference) -> None:
+        self.clip, self.meta = clip, {"clip_model": clip.folder}
+
+    def __repr__(self) -> str:
+        return f"CLIP {self.clip.folder}"
+
+    def encode_image(self, images, *, batch_size: int | None = None) -> torch.Tensor:
+        return self.clip.images(list(images))
+
+    def encode_text(self, texts, *, batch_size: int | None = None) -> torch.Tensor:
+        return self.clip.texts(list(texts))
+
+
+SUITE_METRICS = ("top1", "top5", "mean_per_class")
+
+
+def _suite_record(row: dict) -> dict:
+    """One suite dataset's result as flat metric keys ``suite_<dataset>_<metric>``."""
+    out = {f"suite_{row['dataset']}_{k}": row[k] for k in SUITE_METRICS if row.get(k) is not None}
+    for k in ("top1", "mean_per_class"):
+        if (row.get("probe") or {}).get(k) is not None:
+            out[f"suite_{row['dataset']}_probe_{k}"] = row["probe"][k]
+    return out
+
+
+def _suite_means(r: dict, keys: list[str]) -> None:
+    """Per seed: the means over the suite datasets (top-5 over those with more than 5 classes)."""
+    for k in (*SUITE_METRICS, "probe_top1", "probe_mean_per_class"):
+        vals = [r[f"suite_{d}_{k}"] for d in keys if f"suite_{d}_{k}" in r]
+        if vals:
+            r[f"suite_{k}"] = statistics.fmean(vals)
+
+
+def discover_suite(a, run: Path, m: dict):
+    """The suite datasets under ``--suite`` (indexed now, so a malformed one stops the run before any training)."""
+    from . import suite as S
+
+    if a.suite_limit is not None and a.suite_limit < 1:
+        raise ValueError(f"--suite-limit must be >= 1, got {a.suite_limit}")
+    for key in ("image_encoder", "text_encoder"):
+        if not m.get(key):
+            raise ValueError(f"--suite needs the run's encoders, but {run}/manifest.json has no {key} (precomputed "
+                             f"features)")
+    keys = [k.strip().lower() for k in a.suite_datasets.split(",") if k.strip()] if a.suite_datasets else None
+    found, absent = S.discover(a.suite, keys, with_train=a.suite_probe)
+    if not found:
+        raise ValueError(f"--suite {a.suite}: none of the suite's datasets is there (see docs/evaluation.md)")
+    return found, absent
+
+
+def suite_columns(a, run: Path, m: dict, discovered, report_rows: dict, clip: ClipReference | None,
+                  reference: dict | None, log=print) -> list[str]:
+    """Evaluate every row (each seed's heads) and the CLIP reference on the suite; adds ``suite_*`` keys to the
+    per-seed records (and the reference metrics). Returns the dataset keys evaluated."""
+    from . import suite as S
+    from .aligned import encoder_from_description
+
+    found, absent = discovered
+    log(f"zero-shot suite: {len(found)} dataset(s) under {a.suite} ({', '.join(d.key for d in found)}); absent: "
+        f"{len(absent)}")
+    device = None if a.device == "auto" else a.device
+    encs = [encoder_from_description(m[key], base=run, device=device) for key in ("image_encoder", "text_encoder")]
+    entries = [(e, r) for e in report_rows.values() for r in e["per_seed"]]
+    images = FeatureCache(encs[0], [e["image_layer"] for e, _ in entries])
+    texts = FeatureCache(encs[1], [e["text_layer"] for e, _ in entries])
+    models = [(r, _HeadsModel(images, texts, run / "train" / r["name"], 64)) for _, r in entries]
+    if clip is not None:
+        models.append((reference["metrics"], _ClipModel(clip)))
+    for i, ds in enumerate(found, 1):
+        t0 = time.perf_counter()
+        for rec, model in models:
+            res = S.evaluate_suite(model, a.suite, linear_probe=a.suite_probe, limit=a.suite_limit, prompts=a.suite_prompts,
+                                   progress=False, discovered=([ds], []))
+            rec.update(_suite_record(res["datasets"][0]))
+        images.clear()
+        log(f"  suite [{i}/{len(found)}] {ds.name}: {len(models)} row(s) in {time.perf_counter() - t0:.1f} s")
+    done = [d.key for d in found]
+    for rec, _ in models:
+        _suite_means(rec, done)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the runner
 
 def _heads_metrics(folder: Path, layers, img, txt, m: dict, rows, zs_feats, probe: bool) -> dict:
@@ -257,6 +417,12 @@ def _heads_metrics(folder: Path, layers, img, txt, m: dict, rows, zs_feats, prob
         zi, zt, labels, n_classes = zs_feats
         zs = (embed(hi, zi[li]), embed(ht, zt[lt]), labels, n_classes)
     return score_embeddings(embed(hi, img[li][uniq]), embed(ht, txt[lt][rows]), local, zs, probe)
+
+
+def _suite_names(keys: list[str]) -> dict[str, str]:
+    from .suite import suite_data
+
+    return {k: suite_data()["datasets"][k]["name"] for k in keys}
 
 
 def row_label(rule: str, layers, method: str) -> str:
@@ -297,6 +463,7 @@ def protocol(a: argparse.Namespace, log=_log) -> dict:
         clip = ClipReference(a.clip_model, a.device, a.clip_batch_size)
     elif a.captions or a.karpathy or a.zero_shot:
         raise ValueError("--captions/--karpathy/--zero-shot are the inputs of the CLIP reference row: give --clip-model")
+    discovered = discover_suite(a, run, m) if a.suite else None
     has_zs = m.get("zero_shot") is not None
     probe = has_zs and not a.no_probe
     base = TrainConfig(head=a.head, dim=a.dim, temperature=a.temperature, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size,
@@ -345,24 +512,29 @@ def protocol(a: argparse.Namespace, log=_log) -> dict:
         shown = "  ".join(f"{k} {r[k]:.3f}" for k in ("i2t_R@1", "t2i_R@1", "zeroshot_top1", "probe_top1") if k in r)
         log(f"[{i}/{len(jobs)}] {label}{'' if method == 'csa' else f', seed {seed}'}: {shown} ({detail}; "
             f"{time.perf_counter() - t0:.1f} s; run {name})")
+    reference = None
+    if clip is not None:
+        log("CLIP reference row")
+        r = clip_reference_row(clip, pairs, rows, m, zs_paths, probe, log)
+        reference = {"model": clip.folder, "metrics": r}
+    suite_keys = suite_columns(a, run, m, discovered, report_rows, clip, reference, log) if a.suite else []
     metrics = list(RETRIEVAL)
     if has_zs:
         n_classes = len(m["zero_shot"]["class_names"])
         metrics += ["zeroshot_top1"] + (["zeroshot_top5"] if n_classes > 5 else [])
         if probe:
             metrics += ["probe_top1", "probe_mean_per_class"]
+    if suite_keys:
+        metrics += [f"suite_{k}" for k in (*SUITE_METRICS, "probe_top1", "probe_mean_per_class")
+                    if any(f"suite_{k}" in r for e in report_rows.values() for r in e["per_seed"])]
+    per_dataset = [f"suite_{d}_top1" for d in suite_keys]
     for e in report_rows.values():
         e["n"] = len(e["per_seed"])
         e["mean"], e["std"] = {}, {}
-        for k in metrics:
+        for k in metrics + per_dataset:
             vals = [r[k] for r in e["per_seed"] if k in r and r[k] is not None and not math.isnan(r[k])]
             if vals:
                 e["mean"][k], e["std"][k] = _stat(vals)
-    reference = None
-    if clip is not None:
-        log("CLIP reference row")
-        r = clip_reference_row(clip, pairs, rows, m, zs_paths, probe, log)
-        reference = {"model": clip.folder, "metrics": r}
     lines = ["| layers | method | seeds | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 3) + "|"]
     for e in report_rows.values():
         seeds = "1 (closed form)" if e["method"] == "csa" else str(e["n"])
@@ -372,12 +544,26 @@ def protocol(a: argparse.Namespace, log=_log) -> dict:
     if reference is not None:
         cells = [f"{reference['metrics'][k]:.3f}" if k in reference["metrics"] else "–" for k in metrics]
         lines.append(f"| pretrained CLIP ({Path(clip.folder).name}) | reference | – | " + " | ".join(cells) + " |")
+    if per_dataset:  # the suite per dataset: top-1 (mean over seeds)
+        names = _suite_names(suite_keys)
+        lines += ["", "Zero-shot suite, top-1 per dataset:", "",
+                  "| layers | method | " + " | ".join(names[d] for d in suite_keys) + " |", "|---" * (len(suite_keys) + 2) + "|"]
+        for e in report_rows.values():
+            lines.append(f"| {e['layers']} ({e['image_layer']} × {e['text_layer']}) | {e['method']} | "
+                         + " | ".join(_fmt(e["mean"][k], e["std"][k], e["n"]) if k in e["mean"] else "–" for k in per_dataset)
+                         + " |")
+        if reference is not None:
+            lines.append(f"| pretrained CLIP ({Path(clip.folder).name}) | reference | "
+                         + " | ".join(f"{reference['metrics'][k]:.3f}" if k in reference["metrics"] else "–" for k in per_dataset)
+                         + " |")
     table = "\n".join(lines)
     report = {
         "run": str(run), "split": a.split, "seeds": a.seeds, "methods": a.methods, "layers": {k: list(v) for k, v in layer_sets.items()},
         "lam": a.lam, "levels": a.levels, "metrics": metrics, "rows": report_rows, "clip_reference": reference,
         "probe": {"split": "per class, a seeded half of the zero-shot set held out for testing", "seed": PROBE_SEED} if probe else None,
         "protocol": m.get("protocol"), "n_captions": len(rows),
+        "suite": {"root": str(a.suite), "datasets": suite_keys, "limit": a.suite_limit, "prompts": a.suite_prompts,
+                  "probe": a.suite_probe} if a.suite else None,
         "wall_s": round(time.perf_counter() - t_all, 1),
     }
     out = run / "protocol"
