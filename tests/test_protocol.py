@@ -67,8 +67,8 @@ def run(tmp_path_factory):
 
 
 # (--refine-batch-size below the training set: with one batch, csa+structure's seed would only permute its rows)
-FAST = ["--epochs", "4", "--patience", "4", "--lr", "0.01", "--dim", "4", "--refine-epochs", "2", "--refine-lr", "5e-3",
-        "--refine-batch-size", "48"]
+FAST = ["--epochs", "4", "--patience", "4", "--lr", "0.01", "--batch-size", "72", "--dim", "4", "--refine-epochs", "2",
+        "--refine-lr", "5e-3", "--refine-batch-size", "48"]
 
 
 def test_protocol_table_has_every_row_and_correct_std(run, capsys):
