@@ -109,6 +109,10 @@ def test_protocol_table_has_every_row_and_correct_std(run, capsys):
 def test_protocol_errors_are_one_line(run, capsys, tmp_path):
     assert cli(["protocol", "--run", str(run), "--seeds", "0", "0"]) == 2
     assert "--seeds must be distinct" in capsys.readouterr().err
+    shutil.copytree(run / "features", tmp_path / "bare" / "features")  # the run without its layer scores
+    shutil.copy(run / "manifest.json", tmp_path / "bare" / "manifest.json")
+    assert cli(["protocol", "--run", str(tmp_path / "bare")]) == 2
+    assert "--layers selected needs" in capsys.readouterr().err
     assert cli(["protocol", "--run", str(run), "--captions", "x.csv"]) == 2
     assert "give --clip-model" in capsys.readouterr().err
     assert cli(["protocol", "--run", str(run), "--clip-model", str(tmp_path), "--captions", "x.csv", "--methods", "csa"]) == 2

@@ -455,7 +455,13 @@ def protocol(a: argparse.Namespace, log=_log) -> dict:
         raise ValueError(f"--seeds must be distinct, got {a.seeds}")
     if a.lam < 0 or a.levels < 1:
         raise ValueError(f"--lam must be >= 0 and --levels >= 1, got {a.lam}, {a.levels}")
-    layer_sets = {rule: pick_layers(run, LAYER_RULES[rule], m) for rule in a.layers}  # 'selected' needs select-layers
+    layer_sets = {}
+    for rule in dict.fromkeys(a.layers):
+        try:
+            layer_sets[rule] = pick_layers(run, LAYER_RULES[rule], m)
+        except FileNotFoundError:  # 'selected' without layer scores
+            raise ValueError(f"--layers selected needs {run}/layer_scores.json: run `structure-ops select-layers --run "
+                             f"{run}` first (or pass --layers last)") from None
     clip = pairs = zs_paths = None
     if a.clip_model:  # everything the CLIP row needs is checked before any training
         pairs, zs_paths = run_inputs(run, m, captions=a.captions, karpathy=a.karpathy, images=a.images,
