@@ -211,18 +211,17 @@ def cknna_cross(a: KnnLayer, b: KnnLayer, perm: torch.Tensor | None = None, inv:
         bidx, bval = b.idx, b.val
     else:
         bidx, bval = inv[b.idx[perm]], b.val[perm]
-    pa = a.lookup((a.rows * n + bidx).reshape(-1))  # is b's edge (i, j) also one of a's?
+    i, j = a.rows.reshape(-1), bidx.reshape(-1)
+    pa = a.lookup(i * n + j)  # is b's edge (i, j) also one of a's? (no compaction: misses contribute zeros)
     hit = pa > 0
-    i = a.rows.reshape(-1)[hit]
-    j = bidx.reshape(-1)[hit]
-    kv = a.val.view(-1)[i * k + pa[hit] - 1]
-    lv = bval.reshape(-1)[hit]
+    kv = a.val.view(-1)[i * k + (pa - 1).clamp_(min=0)] * hit
+    lv = bval.reshape(-1) * hit
     # tr(K̃L̃) = Σ_ij K̃_ij L̃_ji: the edges whose reverse (j, i) is a mutual edge too (K, L symmetric).
     rev = a.lookup(j * n + i) > 0
     rev &= (b.lookup(j * n + i) if perm is None else b.lookup(perm[j] * n + perm[i])) > 0
     t1 = (kv * lv * rev).sum()
     ck = torch.zeros(n, dtype=torch.float64, device=kv.device).index_add_(0, j, kv)  # column sums of K̃
-    rl = torch.zeros(n, dtype=torch.float64, device=kv.device).index_add_(0, i, lv)  # row sums of L̃
+    rl = lv.view(n, k).sum(dim=1)  # row sums of L̃
     value = t1 + kv.sum() * lv.sum() / ((n - 1) * (n - 2)) - 2.0 * (ck @ rl) / (n - 2)
     return value / (n * (n - 3))
 
