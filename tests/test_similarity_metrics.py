@@ -282,3 +282,6 @@ def test_score_layers_bad_arguments():
         score_layers(img, txt, metric="cknna", k=1, subset=None)
     with pytest.raises(ValueError, match="needs at least 4 rows"):
         score_layers(img, txt, metric="cknna", subset=3)
+    img["l0"][3, 1] = math.nan
+    with pytest.raises(ValueError, match="image layer 'l0' has non-finite values"):
+        score_layers(img, txt, metric="rbf_cka", subset=None)

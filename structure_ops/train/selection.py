@@ -143,6 +143,11 @@ def score_layers(image_feats: dict[str, torch.Tensor], text_feats: dict[str, tor
     if len(rows) < min_rows:
         raise ValueError(f"metric {metric!r} needs at least {min_rows} rows, got {len(rows)}")
     ia, ta = list(image_feats), list(text_feats)
+    for side, feats in (("image", image_feats), ("text", text_feats)):
+        for name, t in feats.items():
+            if not bool(torch.isfinite(t[rows]).all()):
+                raise ValueError(f"layer selection: {side} layer {name!r} has non-finite values (shape "
+                                 f"{tuple(t.shape)}, dtype {t.dtype})")
     bad_i = [a for a in ia if degenerate(image_feats[a][rows])]
     bad_t = [b for b in ta if degenerate(text_feats[b][rows])]
     excluded = [f"image:{a}" for a in bad_i] + [f"text:{b}" for b in bad_t]
