@@ -249,11 +249,18 @@ def row_kernel_bytes_per_pair(impl: str, design: str, grad_x: bool, grad_z: bool
         and Q∘g and writes W: 4 + 4·sides elements (fp32: 16, 32, 48 B).
     cpu: the row loop works on one row at a time in cache: the rows are read once and written back (P, Q in
         place, dirty lines) and W is written once: 4 + sides elements (fp32: 16, 20, 24 B).
-    issue 14 design (cuda and triton): pass 3 recomputes P, Q and the terms from the Gram rows instead of storing
+    triton_rows issue 14 (built): lse from the Gram GEMM's epilogue (no online-lse pass), 2 reads of both logits rows
+        with a gradient (1 without) + W once per side: 4·ec + sides·ew, 2·ec without a gradient (fp32: 8, 20, 24 B;
+        half W: 8, 18, 20).
+    issue 14 design (cuda): pass 3 recomputes P, Q and the terms from the Gram rows instead of storing
         Q and Q∘g: 3 reads of both Gram rows + W once per side: 6 elements + sides·ew (fp32: 24 + 4·sides B
         with a gradient, 16 B without; bf16 W: 24 + 2·sides).
     """
     sides = int(grad_x) + int(grad_z)
+    if impl == "triton_rows" and design == "issue14":
+        # as built (structure_ops/_triton/structure.py): lse in the Gram GEMM's epilogue, the loss pass reads both
+        # logits rows, the gradient pass reads them again and writes W once per side (fp32: 8 / 20 / 24 B)
+        return 2 * ec if sides == 0 else 4 * ec + sides * ew
     if sides == 0:
         return 4 * ec
     if impl == "cpu":

@@ -248,6 +248,10 @@ def test_row_kernel_bytes_per_pair():
     assert triple("cpu") == [16, 20, 24]
     assert triple("cuda", "issue14") == [16, 28, 32]
     assert triple("cuda", "issue14", ew=2) == [16, 26, 28]
+    #   triton rows as built: lse from the Gram epilogue; loss pass reads both rows; gradient pass reads both again
+    #   and writes W per side → 8 / 20 / 24 B (fp32 W), 8 / 18 / 20 B (half W)
+    assert triple("triton_rows", "issue14") == [8, 20, 24]
+    assert triple("triton_rows", "issue14", ew=2) == [8, 18, 20]
 
 
 def test_triton_clip_column_buffer():

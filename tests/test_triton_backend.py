@@ -257,7 +257,14 @@ def test_launches_take_their_configuration_from_the_config_functions(launches):
             # one panel of all N rows at this N (the panel budget is ≫ N²)
             c = structure.rows_config(n, n, 4, rbf=bool(sim), js=False, grad_x=True, grad_z=True, multilevel=levels > 1,
                                       interpret=INTERPRET)  # fmt: skip
-            expect.append(("structure._l1_rows_kernel", {**c["constexprs"], **c["options"]}))
+            for key, kname in (("loss", "_rows_loss_kernel"), ("grad", "_rows_grad_kernel")):
+                expect.append((f"structure.{kname}", {**c[key]["constexprs"], **c[key]["options"]}))
+            for d in (dx, dz):
+                c = structure.gram_config(n, n, d, torch.float32, rbf=bool(sim), interpret=INTERPRET)
+                expect.append(("structure._gram_kernel", {**c["constexprs"], **c["options"]}))
+                if levels == 1:
+                    c = structure.grad_gemm_config(n, n, d, torch.float32, interpret=INTERPRET)
+                    expect.append(("structure._grad_gemm_kernel", {**c["constexprs"], **c["options"]}))
             if levels > 1:
                 c = structure.level_div_config(n, 4, js=False, grad_o=True, grad_a=True, interpret=INTERPRET)
                 expect.append(("structure._level_div_kernel", {**c["constexprs"], **c["options"]}))
@@ -312,9 +319,14 @@ def test_aot_set_covers_every_gpu_configuration():
         esize = 8 if dtype4 == torch.float64 else 4
         rows = rng.randint(1, n)
         for ml in (False, True):
-            c = structure.rows_config(n, rows, esize, rbf=bool(sim), js=bool(div), grad_x=gx, grad_z=gz, multilevel=ml,
-                                      interpret=False)  # fmt: skip
-            assert has("structure", "_l1_rows_kernel", c), c
+            cfgs = structure.rows_config(n, rows, esize, rbf=bool(sim), js=bool(div), grad_x=gx, grad_z=gz,
+                                         multilevel=ml, interpret=False)  # fmt: skip
+            for key, c in cfgs.items():
+                assert has("structure", {"loss": "_rows_loss_kernel", "grad": "_rows_grad_kernel"}[key], c), c
+        assert has("structure", "_gram_kernel",
+                   structure.gram_config(n, rows, d, dtype4, rbf=bool(sim), precision=prec, interpret=False))
+        assert has("structure", "_grad_gemm_kernel",
+                   structure.grad_gemm_config(rows, n, d, dtype4, precision=prec, interpret=False))
         assert has("structure", "_level_div_kernel",
                    structure.level_div_config(n, esize, js=bool(div), grad_o=gx, grad_a=gz, interpret=False))
         assert has("structure", "_softmax_bwd_kernel",

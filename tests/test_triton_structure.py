@@ -9,6 +9,7 @@ gradients) evaluated on the same rounded inputs, and from the C++ op for the ret
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 
@@ -17,6 +18,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from emulation import hardware as hw  # noqa: E402
+from emulation import tolerances as TOL  # noqa: E402
 from helpers import level_values, opts, oracle, rel_err, structured  # noqa: E402
 
 from structure_ops import reference  # noqa: E402
@@ -147,19 +150,166 @@ def test_margin_clips_everything(levels):
 # ---------------------------------------------------------------------------------------------------------------
 # Half and double precision
 # ---------------------------------------------------------------------------------------------------------------
+_SIM = {0: "cosine", 1: "rbf"}
+_DIV = {0: "structure", 1: "js"}
+
+
+def half_tolerances(xh, zh, o, ref, dtype):
+    """(loss, gx, gz) tolerances of level 1 with half inputs, from the float64 model of what the kernels do
+    (tests/emulation/hardware.py): exact half products accumulated in fp32 (the Gram), fp32 softmax math, W cast to
+    ``dtype`` as the gradient GEMMs' operand (a power-of-two scale does not change its relative rounding in the
+    normal range), then each output cast to ``dtype``. Model error + output-cast error, times the safety factor;
+    floor: the fp32 floor or the dtype's unit roundoff (a 0-dim loss is one rounding)."""
+    fmt = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    model = hw.level1_emulated(xh, zh, fmt, temperature=o["temperature"], similarity=_SIM[o["similarity"]],
+                               gamma=o["gamma"], divergence=_DIV[o["divergence"]], eps=o["eps"], round_w=True)  # fmt: skip
+    floor = max(TOL.FP32_FLOOR["small"], TOL.unit_roundoff(dtype))
+    return [hw.tolerance(hw.rel_err(m, r) + hw.half_cast_error(r, dtype), TOL.SAFETY, floor)
+            for m, r in zip(model, ref, strict=True)]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "dtype,o",
     [
         (torch.bfloat16, opts()),
-        (torch.bfloat16, opts(levels=2, weighting=1, divergence=1, temperature=0.1, margin=0.01)),
+        (torch.bfloat16, opts(divergence=1, temperature=0.1, margin=0.01)),
         (torch.float16, opts(similarity=1, eps=1e-3)),
+        (torch.float16, opts(temperature=0.2)),
     ],
-    ids=["bf16-L1", "bf16-L2-js", "fp16-L1-rbf"],
+    ids=["bf16", "bf16-js", "fp16-rbf", "fp16"],
 )
-def test_half_inputs(dtype, o, small_tiles):
-    """fp32 math on exactly representable half inputs: the error is the rounding of the outputs to the dtype."""
+def test_level1_half_inputs(dtype, o, small_tiles, monkeypatch):
+    """Half operands for both GEMMs (no upcast): error within the float64 model of the half path."""
+    seen = []
+    gram, gemm = S._gram_panel, S._grad_gemm
+    monkeypatch.setattr(S, "_gram_panel", lambda u, *a: seen.append(u.dtype) or gram(u, *a))
+    monkeypatch.setattr(S, "_grad_gemm", lambda a, b, *r: seen.extend((a.dtype, b.dtype)) or gemm(a, b, *r))
+    xh, zh = inputs(37, 17, 5, dtype=dtype, seed=4)
+    ref = oracle(xh, zh, o)
+    check_each(run(xh, zh, o), ref, half_tolerances(xh, zh, o, ref, dtype), xh, zh)
+    assert len(seen) == 8 * 2 + 8 * 4 * 2 and set(seen) == {dtype}  # 8 panels: 2 Gram, 4 GEMMs of 2 operands
+
+
+def check_each(out, ref, tols, xh, zh):
+    loss, gx, gz = out
+    assert loss.dtype == xh.dtype and gx.dtype == xh.dtype and gz.dtype == zh.dtype
+    assert gx.shape == xh.shape and gz.shape == zh.shape
+    errs = [rel_err(a, r) for a, r in zip(out, ref, strict=True)]
+    assert all(e <= t for e, t in zip(errs, tols, strict=True)), (errs, tols)
+
+
+def test_levels_half_inputs(small_tiles):
+    """Levels > 1 upcast half inputs once (the N × N powers are fp32): fp32 math, only the outputs are cast."""
+    dtype = torch.bfloat16
     xh, zh = inputs(13, 17, 5, dtype=dtype, seed=4)
-    check(run(xh, zh, o), oracle(xh, zh, o), 1e-2, xh, zh)
+    o = opts(levels=2, weighting=1, divergence=1, temperature=0.1, margin=0.01)
+    ref = oracle(xh, zh, o)
+    check_each(run(xh, zh, o), ref, TOL.output_cast(ref, dtype), xh, zh)
+
+
+def test_fp16_w_scale():
+    """fp16_w_exp (active in the fp16 tests above: 2^5 at N = 37): ⌊log₂ N⌋, capped so that the W bound times 2^k keeps a bit of headroom below 65504."""
+    assert S.fp16_w_exp(13, True, 1e-12) == 3  # js: bound 1, cap ⌊log₂ 32752⌋ = 14
+    assert S.fp16_w_exp(1 << 20, True, 1e-12) == 14
+    # structure, ε = 1e-12: T_max = log1p((1 + ε)/(4ε)) = 26.24, bound ½T_max + ½ + ¼Nε = 13.62 → cap 11
+    assert S.fp16_w_exp(1 << 20, False, 1e-12) == 11
+    assert S.fp16_w_exp(1 << 20, False, 1e-12) == math.floor(math.log2(32752 / (0.5 * math.log1p(1 / 4e-12) + 0.5)))
+
+
+@pytest.fixture
+def precision():
+    old = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(old)
+
+
+@pytest.mark.parametrize("o", [opts(temperature=0.1), opts(similarity=1, divergence=1, gamma=0.5)], ids=["cos", "rbf-js"])
+def test_level1_fp32_each_precision(o, precision):
+    """fp32 inputs follow torch's matmul precision: "highest" IEEE (the fp32 floor), "high" and "medium" TF32 with
+    RNA-rounded operands (both GEMMs): within the float64 TF32 model's error, and different from "highest"."""
+    xh, zh = inputs(13, 17, 5, seed=16)
+    ref = oracle(xh, zh, o)
+    precision("highest")
+    ieee = run(xh, zh, o)
+    check(ieee, ref, 1e-5, xh, zh)
+    tols = TOL.structure_tf32(xh, zh, ref, temperature=o["temperature"], similarity=_SIM[o["similarity"]],
+                              gamma=o["gamma"], divergence=_DIV[o["divergence"]], eps=o["eps"],
+                              floor=TOL.FP32_FLOOR["small"])  # fmt: skip
+    for mode in ("high", "medium"):
+        precision(mode)
+        out = run(xh, zh, o)
+        check_each(out, ref, tols, xh, zh)
+        assert not torch.equal(out[2], ieee[2]), mode
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Panels from free memory, the 2-D grid
+# ---------------------------------------------------------------------------------------------------------------
+def test_panel_rows_budget(monkeypatch):
+    from structure_ops._triton import _common as C
+
+    bpr = 3000
+    monkeypatch.delenv("STRUCTURE_OPS_TRITON_PANEL_MB", raising=False)
+    assert C.panel_rows(10**6, bpr) == (256 << 20) // bpr  # no device: 256 MiB
+    assert C.panel_rows(10**6, bpr, device="cpu") == (256 << 20) // bpr
+    monkeypatch.setattr(C, "free_device_bytes", lambda device: 8 << 30)
+    assert C.panel_rows(10**7, bpr, device="cuda") == int(C.PANEL_FREE_FRACTION * (8 << 30)) // bpr
+    monkeypatch.setenv("STRUCTURE_OPS_TRITON_PANEL_MB", "16")  # the knob caps the free-memory budget
+    assert C.panel_rows(10**7, bpr, device="cuda") == (16 << 20) // bpr
+    monkeypatch.setattr(C, "free_device_bytes", lambda device: 1 << 20)  # ... and never raises it
+    assert C.panel_rows(10**7, bpr, device="cuda") == int(C.PANEL_FREE_FRACTION * (1 << 20)) // bpr
+    assert C.panel_rows(5, bpr, device="cuda") == 5 and C.panel_rows(10, 1 << 30, device="cuda") == 1
+
+
+def test_panels_follow_free_memory(monkeypatch):
+    """structure_fwd sizes its panels from the inputs' device's free memory (here a faked 5-row budget)."""
+    from structure_ops._triton import _common as C
+
+    n = 37
+    bpr = S._panel_bytes_per_row(n, 4, 4, 2)
+    monkeypatch.setattr(C, "free_device_bytes", lambda device: int(5.5 * bpr / C.PANEL_FREE_FRACTION))
+    heights = []
+    orig = S._gram_panel
+    monkeypatch.setattr(S, "_gram_panel", lambda u, r0, b, *a: heights.append(b) or orig(u, r0, b, *a))
+    xh, zh = inputs(n, 5, 3, seed=17)
+    o = opts()
+    check(run(xh, zh, o), oracle(xh, zh, o), 1e-5, xh, zh)
+    assert heights[::2] == [5] * 7 + [2]
+
+
+@pytest.mark.parametrize(
+    "o,grad_x",
+    [(opts(), True), (opts(similarity=1, divergence=1, gamma=0.5), True), (opts(levels=2, margin=0.0), False)],
+    ids=["cos", "rbf-js", "L2"],
+)
+def test_two_d_grid_ragged_panels(o, grad_x, monkeypatch):
+    """Panels of 7 rows (forced by STRUCTURE_OPS_TRITON_PANEL_MB; the last of 2 rows) in row blocks of 4 have fewer
+    row blocks than the (interpreter's 4) SMs: the row kernels split the columns over a 2-D grid (3 chunks of 16,
+    the last of 5 columns). Oracle parity, and the same bits on a second run (fixed-order combine)."""
+    n = 37
+    monkeypatch.setattr(S, "MAX_BLOCK_M", 4)
+    monkeypatch.setattr(S, "MAX_BLOCK_N", 16)
+    sides = 1 + int(grad_x) if o["levels"] == 1 else 0
+    bpr = S._panel_bytes_per_row(n, 4, 4, sides)
+    monkeypatch.setenv("STRUCTURE_OPS_TRITON_PANEL_MB", repr(7.5 * bpr / (1 << 20)))
+    grids = []
+    orig = S.row_grid
+    monkeypatch.setattr(S, "row_grid", lambda *a: grids.append(orig(*a)) or grids[-1])
+    xh, zh = inputs(n, 17, 5, seed=18)
+    out = run(xh, zh, o, grad_x)
+    check(out, oracle(xh, zh, o), 1e-5, xh, zh, grad_x)
+    assert [g for (g, _) in grids] == [(2, 3)] * 5 + [(1, 3)] and {c for (_, c) in grids} == {16}
+    again = run(xh, zh, o, grad_x)
+    for a, b in zip(out, again, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_row_grid_rule():
+    # ≥ SMs row blocks: one chunk of all columns; fewer: about 2·SMs programs, chunks a multiple of BLOCK_N.
+    assert S.row_grid(300, 10_000, 1, 1024, 132) == ((300, 1), 10 * 1024)
+    assert S.row_grid(85, 262_144, 1, 1024, 132) == ((85, 4), 64 * 1024)  # 340 ≥ 2·132 programs
+    assert S.row_grid(5, 37, 4, 16, 4) == ((2, 3), 16)
+    assert S.row_grid(1, 100, 1, 1024, 132) == ((1, 1), 1024)
 
 
 @pytest.mark.parametrize(

@@ -20,20 +20,37 @@ Gradient (docs/kernels.md §1, §3), computed in the forward call (the loss is a
     chain:    cosine dẐ = (dS + dSᵀ) Ẑ / τ;   rbf K = S∘dS, dẐ = 2γ [(K + Kᵀ) Ẑ − (K·1 + Kᵀ·1)∘Ẑ]
 
 Pass structures:
-  level 1, mode "rows" (docs/kernels.md §2a): row panels I of B rows (B from the panel budget): the Gram panels
-    X̂_I X̂ᵀ, Ẑ_I Ẑᵀ by torch GEMMs, then ONE fused Triton row kernel (``_l1_rows_kernel``) per panel → ℓ_i and W_I
-    (rbf: S∘W_I and its row sums), then GEMMs dẐ_I += W_I Ẑ/τ, dẐ += W_Iᵀ Ẑ_I/τ. Memory: 2–4 B × N panels.
+  level 1, mode "rows" (docs/kernels.md §2a): row panels I of B rows, B from the free device memory
+    (_common.panel_rows: half of it, capped by STRUCTURE_OPS_TRITON_PANEL_MB; 256 MiB or the knob on CPU). Per panel:
+    1. ``_gram_kernel`` (per side): S_I = logits of Û_I Ûᵀ by tl.dot on the input dtype, its epilogue writes S_I and
+       each tile's per-row (max, Σexp); the host merges them into lse_I in a fixed order.
+    2. ``_rows_loss_kernel``: ℓ_i and the ḡ partial sums per (row, column chunk);
+    3. ``_rows_grad_kernel``: W_I = 2^k·Q∘(g − ḡ) (terms recomputed from both logits rows; rbf: S∘W and row sums),
+       stored in the GEMM operand dtype (half for half inputs);
+       both row kernels run on a 2-D grid (row blocks × column chunks, ``row_grid``) when a panel has fewer row
+       blocks than SMs; partial sums are combined by the host in a fixed order (deterministic, no atomics).
+    4. ``_grad_gemm_kernel``: dÛ_I += W_I Û and dÛ += W_Iᵀ Û_I accumulated in place (beta = 1, no scale); the scale
+       α/(N·2^k) (α = 1/τ or 2γ) is applied ONCE to the accumulated gradient at the end.
+    Main-memory bytes per (i, j) pair (compute dtype fp32, e_w = W element size; forward / grad_z / both sides):
+      before (torch Gram GEMMs, one 3-pass row kernel: online lse pass, pass writing Q∘g, pass writing W):
+        Gram write 8 + row kernel 16 / 32 / 48 + W reads by the GEMMs 0 / 8 / 16  = 24 / 48 / 72 B
+      now (lse in the Gram epilogue, 2 row passes, W written once):
+        Gram write 8 + row kernels 8 / 16 + e_w / 16 + 2e_w + W reads 0 / 2e_w / 4e_w
+        = 16 / 36 / 48 B with fp32 W, 16 / 30 / 36 B with bf16/fp16 W.
   level 1, mode "flash" (docs/kernels.md §2b): structure_flash.structure_level1_flash (O(N) memory); margin on top.
-  levels > 1 (docs/kernels.md §3): the level-1 row kernel also writes P, Q (and W_1) into N × N buffers; powers by one
-    torch GEMM per level and side; ``_level_div_kernel`` is the fused divergence epilogue of each level (row
-    losses and G_l in one pass); the adjoint products by torch GEMMs; ``_softmax_bwd_kernel`` applies the softmax
-    Jacobian, adds c_1 W_1 and (rbf) multiplies by S.
+  levels > 1 (docs/kernels.md §3): the level-1 Gram and loss kernels also write P, Q into N × N buffers and the
+    gradient row kernel W_1 (2^k = 1/N); powers by one torch GEMM per level and side; ``_level_div_kernel`` is the
+    fused divergence epilogue of each level (row losses and G_l in one pass); the adjoint products by torch GEMMs;
+    ``_softmax_bwd_kernel`` applies the softmax Jacobian, adds c_1 W_1 and (rbf) multiplies by S.
 
-Precision: fp32 and bf16/fp16 inputs compute in fp32 (half inputs are upcast once, O(N·d), exactly as the C++ op
-does: a bf16 GEMM output would round logits by ~0.04 at 1/τ = 20); the torch GEMMs honour
-torch.get_float32_matmul_precision() ("high" → TF32). fp64 inputs compute in fp64 throughout (scalars reach the
-kernels through a small tensor in the compute dtype, so 1/τ, γ, ε, 1/N, ln 2 are not rounded to fp32). The
-tensor-core bf16 route is mode "flash". The kernels therefore only ever see fp32 or fp64 buffers.
+Precision (docs/kernels.md §6): level 1 "rows" keeps the input dtype for both GEMMs: bf16/fp16 operands on the
+tensor cores with fp32 accumulation (a half product is exact in fp32; logits, softmax, lse and the divergence
+math stay fp32; W is cast to the half dtype as the gradient GEMMs' operand, fp16 scaled by 2^k = ``fp16_w_exp``
+so that its ~1/N entries stay in fp16's normal range); fp32 operands follow torch.get_float32_matmul_precision()
+("highest" IEEE, "high"/"medium" TF32 with operands rounded RNA by the kernel: _common.dot_operand). Under the
+interpreter half operands are converted to fp32 before tl.dot (UPCAST: the same exact products). Levels > 1 upcast
+half inputs once (their N × N powers are fp32). fp64 inputs compute in fp64 throughout (scalars reach the kernels
+through a small tensor in the compute dtype, so 1/τ, γ, ε, 1/N, ln 2 are not rounded to fp32).
 """
 
 from __future__ import annotations
@@ -515,8 +532,9 @@ def gram_config(n: int, rows: int, d: int, dtype: torch.dtype, *, rbf: bool, pre
                 interpret: bool = INTERPRET) -> dict:  # fmt: skip
     """Constexprs and options of ``_gram_kernel`` for inputs of ``dtype`` (the operand dtype of the GEMM).
 
-    GPU tiles (sm_90, no spills): 128 × 128 with BLOCK_K 64 (bf16/fp16, tensor cores) or 32 (fp32, IEEE or TF32),
-    8 warps, 3 stages; fp64 64 × 64 × 16, 4 warps. N, d and the panel height only mask lanes on a GPU."""
+    GPU tiles (sm_90, ptxas: no spills, ≤ 255 registers with the rbf epilogue): 128 × 128 × 32 for bf16/fp16 and
+    TF32 (tensor cores), 64 × 128 × 32 for IEEE fp32 (FMA: 128 × 128 spilled 216 B), 8 warps, 3 stages; fp64
+    64 × 64 × 16, 4 warps. N, d and the panel height only mask lanes on a GPU."""
     if interpret:
         bm, bn, bk = _clamp_pow2(rows, 16, 64), _clamp_pow2(n, 16, MAX_BLOCK_N), _clamp_pow2(d, 16, 64)
         opts = {"num_warps": 4}
@@ -524,7 +542,7 @@ def gram_config(n: int, rows: int, d: int, dtype: torch.dtype, *, rbf: bool, pre
         bm, bn, bk = 64, 64, 16
         opts = {"num_warps": 4, "num_stages": 2}
     else:
-        bm, bn, bk = 128, 128, 64 if dtype in (torch.bfloat16, torch.float16) else 32
+        bm, bn, bk = 64 if dot_precision(dtype, precision) == "ieee" and dtype == torch.float32 else 128, 128, 32
         opts = {"num_warps": 8, "num_stages": 3}
     cst = dict(RBF=bool(rbf), **_dot_flags(dtype, precision, interpret), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return {"constexprs": cst, "options": opts}
@@ -534,8 +552,8 @@ def grad_gemm_config(m: int, k: int, d: int, dtype: torch.dtype, *, precision: s
                      interpret: bool = INTERPRET) -> dict:  # fmt: skip
     """Constexprs and options of ``_grad_gemm_kernel`` (C[m × d] += A[m × k]·B[k × d], operands of ``dtype``).
 
-    GPU tiles: 128 × 128 (64 × 128 for d ≤ 64) with BLOCK_K 64 (half) / 32 (fp32), 8 warps, 3 stages; fp64
-    64 × 64 × 16, 4 warps."""
+    GPU tiles (sm_90, ptxas: no spills; 128 × 128 spilled 32–560 B): 64 × 128 × 32 (bf16/fp16 with d > 64, fp32
+    IEEE or TF32), 128 × 64 × 32 for half with d ≤ 64, 8 warps, 3 stages; fp64 64 × 64 × 16, 4 warps."""
     if interpret:
         bm, bd, bk = _clamp_pow2(m, 16, 64), _clamp_pow2(d, 16, 64), _clamp_pow2(k, 16, MAX_BLOCK_N)
         opts = {"num_warps": 4}
@@ -543,7 +561,8 @@ def grad_gemm_config(m: int, k: int, d: int, dtype: torch.dtype, *, precision: s
         bm, bd, bk = 64, 64, 16
         opts = {"num_warps": 4, "num_stages": 2}
     else:
-        bm, bd, bk = 128, 128 if d > 64 else 64, 64 if dtype in (torch.bfloat16, torch.float16) else 32
+        half_narrow = dtype in (torch.bfloat16, torch.float16) and d <= 64
+        bm, bd, bk = (128, 64, 32) if half_narrow else (64, 128, 32)
         opts = {"num_warps": 8, "num_stages": 3}
     cst = dict(**_dot_flags(dtype, precision, interpret), BLOCK_M=bm, BLOCK_D=bd, BLOCK_K=bk)
     return {"constexprs": cst, "options": opts}

@@ -85,7 +85,7 @@ def test_structure_rows(levels, similarity, divergence, dtype, monkeypatch):
 
     from .cases import prepared
 
-    monkeypatch.setattr(S, "panel_rows", lambda n, bytes_per_row, budget_mb=None: min(n, 12))
+    monkeypatch.setattr(S, "panel_rows", lambda n, bytes_per_row, budget_mb=None, device=None: min(n, 12))
     monkeypatch.setattr(S, "MAX_BLOCK_M", 4)
     monkeypatch.setattr(S, "MAX_BLOCK_N", 16)
     xh, zh = prepared(19, 5, 3, dtype=dtype, seed=1)
