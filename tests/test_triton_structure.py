@@ -65,9 +65,9 @@ def check(out, ref, tol, xh, zh, grad_x=True):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Row panels of 5 rows, row blocks of 4 and column blocks of 16 (N = 37: 8 panels, the last of 2 rows;
-    3 column blocks, the last of 5 columns)."""
-    monkeypatch.setattr(S, "panel_rows", lambda n, bytes_per_row, budget_mb=None, device=None: min(n, 5))
+    """Row panels of 9 rows, row blocks of 4 and column blocks of 16 (N = 37: 5 panels, the last of 1 row, row
+    blocks of 4, 4, 1; 3 column blocks, the last of 5 columns; the 1-D row grid)."""
+    monkeypatch.setattr(S, "panel_rows", lambda n, bytes_per_row, budget_mb=None, device=None: min(n, 9))
     monkeypatch.setattr(S, "MAX_BLOCK_M", 4)
     monkeypatch.setattr(S, "MAX_BLOCK_N", 16)
 
@@ -187,7 +187,7 @@ def test_level1_half_inputs(dtype, o, small_tiles, monkeypatch):
     xh, zh = inputs(37, 17, 5, dtype=dtype, seed=4)
     ref = oracle(xh, zh, o)
     check_each(run(xh, zh, o), ref, half_tolerances(xh, zh, o, ref, dtype), xh, zh)
-    assert len(seen) == 8 * 2 + 8 * 4 * 2 and set(seen) == {dtype}  # 8 panels: 2 Gram, 4 GEMMs of 2 operands
+    assert len(seen) == 5 * 2 + 5 * 4 * 2 and set(seen) == {dtype}  # 5 panels: 2 Gram, 4 GEMMs of 2 operands
 
 
 def check_each(out, ref, tols, xh, zh):
@@ -289,6 +289,7 @@ def test_two_d_grid_ragged_panels(o, grad_x, monkeypatch):
     n = 37
     monkeypatch.setattr(S, "MAX_BLOCK_M", 4)
     monkeypatch.setattr(S, "MAX_BLOCK_N", 16)
+    monkeypatch.setattr(S, "INTERPRET_SMS", 4)
     sides = 1 + int(grad_x) if o["levels"] == 1 else 0
     bpr = S._panel_bytes_per_row(n, 4, 4, sides)
     monkeypatch.setenv("STRUCTURE_OPS_TRITON_PANEL_MB", repr(7.5 * bpr / (1 << 20)))
