@@ -353,42 +353,50 @@ def _structure_level1_rows(n, dx, dz, dtype, precision, impl, design, grad_x, gr
 
 
 def _structure_level1_flash(n, dx, dz, dtype, precision, design, grad_x, grad_z, sms):
-    """Triton pass (b) (structure_flash.py): A per side lse, B loss + ḡ, C gradient per BLOCK_D chunk."""
+    """Triton pass (b) (structure_flash.py): A per side lse, B loss + ḡ, C gradient per BLOCK_D chunk.
+
+    The code implements the issue-14 design (both designs are this model): each pass's tile is the heuristic
+    choice of its autotune space (lse 128 × 128; loss and gradient 64 × 64, their ~6 live fp32 tiles allow ≤ 16
+    elements per thread), and the row operand stays on chip (loaded once per program) when max(d_x, d_z) ≤
+    RESIDENT_K (128 for bf16/fp16, 64 for fp32/tf32: structure_flash.operand_mode); otherwise every tile re-reads
+    the row chunk from L2. GEMM FLOPs count d, not the zero-padded width of the resident operand."""
     eo = _esize(dtype)
     cls = gemm_class(dtype, precision)
-    if design == "issue14":
-        bm = bn = 128
-    else:
-        bm, bn = 64, 64  # _default_blocks on a GPU
+    tiles = {"lse": (128, 128), "loss": (64, 64), "grad": (64, 64)}
+    resident = max(dx, dz) <= (128 if eo == 2 else 64)
     dgrad = max(dz if grad_z else 1, dx if grad_x else 1)
-    bd = min(128, max(16, 1 << max(0, (dgrad - 1).bit_length())))
+    bd = 64 if dgrad <= 64 else 128
     n_c = -(-dgrad // bd) if (grad_x or grad_z) else 0
-    on_chip = 160 * 1024  # bytes of shared memory a kept row operand may use (of 228 KB/SM)
 
-    def l2_gemm(d: int) -> float:  # tile loads of one S = Û_I Û_Jᵀ over all tiles
-        keep = design == "issue14" and bm * d * eo <= on_chip  # issue 14: row operand kept on chip if it fits
-        return float(n) * n * d * eo * ((0.0 if keep else 1.0 / bn) + 1.0 / bm)
+    def l2_gemm(d: int, p: str) -> float:  # operand tile loads from L2 of one S = Û_I Û_Jᵀ over all tiles
+        bm, bn = tiles[p]
+        if resident:  # row block once per program, column tiles per tile
+            return float(n) * n * d * eo / bm + n * d * eo
+        return float(n) * n * d * eo * (1.0 / bn + 1.0 / bm)
 
-    blocks = -(-n // bm)
-    waves = _waves(blocks, sms or 1)
+    def waves(p: str, chunks: int = 1) -> int:
+        return _waves(-(-n // tiles[p][0]) * chunks, sms or 1)
+
     # HBM: co-resident programs stream the same column tiles (shared through L2): one stream per wave
     phases = [
         Phase("A: lse per side", gemm_flops=2.0 * n * n * (dx + dz), gemm_class=cls, sfu_ops=2.0 * n * n,
-              hbm_bytes=waves * n * (dx + dz) * eo, l2_bytes=l2_gemm(dx) + l2_gemm(dz)),
+              hbm_bytes=waves("lse") * n * (dx + dz) * eo, l2_bytes=l2_gemm(dx, "lse") + l2_gemm(dz, "lse")),
         Phase("B: loss, ḡ", gemm_flops=2.0 * n * n * (dx + dz), gemm_class=cls, sfu_ops=6.0 * n * n,
-              hbm_bytes=waves * n * (dx + dz) * eo, l2_bytes=l2_gemm(dx) + l2_gemm(dz)),
+              hbm_bytes=waves("loss") * n * (dx + dz) * eo, l2_bytes=l2_gemm(dx, "loss") + l2_gemm(dz, "loss")),
     ]  # fmt: skip
     if n_c:
         dsum = (dz if grad_z else 0) + (dx if grad_x else 0)
+        blocks = -(-n // tiles["grad"][0])
         phases.append(Phase(
             f"C: gradient, S recomputed per BLOCK_D={bd} chunk (×{n_c})",
             gemm_flops=n_c * 2.0 * n * n * (dx + dz) + 2.0 * n * n * dsum, gemm_class=cls,
             sfu_ops=12.0 * n_c * n * n,
-            hbm_bytes=_waves(blocks * n_c, sms or 1) * n * (dx + dz + dsum) * eo + n * dsum * eo,
-            l2_bytes=n_c * (l2_gemm(dx) + l2_gemm(dz)) + float(n) * n * dsum * eo / bm,
+            hbm_bytes=waves("grad", n_c) * n * (dx + dz + dsum) * eo + n * dsum * eo,
+            l2_bytes=n_c * (l2_gemm(dx, "grad") + l2_gemm(dz, "grad")) + float(n) * n * dsum * eo / tiles["grad"][0],
             parallel=_par(blocks * n_c, sms),
         ))  # fmt: skip
-    info = {"tiles": (bm, bn), "block_d": bd, "n_c": n_c, "gemm_class": cls, "extra_memory_bytes": 7 * n * 4}
+    info = {"tiles": tiles, "row_operand_on_chip": resident, "block_d": bd, "n_c": n_c, "gemm_class": cls,
+            "extra_memory_bytes": 7 * n * 4}  # fmt: skip
     return phases, info, []
 
 
@@ -529,43 +537,47 @@ def _clip(n, dims, mode, dtype, precision, impl, design, sms, panel_mb):
         return phases, {"panel_rows": (rows_f, rows_b), "panels": (pf, pb), "gemm_class": cls}, []
     if impl != "triton":
         raise ValueError(f"no clip model for impl {impl!r}")
-    # Triton clip.py
-    if design == "issue14":
-        bm = bn = 128
-        keep = bm * d * eo_in <= 160 * 1024
-        l2_s = nn * d * eo_in * ((0.0 if keep else 1.0 / bn) + 1.0 / bm)
-        waves = _waves(-(-n // bm), sms or 1)
-        phases = [Phase("forward (O(N) column state)", gemm_flops=2.0 * nn * d, gemm_class=cls, sfu_ops=2.0 * nn,
-                        hbm_bytes=waves * n * d * eo_in, l2_bytes=l2_s)]  # fmt: skip
-        if bwd:
-            phases.append(Phase("backward: one recompute, dA and dB from the same tile (8N²d in all)",
-                                gemm_flops=6.0 * nn * d, gemm_class=cls, sfu_ops=2.0 * nn,
-                                hbm_bytes=waves * n * d * eo_in * 2 + 2 * n * d * 4, l2_bytes=2 * l2_s))  # fmt: skip
-        return phases, {"tiles": (bm, bn), "gemm_class": cls}, []
+    # Triton clip.py (implements the issue-14 design: both designs are this model). Forward: grid RG × CP (row groups
+    # × column panels, ≈ 2 programs per SM, each ≤ 32), A_I on chip when BM·d_pad fits 32 KiB (16 KiB for 4-byte
+    # IEEE / 8-byte operands), O(N) statistics. Backward: 2 roles (dA rows, dB rows), each recomputes its tiles;
+    # one output chunk when the BM × d fp32 accumulator fits (tf32/bf16/fp16 up to d = 512, IEEE fp32 and fp64
+    # up to 256): 8 N²d, else (4C + 4) N²d. Tiles: the first entries of clip.fwd_space / bwd_space.
+    tc = cls in ("tf32", "bf16", "fp16")
+    acc = 8 if _short(dtype) == "fp64" else 4
+    dp = max(16, 1 << max(0, (d - 1).bit_length()))
+    chip_bytes = 32 * 1024 if (half or cls == "tf32") else 16 * 1024
     if _short(dtype) == "fp64":
         bm, bn = 64, 32
-    elif _short(dtype) == "fp32":
-        bm, bn = 64, 64
+    elif tc:
+        bm, bn = (128, 128) if 128 * max(dp, 64) * eo_in <= chip_bytes else (128, 64)
     else:
         bm, bn = 128, 64
-    cap = 128 if _short(dtype) == "fp64" else 256
-    c = -(-d // min(cap, 1 << max(0, (d - 1).bit_length())))
-    l2_s = nn * d * eo_in * (1.0 / bm + 1.0 / bn)
-    rb = -(-n // bm)
-    acc = 8 if _short(dtype) == "fp64" else 4
-    phases = [Phase("forward tiles + column partials", gemm_flops=2.0 * nn * d, gemm_class=cls, sfu_ops=2.0 * nn,
-                    hbm_bytes=_waves(rb, sms or 1) * n * d * eo_in + 2 * 2 * rb * n * acc, l2_bytes=l2_s)]  # fmt: skip
+    keep = bm * dp * eo_in <= chip_bytes
+    rb, cb = -(-n // bm), -(-n // bn)
+    rg = min(rb, 32)
+    cp = max(1, min(cb, 32, -(-2 * (sms or 1) // rg)))
+    stats = 2 * (rg + cp) * n * acc + n * acc  # (m, l) partials of the row groups and column panels, diag
+    l2_s = nn * d * eo_in * ((0.0 if keep else 1.0 / bn) + 1.0 / bm)
+    phases = [Phase("forward: tiles, row lse online, column partials per row group (O(N))", gemm_flops=2.0 * nn * d,
+                    gemm_class=cls, sfu_ops=2.0 * nn, hbm_bytes=_waves(rg * cp, sms or 1) * n * d * eo_in + 4 * rb * n * acc,
+                    l2_bytes=l2_s, parallel=_par(rg * cp, sms))]  # fmt: skip
     if bwd:
-        bbm, bbn = (32, 32) if _short(dtype) == "fp64" else (64, 32)  # _bwd_blocks on a GPU
+        cap = 512 if tc else 256
+        c = -(-d // min(cap, dp))
+        bbm = 64
+        bbn = 64 if tc and dp <= 128 else 32 if dp <= 256 or not tc else 16
+        one_tile = c == 1 and bbm * dp * eo_in <= chip_bytes
         brb = -(-n // bbm)
-        l2_b = nn * d * eo_in * (1.0 / bbm + 1.0 / bbn)
-        phases.append(Phase(f"backward: 2 roles × {c} output chunks, each recomputes its tiles",
+        # per role and chunk: Y_J tiles once per row block (twice without the shared tile), X_I per tile unless on chip
+        l2_b = nn * d * eo_in * ((1.0 if one_tile else 2.0) / bbm + (0.0 if one_tile else 1.0 / bbn))
+        phases.append(Phase(f"backward: 2 roles × {c} output chunk(s), each recomputes its tiles",
                             gemm_flops=(4.0 * c + 4.0) * nn * d, gemm_class=cls, sfu_ops=4.0 * c * nn,
                             hbm_bytes=_waves(2 * c * brb, sms or 1) * n * d * eo_in * 2 + 2 * n * d * eo_in,
-                            l2_bytes=2 * c * l2_b + 2 * nn * d * eo_in / bbm,
-                            parallel=_par(2 * c * brb, sms)))  # fmt: skip
-    return phases, {"tiles": (bm, bn), "out_chunks": c, "gemm_class": cls,
-                    "extra_memory_bytes": 2 * rb * n * acc}, []  # fmt: skip
+                            l2_bytes=2 * c * l2_b, parallel=_par(2 * c * brb, sms)))  # fmt: skip
+    else:
+        c = 0
+    return phases, {"tiles": (bm, bn), "groups": (rg, cp), "out_chunks": c, "gemm_class": cls,
+                    "extra_memory_bytes": stats}, []  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -71,10 +71,10 @@ from ._common import (  # numpy's reductions in the interpreter (see _common)
     _max2,
     compute_dtype,
     device_guard,
-    dot_operand,
     dot_precision,
     next_pow2,
     round_tf32,
+    tf32_rna,
 )
 
 __all__ = ["clip_fwd", "clip_bwd", "gemm_flops", "fwd_config", "bwd_config", "merge_config", "fwd_space",
@@ -99,22 +99,29 @@ def gemm_flops(n: int, d: int, block_do: int | None = None) -> dict[str, int]:
 # Only core builtins inside the kernels (tl.full / tl.reduce, not tl.zeros / tl.sum / tl.max): those are
 # @jit functions of triton.language.standard, and when triton was imported before TRITON_INTERPRET=1 was
 # set (importing torch._dynamo imports triton) the interpreter refuses to call them. Same code on the GPU.
-@triton.jit
+# In the interpreter every call of a @triton.jit helper re-patches triton.language (~5 ms a call, most of an
+# interpreted tile): there the helpers below run as plain Python functions on the module the kernel's launch has
+# already patched. On a GPU they are @triton.jit functions, inlined by the compiler: the same bodies either way.
+_helper = (lambda f: f) if INTERPRET else triton.jit
+_tf32_rna = getattr(tf32_rna, "fn", tf32_rna) if INTERPRET else tf32_rna
+
+
+@_helper
 def _rsum(x, axis: tl.constexpr):
     return tl.reduce(x, axis, _add)
 
 
-@triton.jit
+@_helper
 def _rmax(x, axis: tl.constexpr):
     return tl.reduce(x, axis, _max2)
 
 
-@triton.jit
+@_helper
 def _finite_or_zero(m):
     return tl.where(tl.abs(m) < float("inf"), m, 0.0)
 
 
-@triton.jit
+@_helper
 def _tile_lse(x, axis: tl.constexpr):
     # A log-sum-exp partial (m, l) of x along ``axis``: lse = m + log l with l = Σ e^{x − m}. The shift m is the
     # max when finite; a ±inf/NaN max shifts by 0 (the C++ op's rule: ±inf logits give inf/NaN, never a trap);
@@ -128,7 +135,7 @@ def _tile_lse(x, axis: tl.constexpr):
     return tl.where(t == float("-inf"), t, sh), _rsum(e, axis)
 
 
-@triton.jit
+@_helper
 def _lse_merge(m1, l1, m2, l2):
     # logaddexp of two partials in the (m, l) form of _tile_lse; (−inf, 0) is the identity.
     m = tl.maximum(m1, m2)
@@ -137,13 +144,33 @@ def _lse_merge(m1, l1, m2, l2):
     return tl.where(m == float("-inf"), m, sh), l
 
 
-@triton.jit
+@_helper
+def _round_to(x, dt: tl.constexpr, EMULATE: tl.constexpr):
+    # fp32 → dt rounded to nearest even, as the GPU's cvt.rn does. The interpreter truncates fp32 → bf16 (even with
+    # fp_downcast_rounding="rtne"), so there (EMULATE) the rounding is done on the bits first: add 0x7FFF plus the
+    # lowest kept bit, clear the 16 dropped bits; the cast that follows is then exact. NaN passes through.
+    if EMULATE:
+        bits = x.to(tl.uint32, bitcast=True)
+        r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        x = tl.where(x != x, x, r)
+    return x.to(dt)
+
+
+@_helper
+def _operand(x, ROUND_TF32: tl.constexpr):
+    # _common.dot_operand: fp32 at TF32 rounded to nearest (ties away) before the tensor cores truncate it
+    if ROUND_TF32:
+        x = _tf32_rna(x)
+    return x
+
+
+@_helper
 def _load_operand(ptr, mask, UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr):
     v = tl.load(ptr, mask=mask, other=0.0)
     if UPCAST:  # the interpreter miscomputes bf16 dots: feed it fp32 (exact products)
         v = v.to(tl.float32)
     # fp32 at TF32: operands rounded to nearest (ties away) here, not truncated by the tensor cores
-    return dot_operand(v, ROUND_TF32)
+    return _operand(v, ROUND_TF32)
 
 
 @triton.jit
@@ -201,13 +228,16 @@ def _clip_fwd_kernel(
                                       UPCAST, ROUND_TF32)
                     acc = tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
             logits = acc * s
-            diag += _rsum(tl.where(rows[:, None] == cols[None, :], logits, 0.0), 1)
-            # Row direction: masked columns are −inf (they add e^{−inf} = 0).
-            tm, tsum = _tile_lse(tl.where(col_ok[None, :], logits, float("-inf")), 1)
+            if (ib * BLOCK_M < jb * BLOCK_N + BLOCK_N) & (jb * BLOCK_N < ib * BLOCK_M + BLOCK_M):  # tile ∋ a diagonal
+                diag += _rsum(tl.where(rows[:, None] == cols[None, :], logits, 0.0), 1)
+            # One masked tile for both directions: masked entries are −inf (they add e^{−inf} = 0); a masked row's
+            # (column's) own statistics are never stored.
+            lm = tl.where(row_ok[:, None] & col_ok[None, :], logits, float("-inf"))
+            tm, tsum = _tile_lse(lm, 1)
             m_i, l_i = _lse_merge(m_i, l_i, tm, tsum)
             # Column direction: this tile's partial, merged into the group's running one (read back from the
             # second row block of the group on; only this program touches cm/cl[g, J]).
-            cm, csum = _tile_lse(tl.where(row_ok[:, None], logits, float("-inf")), 0)
+            cm, csum = _tile_lse(lm, 0)
             coff = g.to(tl.int64) * N + cols
             old = col_ok & (ib != g)
             om = tl.load(cm_ptr + coff, mask=old, other=float("-inf"))
@@ -351,12 +381,12 @@ def _clip_bwd_kernel(
             yo = _load_operand(y_blk + cl[:, None] * D + dos[None, :], col_ok[:, None] & do_ok[None, :],
                                UPCAST, ROUND_TF32)
         # E rounded to the input dtype as the tensor cores see it (in the interpreter too: to IN, then to fp32)
-        eo = dot_operand(e.to(IN).to(yo.dtype), ROUND_TF32)
+        eo = _operand(_round_to(e, IN, UPCAST).to(yo.dtype), ROUND_TF32)
         out = tl.dot(eo, yo, out, input_precision=DOT_PRECISION, out_dtype=ACC)
 
     out = out * (coef * s)
     o_offs = rl[:, None] * D + dos[None, :]
-    tl.store(o_ptr + (pid * BLOCK_M).to(tl.int64) * D + o_offs, out.to(o_ptr.dtype.element_ty),
+    tl.store(o_ptr + (pid * BLOCK_M).to(tl.int64) * D + o_offs, _round_to(out, o_ptr.dtype.element_ty, UPCAST),
              mask=row_ok[:, None] & do_ok[None, :])
     if role == 0:
         if chunk == 0:
@@ -412,14 +442,14 @@ _ESIZE = {"half": 2, "tf32": 4, "ieee": 4, "fp64": 8}
 _FWD_TILES = {
     "half": ((128, 128, 8), (128, 64, 8), (64, 128, 4), (64, 64, 4)),
     "tf32": ((128, 128, 8), (128, 64, 8), (64, 128, 4), (64, 64, 4)),
-    "ieee": ((128, 128, 8), (64, 64, 4), (64, 32, 4)),
-    "fp64": ((64, 64, 8), (64, 32, 4), (32, 32, 4)),
+    "ieee": ((128, 64, 8), (64, 64, 4), (64, 32, 4)),
+    "fp64": ((64, 32, 4), (32, 32, 4)),
 }
 _BWD_TILES = {
-    "half": ((128, 128, 8), (128, 64, 8), (64, 128, 8), (64, 64, 4), (64, 32, 8)),
-    "tf32": ((128, 128, 8), (128, 64, 8), (64, 128, 8), (64, 64, 4), (64, 32, 8)),
-    "ieee": ((128, 128, 8), (64, 64, 8), (64, 32, 8), (32, 32, 4)),
-    "fp64": ((64, 32, 8), (32, 32, 4)),
+    "half": ((128, 64, 8), (64, 64, 8), (64, 32, 8), (64, 16, 8)),
+    "tf32": ((128, 64, 8), (64, 64, 8), (64, 32, 8), (64, 16, 8)),
+    "ieee": ((64, 64, 8), (64, 32, 8), (64, 16, 8), (32, 32, 4)),
+    "fp64": ((64, 32, 8), (32, 32, 4), (32, 16, 4)),
 }
 _K_STEP = {"half": 64, "tf32": 32, "ieee": 16, "fp64": 16}  # BLOCK_D of the K-loop when A_I is not on chip
 # A_I (BM × d_pad) stays on chip when it is at most this many bytes (the dot operand lives in shared memory
@@ -436,17 +466,16 @@ def _width(d: int) -> int:
 
 
 def _fwd_entry(kind: str, bm: int, bn: int, w: int, d: int, dtype, precision) -> dict:
-    dp = _width(d)
-    bd = dp if bm * dp * _ESIZE[kind] <= _ON_CHIP_BYTES[kind] else min(_K_STEP[kind], dp)
+    dp = max(_width(d), _K_STEP[kind])  # on chip: at least one K step wide (fewer width classes to compile)
+    bd = dp if bm * dp * _ESIZE[kind] <= _ON_CHIP_BYTES[kind] else _K_STEP[kind]
     cst = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, X_ON_CHIP=bd >= d, DOT_PRECISION=dot_precision(dtype, precision),
                UPCAST=False, ROUND_TF32=round_tf32(dtype, precision))
     return {"constexprs": cst, "options": {"num_warps": w}}
 
 
 def _bwd_entry(kind: str, bm: int, bn: int, w: int, d: int, dtype, precision, bdo: int) -> dict:
-    dp = _width(d)
-    esz = _ESIZE[kind]
-    if bdo >= dp and bm * dp * esz <= _ON_CHIP_BYTES[kind]:
+    dp = max(_width(d), _K_STEP[kind])
+    if bdo >= dp and bm * dp * _ESIZE[kind] <= _ON_CHIP_BYTES[kind]:
         bd = dp  # A_I on chip and one Y_J tile for both GEMMs
     else:
         bd = min(_K_STEP[kind], dp)
@@ -475,7 +504,7 @@ def bwd_space(d: int, dtype: torch.dtype, precision: str | None = None) -> list[
     whose BM × d_pad fp32 accumulator fits (one output chunk: 8 N² d); when none does, every tile with the widest
     chunk that fits it (C = ⌈d / BLOCK_DO⌉ chunks, (4C + 4) N² d)."""
     kind = _kind(dtype, precision)
-    dp = _width(d)
+    dp = max(_width(d), _K_STEP[kind])  # at least one K step wide (fewer width classes to compile)
     whole, chunked = [], []
     for bm, bn, w in _BWD_TILES[kind]:
         cap = _ACC_REGS[kind] * 32 * w // bm  # accumulator columns that fit the register budget
@@ -637,7 +666,7 @@ def clip_fwd(
 
     loss is 0-dim in image's dtype; lse_row/lse_col are (N,) in fp32 (fp64 for fp64 inputs). Extra memory
     O(N) (``workspace_bytes``). ``block_*`` override the default tile (powers of two ≥ 16), ``config`` forces an
-    entry of fwd_space, ``groups`` the (RG, CP) grid (each ≤ GROUP_CAP); for tests.
+    entry of fwd_space, ``groups`` the (RG, CP) grid (each ≤ GROUP_CAP, clamped to the block counts); for tests.
     """
     _check(image, text, logit_scale, "clip_fwd")
     a, b = image.detach().contiguous(), text.detach().contiguous()
@@ -653,6 +682,8 @@ def clip_fwd(
             rg, cp = groups or fwd_grid(n, cst["BLOCK_M"], cst["BLOCK_N"], _num_sms(dev))
             if not (1 <= rg <= GROUP_CAP and 1 <= cp <= GROUP_CAP):
                 raise ValueError(f"groups must be two integers in [1, {GROUP_CAP}], got {(rg, cp)}")
+            # every group and panel needs at least one block (its statistics are written by its programs)
+            rg, cp = min(rg, triton.cdiv(n, cst["BLOCK_M"])), min(cp, triton.cdiv(n, cst["BLOCK_N"]))
             diag = torch.empty(n, device=dev, dtype=cdt)
             part = torch.empty((2, rg + cp, n), device=dev, dtype=cdt)  # (m, l) × (row panels, column groups)
             _clip_fwd_kernel[(rg, cp)](a, b, s, diag, part[0, :cp], part[1, :cp], part[0, cp:], part[1, cp:],
