@@ -109,6 +109,9 @@ def test_protocol_table_has_every_row_and_correct_std(run, capsys):
 def test_protocol_errors_are_one_line(run, capsys, tmp_path):
     assert cli(["protocol", "--run", str(run), "--seeds", "0", "0"]) == 2
     assert "--seeds must be distinct" in capsys.readouterr().err
+    assert cli(["protocol", "--run", str(run), "--refine-lr", "0"]) == 2
+    res = capsys.readouterr()
+    assert "refine_csa: lr must be" in res.err and "[1/" not in res.out  # refused before the first fit
     shutil.copytree(run / "features", tmp_path / "bare" / "features")  # the run without its layer scores
     shutil.copy(run / "manifest.json", tmp_path / "bare" / "manifest.json")
     assert cli(["protocol", "--run", str(tmp_path / "bare")]) == 2

@@ -463,6 +463,8 @@ def protocol(a: argparse.Namespace, log=_log) -> dict:
             raise ValueError(f"--layers selected needs {run}/layer_scores.json: run `structure-ops select-layers --run "
                              f"{run}` first (or pass --layers last)") from None
     clip = pairs = zs_paths = None
+    if a.clip_batch_size < 1:
+        raise ValueError(f"--clip-batch-size must be >= 1, got {a.clip_batch_size}")
     if a.clip_model:  # everything the CLIP row needs is checked before any training
         pairs, zs_paths = run_inputs(run, m, captions=a.captions, karpathy=a.karpathy, images=a.images,
                                      zero_shot_dir=a.zero_shot, class_names=a.class_names)
@@ -472,8 +474,14 @@ def protocol(a: argparse.Namespace, log=_log) -> dict:
     discovered = discover_suite(a, run, m) if a.suite else None
     has_zs = m.get("zero_shot") is not None
     probe = has_zs and not a.no_probe
+    # every option is checked here, before the first fit
     base = TrainConfig(head=a.head, dim=a.dim, temperature=a.temperature, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size,
                        patience=a.patience, warmup_frac=a.warmup_frac, backend=a.backend, device=a.device)
+    refine_base = RefineConfig(lam=a.lam, cca_weight=a.pairing_weight, levels=a.levels, temperature=a.refine_temperature,
+                               epochs=a.refine_epochs, lr=a.refine_lr, batch_size=a.refine_batch_size, backend=a.backend,
+                               device=str(resolve_device(a.device)))
+    if not a.ridge >= 0:
+        raise ValueError(f"--ridge must be >= 0, got {a.ridge}")
     rows = m["splits"][a.split]
     jobs = []
     for rule, layers in layer_sets.items():
@@ -496,12 +504,7 @@ def protocol(a: argparse.Namespace, log=_log) -> dict:
             name, folder, res = train_run(run, f"{layers[0]},{layers[1]}", cfg, name=tag, resume=a.resume, manifest=m)
             detail = f"lr {res.lr:.2g}, best epoch {res.best_epoch} of {len(res.history)}"
         else:
-            refine = None
-            if method == "csa+structure":
-                refine = RefineConfig(lam=a.lam, cca_weight=a.pairing_weight, levels=a.levels,
-                                      temperature=a.refine_temperature, epochs=a.refine_epochs, lr=a.refine_lr,
-                                      batch_size=a.refine_batch_size, seed=seed, backend=a.backend,
-                                      device=str(resolve_device(a.device)))
+            refine = dataclasses.replace(refine_base, seed=seed) if method == "csa+structure" else None
             name, folder, fit = csa_run(run, f"{layers[0]},{layers[1]}", a.dim, a.ridge, name=tag, refine=refine, manifest=m)
             detail = f"{fit.w_x.shape[1]} directions" + (" (closed form: one fit for every seed)" if refine is None else "")
         if layers not in feats:
