@@ -457,17 +457,61 @@ _K_STEP = {"half": 64, "tf32": 32, "ieee": 16, "fp64": 16}  # BLOCK_D of the K-l
 _ON_CHIP_BYTES = {"half": 32 * 1024, "tf32": 32 * 1024, "ieee": 16 * 1024, "fp64": 16 * 1024}
 # The fp32 (fp64) BM × BLOCK_DO accumulator of the backward: at most this many registers per thread.
 _ACC_REGS = {"half": 128, "tf32": 128, "ieee": 64, "fp64": 64}
-# (kind, kernel, BM, BN, warps, BLOCK_D, BLOCK_DO) that spill on sm_90 (ptxas -v): pruned from the spaces.
-_SPILLS: frozenset = frozenset()
+# (kind, kernel, BM, BN, warps, BLOCK_D, BLOCK_DO, X_ON_CHIP) that spill on sm_90 (ptxas -v of the compiled
+# kernel; aot.py --no-spills): pruned from the spaces. Measured with Triton 3.7.1 (regenerate after a kernel change).
+_SPILLS: frozenset = frozenset({
+    ('fp64', 'bwd', 32, 16, 4, 32, 32, True),
+    ('fp64', 'bwd', 32, 32, 4, 16, 256, False),
+    ('fp64', 'bwd', 64, 32, 8, 16, 256, False),
+    ('fp64', 'fwd', 32, 32, 4, 64, 0, True),
+    ('fp64', 'fwd', 64, 32, 4, 32, 0, True),
+    ('half', 'bwd', 64, 32, 8, 64, 512, False),
+    ('half', 'bwd', 64, 64, 8, 64, 512, False),
+    ('half', 'bwd', 64, 64, 8, 256, 256, True),
+    ('half', 'bwd', 128, 64, 8, 64, 256, False),
+    ('half', 'bwd', 128, 64, 8, 128, 128, True),
+    ('half', 'bwd', 128, 128, 8, 64, 64, True),
+    ('half', 'bwd', 128, 128, 8, 64, 256, False),
+    ('half', 'bwd', 128, 128, 8, 128, 128, True),
+    ('half', 'fwd', 64, 128, 4, 64, 0, False),
+    ('half', 'fwd', 64, 128, 4, 256, 0, True),
+    ('half', 'fwd', 128, 128, 8, 64, 0, False),
+    ('ieee', 'bwd', 64, 64, 8, 16, 128, False),
+    ('ieee', 'bwd', 64, 64, 8, 16, 256, False),
+    ('ieee', 'bwd', 64, 64, 8, 64, 64, True),
+    ('ieee', 'fwd', 64, 32, 4, 16, 0, False),
+    ('ieee', 'fwd', 64, 32, 4, 64, 0, True),
+    ('ieee', 'fwd', 64, 64, 4, 32, 0, True),
+    ('ieee', 'fwd', 64, 64, 4, 64, 0, True),
+    ('ieee', 'fwd', 128, 64, 8, 32, 0, True),
+    ('tf32', 'bwd', 64, 16, 8, 32, 512, False),
+    ('tf32', 'bwd', 64, 32, 8, 32, 512, False),
+    ('tf32', 'bwd', 64, 64, 8, 32, 256, False),
+    ('tf32', 'bwd', 64, 64, 8, 32, 512, False),
+    ('tf32', 'bwd', 128, 64, 8, 32, 128, False),
+    ('tf32', 'bwd', 128, 64, 8, 32, 256, False),
+    ('tf32', 'fwd', 64, 64, 4, 32, 0, False),
+    ('tf32', 'fwd', 64, 64, 4, 32, 0, True),
+    ('tf32', 'fwd', 64, 64, 4, 64, 0, True),
+    ('tf32', 'fwd', 64, 64, 4, 128, 0, True),
+    ('tf32', 'fwd', 64, 128, 4, 32, 0, False),
+    ('tf32', 'fwd', 64, 128, 4, 32, 0, True),
+    ('tf32', 'fwd', 64, 128, 4, 64, 0, True),
+    ('tf32', 'fwd', 64, 128, 4, 128, 0, True),
+    ('tf32', 'fwd', 128, 64, 8, 64, 0, True),
+    ('tf32', 'fwd', 128, 128, 8, 32, 0, False),
+    ('tf32', 'fwd', 128, 128, 8, 32, 0, True),
+    ('tf32', 'fwd', 128, 128, 8, 64, 0, True),
+})
 
 
 def _width(d: int) -> int:
     return max(16, next_pow2(d))
 
 
-def _fwd_entry(kind: str, bm: int, bn: int, w: int, d: int, dtype, precision) -> dict:
+def _fwd_entry(kind: str, bm: int, bn: int, w: int, d: int, dtype, precision, on_chip: bool = True) -> dict:
     dp = max(_width(d), _K_STEP[kind])  # on chip: at least one K step wide (fewer width classes to compile)
-    bd = dp if bm * dp * _ESIZE[kind] <= _ON_CHIP_BYTES[kind] else _K_STEP[kind]
+    bd = dp if on_chip and bm * dp * _ESIZE[kind] <= _ON_CHIP_BYTES[kind] else _K_STEP[kind]
     cst = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, X_ON_CHIP=bd >= d, DOT_PRECISION=dot_precision(dtype, precision),
                UPCAST=False, ROUND_TF32=round_tf32(dtype, precision))
     return {"constexprs": cst, "options": {"num_warps": w}}
@@ -487,7 +531,8 @@ def _bwd_entry(kind: str, bm: int, bn: int, w: int, d: int, dtype, precision, bd
 
 def _spills(kind: str, kernel: str, cfg: dict) -> bool:
     c = cfg["constexprs"]
-    key = (kind, kernel, c["BLOCK_M"], c["BLOCK_N"], cfg["options"]["num_warps"], c["BLOCK_D"], c.get("BLOCK_DO", 0))
+    key = (kind, kernel, c["BLOCK_M"], c["BLOCK_N"], cfg["options"]["num_warps"], c["BLOCK_D"], c.get("BLOCK_DO", 0),
+           c["X_ON_CHIP"])  # fmt: skip
     return key in _SPILLS
 
 
@@ -495,8 +540,14 @@ def fwd_space(d: int, dtype: torch.dtype, precision: str | None = None) -> list[
     """Every GPU configuration of ``_clip_fwd_kernel`` for width ``d`` and ``dtype`` (fp32: torch's float32 matmul
     ``precision``, default the current one), best guess first. aot.py compiles all of them."""
     kind = _kind(dtype, precision)
-    out = [_fwd_entry(kind, bm, bn, w, d, dtype, precision) for bm, bn, w in _FWD_TILES[kind]]
-    return [c for c in out if not _spills(kind, "fwd", c)]
+    out = []
+    for bm, bn, w in _FWD_TILES[kind]:
+        for on_chip in (True, False):  # A_I on chip where it fits and compiles without spills, else the K-loop
+            cfg = _fwd_entry(kind, bm, bn, w, d, dtype, precision, on_chip)
+            if not _spills(kind, "fwd", cfg):
+                out.append(cfg)
+                break
+    return out
 
 
 def bwd_space(d: int, dtype: torch.dtype, precision: str | None = None) -> list[dict]:
@@ -508,13 +559,13 @@ def bwd_space(d: int, dtype: torch.dtype, precision: str | None = None) -> list[
     whole, chunked = [], []
     for bm, bn, w in _BWD_TILES[kind]:
         cap = _ACC_REGS[kind] * 32 * w // bm  # accumulator columns that fit the register budget
-        cap = 1 << (cap.bit_length() - 1) if cap >= 16 else 0
-        if cap < 16:
-            continue
-        cfg = _bwd_entry(kind, bm, bn, w, d, dtype, precision, min(dp, cap))
-        if _spills(kind, "bwd", cfg):
-            continue
-        (whole if cap >= dp else chunked).append(cfg)
+        bdo = min(dp, 1 << (cap.bit_length() - 1))
+        while bdo >= 16:  # the widest output chunk of this tile that compiles without spills
+            cfg = _bwd_entry(kind, bm, bn, w, d, dtype, precision, bdo)
+            if not _spills(kind, "bwd", cfg):
+                (whole if bdo >= dp else chunked).append(cfg)
+                break
+            bdo //= 2
     if whole:
         return whole
     widest = max(c["constexprs"]["BLOCK_DO"] for c in chunked)
