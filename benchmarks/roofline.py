@@ -540,19 +540,19 @@ def _clip(n, dims, mode, dtype, precision, impl, design, sms, panel_mb):
     # Triton clip.py (implements the issue-14 design: both designs are this model). Forward: grid RG × CP (row groups
     # × column panels, ≈ 2 programs per SM, each ≤ 32), A_I on chip when BM·d_pad fits 32 KiB (16 KiB for 4-byte
     # IEEE / 8-byte operands), O(N) statistics. Backward: 2 roles (dA rows, dB rows), each recomputes its tiles;
-    # one output chunk when the BM × d fp32 accumulator fits (tf32/bf16/fp16 up to d = 512, IEEE fp32 and fp64
-    # up to 256): 8 N²d, else (4C + 4) N²d. Tiles: the first entries of clip.fwd_space / bwd_space.
+    # one output chunk when the BM × d fp32 accumulator compiles without spills (bf16/fp16 up to d = 512, tf32, IEEE
+    # fp32 and fp64 up to 256): 8 N²d, else (4C + 4) N²d. Tiles: the first entries of clip.fwd_space / bwd_space.
     tc = cls in ("tf32", "bf16", "fp16")
     acc = 8 if _short(dtype) == "fp64" else 4
     dp = max(16, 1 << max(0, (d - 1).bit_length()))
     chip_bytes = 32 * 1024 if (half or cls == "tf32") else 16 * 1024
     if _short(dtype) == "fp64":
         bm, bn = 64, 32
-    elif tc:
-        bm, bn = (128, 128) if 128 * max(dp, 64) * eo_in <= chip_bytes else (128, 64)
+    elif half and 128 * max(dp, 64) * eo_in <= chip_bytes:
+        bm, bn = 128, 128  # fp32 operands spill at 128 × 128 (tf32 and IEEE: 128 × 64, K-loop)
     else:
         bm, bn = 128, 64
-    keep = bm * dp * eo_in <= chip_bytes
+    keep = half and bm * max(dp, 64) * eo_in <= chip_bytes
     rb, cb = -(-n // bm), -(-n // bn)
     rg = min(rb, 32)
     cp = max(1, min(cb, 32, -(-2 * (sms or 1) // rg)))
@@ -562,10 +562,10 @@ def _clip(n, dims, mode, dtype, precision, impl, design, sms, panel_mb):
                     gemm_class=cls, sfu_ops=2.0 * nn, hbm_bytes=_waves(rg * cp, sms or 1) * n * d * eo_in + 4 * rb * n * acc,
                     l2_bytes=l2_s, parallel=_par(rg * cp, sms))]  # fmt: skip
     if bwd:
-        cap = 512 if tc else 256
+        cap = 512 if half else 256  # the widest spill-free output chunk (bf16/fp16 at BN = 16; fp32 operands: 256)
         c = -(-d // min(cap, dp))
         bbm = 64
-        bbn = 64 if tc and dp <= 128 else 32 if dp <= 256 or not tc else 16
+        bbn = 64 if tc and dp <= 128 else 32 if dp <= 256 else 16
         one_tile = c == 1 and bbm * dp * eo_in <= chip_bytes
         brb = -(-n // bbm)
         # per role and chunk: Y_J tiles once per row block (twice without the shared tile), X_I per tile unless on chip

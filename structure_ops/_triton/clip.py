@@ -30,10 +30,11 @@ Pass structure (GEMM FLOPs):
             emit dA_I = s·dL_I,: B (+ the ds partial of their rows); role 1 programs own a row block of B
             (a column block of L) and emit dB_J = s·dL_:,Jᵀ A. Each recomputes its tiles (2 N² d per
             role) and multiplies (2 N² d per role).                                             8 N² d
-            C = ⌈d / BLOCK_DO⌉ = 1 for every width whose fp32 BM × d accumulator fits the registers of a
-            tile in the space (d ≤ 512 for bf16/fp16/TF32, see bwd_space); wider d recomputes the tiles once
-            per output chunk: (4C + 4) N² d. Extra memory: the ds partials, one per row block (O(N/BM)).
-  total     10 N² d (2 forward + 8 backward) for C = 1.
+            C = ⌈d / BLOCK_DO⌉ = 1 for every width whose fp32 BM × d accumulator compiles without spills for
+            some tile of the space: d ≤ 512 for bf16/fp16 (64 × 16 tiles at d = 512), d ≤ 256 for fp32 (TF32 or
+            IEEE) and fp64 operands; wider d recomputes the tiles once per output chunk: (4C + 4) N² d.
+            Extra memory: the ds partials, one per row block (O(N/BM)).
+  total     10 N² d (2 forward + 8 backward) for C = 1; 14 N² d for fp32 operands at d = 512 (C = 2).
 
 Why not a single backward sweep (6 N² d): emitting dA and dB from the same recomputed tile needs a
 cross-program reduction of dB (atomics: not deterministic) or an N × d partial per row block (O(N² d/BM)
