@@ -1100,8 +1100,13 @@ def aot_configs() -> list[tuple]:
                     add(_gram_kernel, gram_config(n, n, d, dtype, rbf=rbf, precision=precision, interpret=False),
                         cdt, dtype)  # fmt: skip
                 for m, k in ((n, 256), (256, n)):
-                    add(_grad_gemm_kernel, grad_gemm_config(m, k, d, dtype, precision=precision, interpret=False),
-                        cdt, dtype, wdt)  # fmt: skip
+                    cfg = grad_gemm_config(m, k, d, dtype, precision=precision, interpret=False)
+                    add(_grad_gemm_kernel, cfg, cdt, dtype, wdt)
+                    # as launched: Triton specializes an int argument equal to 1, i.e. the unit stride of W_I (A's
+                    # columns) or of W_Iᵀ (A's rows): each access pattern compiles (and is checked) on its own
+                    for unit in ("stride_ak", "stride_am"):
+                        add(_grad_gemm_kernel, {"constexprs": {**cfg["constexprs"], unit: 1}, "options": cfg["options"]},
+                            cdt, dtype, wdt)  # fmt: skip
         esize = torch.finfo(cdt).bits // 8
         for rbf in (False, True):
             for js in (False, True):
