@@ -537,7 +537,20 @@ def _clip(n, dims, mode, dtype, precision, impl, design, sms, panel_mb):
         return phases, {"panel_rows": (rows_f, rows_b), "panels": (pf, pb), "gemm_class": cls}, []
     if impl != "triton":
         raise ValueError(f"no clip model for impl {impl!r}")
-    # Triton clip.py (implements the issue-14 design: both designs are this model). Forward: grid RG × CP (row groups
+    # Triton clip.py
+    if design == "issue14":  # the design as modelled before it was built (docs/roofline.md): kept as the target
+        bm = bn = 128
+        keep = bm * d * eo_in <= 160 * 1024
+        l2_s = nn * d * eo_in * ((0.0 if keep else 1.0 / bn) + 1.0 / bm)
+        waves = _waves(-(-n // bm), sms or 1)
+        phases = [Phase("forward (O(N) column state)", gemm_flops=2.0 * nn * d, gemm_class=cls, sfu_ops=2.0 * nn,
+                        hbm_bytes=waves * n * d * eo_in, l2_bytes=l2_s)]  # fmt: skip
+        if bwd:
+            phases.append(Phase("backward: one recompute, dA and dB from the same tile (8N²d in all)",
+                                gemm_flops=6.0 * nn * d, gemm_class=cls, sfu_ops=2.0 * nn,
+                                hbm_bytes=waves * n * d * eo_in * 2 + 2 * n * d * 4, l2_bytes=2 * l2_s))  # fmt: skip
+        return phases, {"tiles": (bm, bn), "gemm_class": cls}, []
+    # "today": the kernel as built. Forward: grid RG × CP (row groups
     # × column panels, ≈ 2 programs per SM, each ≤ 32), A_I on chip when BM·d_pad fits 32 KiB (16 KiB for 4-byte
     # IEEE / 8-byte operands), O(N) statistics. Backward: 2 roles (dA rows, dB rows), each recomputes its tiles;
     # one output chunk when the BM × d fp32 accumulator compiles without spills (bf16/fp16 up to d = 512, tf32, IEEE
@@ -565,7 +578,7 @@ def _clip(n, dims, mode, dtype, precision, impl, design, sms, panel_mb):
         cap = 512 if half else 256  # the widest spill-free output chunk (bf16/fp16 at BN = 16; fp32 operands: 256)
         c = -(-d // min(cap, dp))
         bbm = 64
-        bbn = 64 if tc and dp <= 128 else 32 if dp <= 256 else 16
+        bbn = 64 if tc and dp <= 128 else 16 if half and dp >= 512 else 32
         one_tile = c == 1 and bbm * dp * eo_in <= chip_bytes
         brb = -(-n // bbm)
         # per role and chunk: Y_J tiles once per row block (twice without the shared tile), X_I per tile unless on chip
