@@ -5,8 +5,8 @@ the host code stay textually the same except for
 
 * ``kernel<<<grid, block, smem, stream>>>(args)`` → ``so_emu::launch("kernel", &kernel, grid, block, smem, stream)(args)``
 * ``__launch_bounds__(B, ...)`` → a check ``so_emu::check_launch_bounds(B)`` as the kernel body's first statement
-* ``at::empty`` → ``so_emu::empty`` (NaN-poisoned), ``at::mm_out`` → ``so_emu::mm_out`` (the half → fp32 GEMM the
-  CPU lacks), ``x.is_cuda()`` → ``true`` (CPU tensors stand in for device tensors), the CUDA headers dropped,
+* ``at::empty`` → ``so_emu::empty`` (NaN-poisoned), ``at::mm_out``/``at::addmm_out`` → ``so_emu::mm_out``/
+  ``so_emu::addmm_out`` (the half → fp32 GEMMs the CPU lacks), ``x.is_cuda()`` → ``true`` (CPU tensors stand in for device tensors), the CUDA headers dropped,
   ``TORCH_LIBRARY_IMPL(structure_ops, CUDA, m)`` → ``TORCH_LIBRARY(so_emu_<name>, m)`` with ``m.def``.
 
 Every replacement asserts that its pattern is present, so a change of the .cu file that the emulation does not
@@ -41,8 +41,8 @@ ORDERS = ("inorder", "reversed", "shuffled")
 # block reductions for any multiple of 32): the tests override their block size (up to their __launch_bounds__).
 # Kernels with grid-stride loops: the tests also override their grid size.
 BLOCK_GENERIC = {
-    "structure": ("l1_rows_kernel", "level_div_kernel", "softmax_bwd_kernel", "finalize_level1_kernel",
-                  "finalize_levels_kernel"),
+    "structure": ("l1_rows_kernel", "l1_lse_kernel", "l1_terms_kernel", "l1_grad_kernel", "level_div_kernel",
+                  "softmax_bwd_kernel", "finalize_level1_kernel", "finalize_levels_kernel"),
     "clip": ("clip_fwd_finalize_kernel", "clip_bwd_rows_kernel", "clip_bwd_finalize_kernel",
              "scale_accumulate_kernel"),
     "knn": ("knn_sanitize_kernel", "knn_drop_diag_kernel"),
@@ -54,8 +54,8 @@ GRID_STRIDE = {
 }  # fmt: skip
 # Every kernel each file defines (the launch rewrite must find a launch of each).
 KERNELS = {
-    "structure": ("l1_rows_kernel", "level_div_kernel", "softmax_bwd_kernel", "sq_norms_kernel",
-                  "finalize_level1_kernel", "finalize_levels_kernel"),
+    "structure": ("l1_rows_kernel", "l1_lse_kernel", "l1_terms_kernel", "l1_grad_kernel", "level_div_kernel",
+                  "softmax_bwd_kernel", "sq_norms_kernel", "finalize_level1_kernel", "finalize_levels_kernel"),
     "clip": ("clip_fwd_tile_kernel", "clip_fwd_merge_kernel", "clip_fwd_finalize_kernel", "clip_bwd_rows_kernel",
              "clip_bwd_finalize_kernel", "scale_accumulate_kernel"),
     "knn": ("knn_topk_rows_kernel", "knn_sanitize_kernel", "knn_drop_diag_kernel"),
@@ -192,7 +192,7 @@ def translate(name: str) -> str:
     src, n = re.subn(r"\b\w+\.is_cuda\(\)", "true", src)
     assert n >= 1, f"{what} changed: no device check x.is_cuda() found"
     src = _replace(src, "at::empty(", "::so_emu::empty(", what)
-    src = src.replace("at::mm_out(", "::so_emu::mm_out(")
+    src = src.replace("at::mm_out(", "::so_emu::mm_out(").replace("at::addmm_out(", "::so_emu::addmm_out(")
     src = re.sub(r"#include <(c10/cuda/[^>]*|cuda_bf16\.h|cuda_fp16\.h|cuda_runtime\.h)>", "", src)
     src, bounds = rewrite_launch_bounds(src)
     assert bounds >= 1, f"{what}: no __launch_bounds__ found"

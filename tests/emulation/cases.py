@@ -41,11 +41,66 @@ def rows_call(op, xh, zh, begin, end, o, grad_x=True, grad_z=True):
     )
 
 
+def panel_bytes_per_row(n, grad_x, grad_z, dtype):
+    """Bytes per row of the level-1 panel buffers of structure_cuda.cu: two Gram rows in the compute dtype (fp64 for
+    fp64 inputs, else fp32) and one W row per side with a gradient in the GEMM operand dtype (the input dtype)."""
+    ec = 8 if dtype == torch.float64 else 4
+    ew = torch.empty((), dtype=dtype).element_size() if dtype in (torch.float16, torch.bfloat16) else ec
+    return n * (2 * ec + (int(grad_x) + int(grad_z)) * ew)
+
+
 def force_panel_rows(monkeypatch, rows, n, grad_x, grad_z, dtype):
-    """STRUCTURE_OPS_CUDA_PANEL_MB such that the level-1 panels of structure_cuda.cu hold exactly ``rows`` rows."""
-    esize = 8 if dtype == torch.float64 else 4
-    bytes_per_row = (2 + int(grad_x) + int(grad_z)) * n * esize
+    """STRUCTURE_OPS_CUDA_PANEL_MB such that the level-1 panels of structure_cuda.cu hold exactly ``rows`` rows
+    (``rows`` < 64, or a multiple of 16: larger heights are rounded down to one)."""
+    bytes_per_row = panel_bytes_per_row(n, grad_x, grad_z, dtype)
     monkeypatch.setenv("STRUCTURE_OPS_CUDA_PANEL_MB", repr((rows + 0.5) * bytes_per_row / 2**20))
+
+
+def expected_panel_rows(n, bytes_per_row, *, free_bytes, knob_mb=None, span=None):
+    """The panel height rule of structure_cuda.cu (panel_rows_from_memory), restated: the buffers take at most half
+    of the available device memory and at most the cap (the knob, else 2048 MiB); without the knob at least 256
+    rows when memory allows; heights ≥ 64 are multiples of 16; between 1 and the number of rows in the range."""
+    mem = 0.5 * free_bytes
+    cap = (knob_mb if knob_mb else 2048.0) * 2**20
+    rows = int(min(cap, mem) // bytes_per_row)
+    if not knob_mb:
+        rows = max(rows, min(256, int(mem // bytes_per_row)))
+    if rows >= 64:
+        rows -= rows % 16
+    return max(1, min(rows, span if span is not None else n))
+
+
+class AtenLog:
+    """Context manager recording every aten call made inside (including the at:: calls of the C++ host code) as
+    dicts: op (overload packet name), overload, args and kwargs with tensors as (dtype, shape)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        log = self.calls
+
+        def desc(v):
+            return (v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor) else v
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                log.append(dict(op=func.overloadpacket.__name__, overload=func._overloadname,
+                                args=[desc(a) for a in args], kwargs={k: desc(v) for k, v in kwargs.items()}))  # fmt: skip
+                return func(*args, **kwargs)
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+    def find(self, op, overload=None):
+        return [c for c in self.calls if c["op"] == op and (overload is None or c["overload"] == overload)]
 
 
 # ------------------------------------------------------------------------------------------------------------

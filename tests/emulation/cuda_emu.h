@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <limits>
@@ -520,7 +521,8 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) {
   return cudaSuccess;
 }
 inline cudaError_t cudaMemGetInfo(size_t* f, size_t* t) {
-  *f = size_t(1) << 36;
+  const char* env = std::getenv("SO_EMU_FREE_BYTES");  // tests: the free device memory the emulated GPU reports
+  *f = env ? size_t(std::strtoull(env, nullptr, 10)) : size_t(1) << 36;
   *t = *f;
   return cudaSuccess;
 }
@@ -528,6 +530,7 @@ inline cudaError_t cudaMemGetInfo(size_t* f, size_t* t) {
 #if defined(SO_EMU_WITH_TORCH)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -573,6 +576,11 @@ inline at::Tensor empty(at::IntArrayRef size, at::TensorOptions opts) {
 inline at::Tensor& mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { return at::mm_out(out, a, b); }
 inline at::Tensor& mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, at::ScalarType dt) {
   return at::mm_out(out, a.to(dt), b.to(dt));
+}
+// at::addmm_out with out_dtype (half operands, fp32 self/out, beta and alpha as cuBLAS applies them): the same.
+inline at::Tensor& addmm_out(at::Tensor& out, const at::Tensor& self, const at::Tensor& a, const at::Tensor& b,
+                             at::ScalarType dt, const at::Scalar& beta = 1, const at::Scalar& alpha = 1) {
+  return at::addmm_out(out, self, a.to(dt), b.to(dt), beta, alpha);
 }
 }  // namespace so_emu
 #endif

@@ -215,12 +215,14 @@ def level1_emulated(
     divergence: str = "structure",
     eps: float = 1e-12,
     round_w: bool = True,
+    w_scale_exp: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(D, ∂D/∂X̂, ∂D/∂Ẑ) of the level-1 core in float64 with every GEMM operand rounded to ``fmt``.
 
     S^X = r(X̂)r(X̂)ᵀ/τ and S^Z = r(Ẑ)r(Ẑ)ᵀ/τ (rbf: the squared distances from the same rounded Gram and the
     rounded rows' norms), then the exact float64 softmax/divergence math; the gradient GEMMs use r(W)·r(Ẑ)
-    (``round_w``: the kernel casts W to the operand format before the second GEMM). Operand rounding is treated
+    (``round_w``: the kernel casts W to the operand format before the second GEMM; ``w_scale_exp`` = k: W·2^k
+    is what gets rounded, as a kernel that stores W scaled into the format's normal range). Operand rounding is treated
     as the identity in the backward pass (a straight-through model, as the kernels differentiate). Works on any
     device (on a GPU the N = 4096 model takes well under a second).
     """
@@ -237,7 +239,10 @@ def level1_emulated(
 
         @staticmethod
         def backward(ctx, g):
-            return round_operand(g, fmt) if round_w else g
+            if not round_w:
+                return g
+            s = math.ldexp(1.0, int(w_scale_exp))
+            return round_operand(g * s, fmt) / s
 
     with torch.enable_grad():
         def sim(u):

@@ -16,11 +16,14 @@ from .cases import (
     L1_CASES,
     ML_CASES,
     STRUCTURE_TOL,
+    AtenLog,
     call,
     check_structure,
+    expected_panel_rows,
     force_panel_rows,
     l1_id,
     ml_id,
+    panel_bytes_per_row,
     pick_margin,
     prepared,
     rows_call,
@@ -64,8 +67,7 @@ class TestOracle:
         st = emu.stats()
         assert st["launches"] > 0 and st["threads"] > 0  # the kernels really ran here
         if sched["block"]:
-            bound = 512 if dtype == torch.float64 else 1024
-            assert st["overridden"] > 0 and st["max_overridden"] == min(sched["block"], bound)
+            assert st["overridden"] > 0 and st["max_overridden"] == min(sched["block"], 512)  # the row kernels' bound
 
     @pytest.mark.parametrize(("case", "dtype", "sched"), ML_PARAMS, ids=_ids(ML_PARAMS, ml_id))
     def test_levels(self, emu_structure, case, dtype, sched):
@@ -242,3 +244,189 @@ def test_tf32_gemms_within_model_tolerance(emu_structure, o):
     errs = [rel_err(u, r) for u, r in zip(out, ref, strict=True)]
     assert all(e <= t for e, t in zip(errs, tols, strict=True)), (errs, tols)
     assert errs[2] > 10 * rel_err(ieee[2], ref[2]), (errs, rel_err(ieee[2], ref[2]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue 14: 2-D grids for short panels, half operands on the GEMMs, accumulation by the GEMM, memory-sized panels
+# ------------------------------------------------------------------------------------------------------------
+SMS = 132  # the emulated device's multiprocessor count (cuda_emu.h cudaDeviceGetAttribute)
+
+
+def _rows_kernels(emu):
+    """Which row-kernel paths ran since the last reset: the fused 1-D kernel and/or the three 2-D kernels."""
+    blocks = emu.kernel_blocks()
+    two_d = {"l1_lse_kernel", "l1_terms_kernel", "l1_grad_kernel"} & set(blocks)
+    return "l1_rows_kernel" in blocks, two_d
+
+
+# (options, dtype, panel rows, block override): N = 300 has 2 column blocks of 160 + 140 columns in a 2-D panel
+# (≥ 256 columns each, a multiple of 32); 140-row panels (≥ 132 SMs) run the fused kernel and leave a ragged
+# 20-row panel on the 2-D grid; 37-row panels run only 2-D grids (the last one 4 rows).
+GRID_CASES = [
+    (opts(temperature=0.1), torch.float32, 140, None),
+    (opts(temperature=0.1), torch.float32, 37, 32),
+    (opts(similarity=1, gamma=1.5), torch.float32, 140, 96),
+    (opts(divergence=1, temperature=0.2), torch.float64, 37, 512),
+    (opts(similarity=1, divergence=1, gamma=0.7, eps=1e-3), torch.float64, 140, 64),
+]
+
+
+@pytest.mark.usefixtures("cpu_ext")
+@pytest.mark.parametrize(("o", "dtype", "rows", "block"), GRID_CASES,
+                         ids=["cos-140-host", "cos-37-b32", "rbf-140-b96", "js-37-b512-f64", "rbf-js-140-b64-f64"])  # fmt: skip
+def test_2d_grid_ragged_panels(emu_structure, o, dtype, rows, block, monkeypatch):
+    n = 300
+    xh, zh = prepared(n, 5, 17, dtype=dtype, seed=21)
+    force_panel_rows(monkeypatch, rows, n, True, True, dtype)
+    ref = oracle(xh, zh, o)
+    emu_structure.reset_stats()
+    with emu_structure.schedule("shuffled", seed=5, block=block):
+        check_structure(call(emu_structure.ops.structure_fwd, xh, zh, o), ref, TOL[dtype], xh, zh)
+        check_structure(call(emu_structure.ops.structure_fwd, xh, zh, o, False, True), ref, TOL[dtype], xh, zh, False)
+    fused, two_d = _rows_kernels(emu_structure)
+    assert fused == (rows >= SMS) and two_d == {"l1_lse_kernel", "l1_terms_kernel", "l1_grad_kernel"}
+    # the row-range op on the same panels: shards sum to the full loss and gradient
+    with emu_structure.schedule("reversed", block=block):
+        parts = [rows_call(emu_structure.ops.structure_rows_fwd, xh, zh, a, b, o) for a, b in ((0, 161), (161, n))]
+    for k in range(3):
+        assert rel_err(parts[0][k] + parts[1][k], ref[k]) <= TOL[dtype]
+
+
+def test_2d_and_fused_rows_agree(emu_structure, monkeypatch):
+    """One 300-row panel (fused kernel only) and 5-row panels (2-D grids only, 2 column blocks): both match the
+    oracle, and each other to fp64 rounding."""
+    n = 300
+    xh, zh = prepared(n, 7, 5, dtype=torch.float64, seed=22)
+    o = opts(temperature=0.1, eps=1e-6)
+    emu = emu_structure
+    emu.reset_stats()
+    one = call(emu.ops.structure_fwd, xh, zh, o)
+    assert _rows_kernels(emu) == (True, set())
+    force_panel_rows(monkeypatch, 5, n, True, True, torch.float64)
+    emu.reset_stats()
+    many = call(emu.ops.structure_fwd, xh, zh, o)
+    assert _rows_kernels(emu)[0] is False
+    ref = oracle(xh, zh, o)
+    check_structure(one, ref, 1e-10, xh, zh)
+    check_structure(many, ref, 1e-10, xh, zh)
+    for a, b in zip(one, many, strict=True):
+        assert rel_err(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize(("o", "n"), [(opts(temperature=0.1), 300), (opts(similarity=1, divergence=1, gamma=1.5), 520)],
+                         ids=["cos-n300", "rbf-js-n520"])  # fmt: skip
+def test_2d_grid_order_independent(emu_structure, o, n, monkeypatch):
+    """N = 300: 2 column blocks (160 + 140 columns); N = 520: 3 (192 + 192 + 136); 47-row panels (ragged last
+    panel): bitwise equal outputs under every block and thread order (the column blocks' partials combine in a
+    fixed order)."""
+    xh, zh = prepared(n, 5, 9, seed=23)
+    force_panel_rows(monkeypatch, 47, n, True, True, torch.float32)
+    results = []
+    for order, seed in (("inorder", 0), ("reversed", 0), ("shuffled", 3)):
+        with emu_structure.schedule(order, seed=seed, block=64):
+            results.append(call(emu_structure.ops.structure_fwd, xh, zh, o))
+    for other in results[1:]:
+        for u, v in zip(results[0], other, strict=True):
+            assert torch.equal(u, v)
+    check_structure(results[0], oracle(xh, zh, o), TOL[torch.float32], xh, zh)
+
+
+def _model_kw(o):
+    return dict(temperature=o["temperature"], similarity=("cosine", "rbf")[o["similarity"]], gamma=o["gamma"],
+                divergence=("structure", "js")[o["divergence"]], eps=o["eps"])  # fmt: skip
+
+
+HALF_CASES = [
+    (torch.bfloat16, opts(temperature=0.1), 140),
+    (torch.float16, opts(temperature=0.1), 37),
+    (torch.bfloat16, opts(similarity=1, gamma=1.5, eps=1e-3), 37),
+    (torch.float16, opts(divergence=1, temperature=0.2), 140),
+]
+
+
+@pytest.mark.parametrize(("dtype", "o", "rows"), HALF_CASES, ids=["bf16-cos", "f16-cos", "bf16-rbf", "f16-js"])
+def test_half_level1_within_model(emu_structure, dtype, o, rows, monkeypatch):
+    """bf16/fp16 inputs at level 1 (fused and 2-D panels): within the tolerance of the float64 model of the
+    tensor-core path (tolerances.structure_half: exact Gram products, W rounded to the input dtype as the operand of
+    both gradient GEMMs, fp32 accumulation, outputs cast), for both gradients and for z only."""
+    n = 300
+    xh, zh = prepared(n, 17, 5, dtype=dtype, seed=24)
+    force_panel_rows(monkeypatch, rows, n, True, True, dtype)
+    ref = oracle(xh, zh, o)
+    tols = tolerances.structure_half(xh, zh, ref, dtype, **_model_kw(o))
+    with emu_structure.schedule("shuffled", seed=6, block=96):
+        out = call(emu_structure.ops.structure_fwd, xh, zh, o)
+        check_structure(out, ref, tols, xh, zh)
+        check_structure(call(emu_structure.ops.structure_fwd, xh, zh, o, False, True), ref, tols, xh, zh, False)
+
+
+def _gemm_log(emu, xh, zh, o, grad_x=True):
+    with AtenLog() as log:
+        out = call(emu.ops.structure_fwd, xh, zh, o, grad_x, True)
+    return out, log
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_gradient_accumulated_by_the_gemm(emu_structure, dtype, monkeypatch):
+    """Per panel and side, two GEMMs accumulate into the gradient with beta = 1 and the whole scale as alpha
+    (1/τ; fp16: 1/(τ·N·2⁹), W being stored as 2⁹·N·W); no other aten op touches an (N, d)-shaped tensor except
+    the zero fill, the hinge's where and the final cast. Half inputs: the Gram GEMMs write fp32 panels, W is
+    handed to the GEMMs in the input dtype, and only GEMM operands are widened (the emulation's stand-in for
+    tensor cores: cuda_emu.h so_emu::mm_out / addmm_out)."""
+    n, dx, dz, rows, tau = 37, 5, 17, 5, 0.1
+    xh, zh = prepared(n, dx, dz, dtype=dtype, seed=25)
+    force_panel_rows(monkeypatch, rows, n, True, True, dtype)
+    o = opts(temperature=tau)
+    out, log = _gemm_log(emu_structure, xh, zh, o)
+    ref = oracle(xh, zh, o)
+    tol = TOL[dtype] if dtype == torch.float32 else tolerances.structure_half(xh, zh, ref, dtype, temperature=tau)
+    check_structure(out, ref, tol, xh, zh)
+    panels = -(-n // rows)
+    acc = log.find("addmm_") if dtype == torch.float32 else log.find("addmm", "out")
+    assert len(acc) == 2 * 2 * panels  # two GEMMs per panel and side
+    want_alpha = 1.0 / tau if dtype != torch.float16 else 1.0 / (tau * n * 512.0)
+    for c in acc:
+        assert c["kwargs"]["beta"] == 1.0 and c["kwargs"]["alpha"] == pytest.approx(want_alpha, rel=1e-12)
+        grad = c["args"][0]
+        assert grad[0] == torch.float32 and grad[1][1] in (dx, dz)  # fp32 accumulators of the gradient
+        if dtype != torch.float32:
+            assert c["kwargs"]["out"] == grad  # accumulates in place
+    grams = log.find("mm", "out")
+    assert len(grams) == 2 * panels and all(c["kwargs"]["out"][0] == torch.float32 for c in grams)
+    if dtype != torch.float32:
+        widened = [c["args"][0] for c in log.find("_to_copy") if c["kwargs"].get("dtype") == torch.float32]
+        # what gets widened is a GEMM operand: a row block, the full X̂/Ẑ (Bᵀ of the Gram, B of W·B) or W (b × N)
+        assert widened and all(d == dtype for d, _ in widened)
+        assert {s for _, s in widened} >= {(rows, n), (n, dx), (n, dz)}
+    shaped = {(n, dx), (n, dz)}
+    others = [c for c in log.calls if c["op"] in ("mul", "mul_", "add", "add_", "div", "div_", "copy_", "addcmul_")
+              and any(isinstance(a, tuple) and a[1] in shaped for a in c["args"])]  # fmt: skip
+    assert not others, others
+
+
+@pytest.mark.parametrize(
+    ("free_rows", "knob_rows", "grad_x", "want"),
+    [(40, None, False, 40), (100, None, False, 96), (40, 1000, False, 40), (300, 10, False, 10), (None, None, True, 300),
+     (20, None, True, 20)],
+    ids=["mem-40", "mem-100-mult16", "knob-above-mem", "knob-below-mem", "default-one-panel", "mem-20-both"],
+)  # fmt: skip
+def test_panels_sized_from_free_memory(emu_structure, free_rows, knob_rows, grad_x, want, monkeypatch):
+    """The panel height follows the free device memory the (emulated) GPU reports: half of it, capped by
+    STRUCTURE_OPS_CUDA_PANEL_MB when set (else 2048 MiB), a multiple of 16 from 64 rows on; counted from the Gram
+    GEMMs (two per panel), with the expected height from cases.expected_panel_rows and, independently, by hand."""
+    n = 300
+    xh, zh = prepared(n, 5, 3, seed=26)
+    bpr = panel_bytes_per_row(n, grad_x, True, torch.float32)
+    free = None if free_rows is None else 2 * free_rows * bpr + bpr // 2
+    if free is not None:
+        monkeypatch.setenv("SO_EMU_FREE_BYTES", str(free))
+    knob = None
+    if knob_rows is not None:
+        knob = (knob_rows + 0.5) * bpr / 2**20
+        monkeypatch.setenv("STRUCTURE_OPS_CUDA_PANEL_MB", repr(knob))
+    rows = expected_panel_rows(n, bpr, free_bytes=free if free is not None else 2**36, knob_mb=knob)
+    assert rows == want
+    o = opts(temperature=0.1)
+    out, log = _gemm_log(emu_structure, xh, zh, o, grad_x)
+    assert len(log.find("mm", "out")) == 2 * -(-n // rows)
+    check_structure(out, oracle(xh, zh, o), TOL[torch.float32], xh, zh, grad_x)

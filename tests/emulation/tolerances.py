@@ -10,6 +10,8 @@ file bound.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import hardware
@@ -49,6 +51,30 @@ def structure_tf32(xh, zh, ref, *, temperature=0.05, similarity="cosine", gamma=
         divergence=divergence, eps=eps,
     )  # fmt: skip
     return [hardware.tolerance(hardware.rel_err(m, r), safety, floor) for m, r in zip(model, ref, strict=True)]
+
+
+def structure_half(xh, zh, ref, dtype, *, temperature=0.05, similarity="cosine", gamma=1.0, divergence="structure",
+                   eps=1e-12, safety=SAFETY, floor=FP32_FLOOR["small"]) -> list[float]:  # fmt: skip
+    """Tolerances (loss, ∂/∂X̂, ∂/∂Ẑ) of the level-1 op with bf16/fp16 inputs on the CUDA tensor-core path
+    (csrc/cuda/structure_cuda.cu): exact half operands and products in the Gram GEMMs, fp32 softmax/divergence
+    math, W rounded to ``dtype`` as the operand of both gradient GEMMs (fp16: W stored as 2⁹·N·W, modelled by a
+    power-of-two scale of the same size, so the same relative rounding), fp32 accumulation, every output cast
+    to ``dtype``: hardware.level1_emulated(..., fmt, w_scale_exp=k), then hardware.half_cast, against ``ref``."""
+    fmt = "bf16" if dtype == torch.bfloat16 else "fp16"
+    n = xh.shape[0]
+    # the model rounds ∂D/∂Gram: W/τ (cosine) or 2γ·S∘W (rbf); the kernel stores 2⁹·N·W (S∘W): scale by the ratio
+    ratio = n * 512.0 * (temperature if similarity == "cosine" else 1.0 / (2.0 * gamma))
+    k = round(math.log2(ratio)) if dtype == torch.float16 else 0
+    model = hardware.level1_emulated(
+        xh.detach().to(F64), zh.detach().to(F64), fmt, temperature=temperature, similarity=similarity, gamma=gamma,
+        divergence=divergence, eps=eps, w_scale_exp=k,
+    )  # fmt: skip
+    u = unit_roundoff(dtype)
+    out = []
+    for m, r in zip(model, ref, strict=True):
+        cast = hardware.half_cast(m.reshape(-1), dtype).reshape(m.shape)
+        out.append(hardware.tolerance(hardware.rel_err(cast, r), safety, max(floor, u)))
+    return out
 
 
 def clip_half(a, b, s, grad, dtype, safety=SAFETY, floor=FP32_FLOOR["small"]) -> dict[str, float]:
