@@ -214,6 +214,118 @@ def test_low_precision_matches_oracle(dtype, n, dx, dz, sim, div, gtol):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The autotune spaces: oracle parity for EVERY config (forced with STRUCTURE_OPS_AUTOTUNE_FORCE), both operand modes
+# ---------------------------------------------------------------------------------------------------
+SPACE_SIZE = max(len(SF.LSE_SPACE.configs), len(SF.LOSS_SPACE.configs), len(SF.GRAD_SPACE.configs))
+
+
+def _force(monkeypatch, i):
+    """Force config i (mod each space's size) of all three spaces; returns the forced configs."""
+    from structure_ops._triton._common import AUTOTUNE_FORCE_ENV
+
+    picked = {sp: sp.configs[i % len(sp.configs)] for sp in (SF.LSE_SPACE, SF.LOSS_SPACE, SF.GRAD_SPACE)}
+    monkeypatch.setenv(AUTOTUNE_FORCE_ENV, ",".join(f"{sp.name}:{i % len(sp.configs)}" for sp in picked))
+    return picked
+
+
+@needs_kernels
+@pytest.mark.parametrize("i", range(SPACE_SIZE))
+def test_every_space_config_matches_oracle(monkeypatch, i):
+    # N = 70: one ragged 128-block or a full and a ragged 64-block per dimension. Each config runs twice: fp32 and a
+    # half type, one with the row operand resident (max d ≤ RESIDENT_K) and one chunked (d spans 3 BLOCK_K chunks),
+    # the modes swapped between odd and even i so that every config meets both; similarity and divergence rotate.
+    # (Small widths on the other side: the interpreter's cost is per program and op.)
+    from structure_ops._triton._common import autotune_cache, clear_autotune_cache
+
+    picked = _force(monkeypatch, i)
+    n = 70
+    half = (torch.bfloat16, torch.float16)[(i // 2) % 2]
+    fp32_resident = i % 2 == 0
+    runs = [
+        (torch.float32, (24, 40) if fp32_resident else (70, 9), 2e-5, 1e-5),
+        (half, (130, 9) if fp32_resident else (24, 40), 3e-2 if half == torch.bfloat16 else 3e-3, 1e-5),
+    ]
+    sim, div = ("cosine", "rbf")[i % 2], ("structure", "js", "js", "structure")[i % 4]
+    tau, gamma = (0.1, 1.0) if sim == "cosine" else (1.0, 2.0)
+    for dtype, (dx, dz), gtol, dtol in runs:
+        res, bk = SF.operand_mode(dx, dz, dtype)
+        assert res == (max(dx, dz) <= bk) and (res or -(-max(dx, dz) // bk) >= 3)
+        xh, zh = _inputs(n, dx, dz, seed=i, dtype=dtype)
+        ref_d, ref_gx, ref_gz = _oracle(xh, zh, tau=tau, sim=sim, div=div, eps=1e-12, gamma=gamma)
+        clear_autotune_cache()
+        d, gx, gz = _flash(xh, zh, dtype, tau=tau, sim=sim, div=div, eps=1e-12, gamma=gamma)
+        what = f"config {i} {dtype} d=({dx},{dz}) {'resident' if res else 'chunked'} {sim}/{div}"
+        assert abs(d.item() - ref_d.item()) <= dtol * abs(ref_d.item()), (what, d.item(), ref_d.item())
+        _check(gz, ref_gz, gtol, f"dZ, {what}")
+        _check(gx, ref_gx, gtol, f"dX, {what}")
+        # the launches used the forced configs (the choices are recorded)
+        used = {name: {r["config"] for r in recs.values()} for name, recs in autotune_cache().items()}
+        for sp, cfg in picked.items():
+            assert used[sp.name] == {cfg.name}, (sp.name, used[sp.name], cfg.name)
+
+
+def test_spaces_hold_the_tiles_and_heuristics_are_candidates():
+    # ≥ 128 × 128 tiles in every space, 4 and 8 warps; the heuristic choice of every key is a candidate (allowed,
+    # within sm_90 shared memory), and without benchmarking launch_config returns exactly it.
+    for sp in (SF.LSE_SPACE, SF.LOSS_SPACE, SF.GRAD_SPACE):
+        tiles = {(c["BLOCK_M"], c["BLOCK_N"]) for c in sp.configs}
+        assert (128, 128) in tiles and (64, 64) in tiles, sp.name
+        assert {c.num_warps for c in sp.configs} == {4, 8}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for prec in ("highest", "high"):
+            for n, dx, dz in ((100, 16, 16), (5000, 64, 128), (70000, 1024, 512), (3000, 200, 64)):
+                keys = SF.tune_keys(n, dx, dz, dtype, prec)
+                cfg = SF.launch_config(n, dx, dz, dtype, similarity=0, divergence=0, grad_x=True, grad_z=True,
+                                       precision=prec, interpret=False)  # fmt: skip
+                for name, sp in SF.SPACES.items():
+                    h = sp.heuristic(keys[name])
+                    assert h in sp.candidates(keys[name]), (name, dtype, prec, dx, dz, h.name)
+                    assert cfg[name]["options"] == h.options
+                    assert {k: cfg[name]["constexprs"][k] for k in h.meta} == h.meta
+                res, bk = SF.operand_mode(dx, dz, dtype, prec)
+                assert cfg["loss"]["constexprs"]["RESIDENT"] == res and cfg["loss"]["constexprs"]["BLOCK_K"] == bk
+
+
+def test_tune_keys_bucket_shapes_and_modes():
+    a = SF.tune_keys(3000, 100, 60, torch.bfloat16)
+    b = SF.tune_keys(4096, 128, 64, torch.bfloat16)
+    assert a == b
+    assert a["loss"]["n"] == 4096 and a["loss"]["resident"] is True and a["loss"]["block_k"] == 128
+    assert SF.tune_keys(4097, 128, 64, torch.bfloat16)["loss"]["n"] == 8192
+    assert a["grad_x"]["d_own"] == 128 and a["grad_z"]["d_own"] == 64
+    # fp32: resident up to 64, then IEEE chunks of 32 or TF32 chunks of 16
+    assert SF.operand_mode(64, 3, torch.float32, "highest") == (True, 64)
+    assert SF.operand_mode(65, 3, torch.float32, "highest") == (False, 32)
+    assert SF.operand_mode(65, 3, torch.float32, "high") == (False, 16)
+    assert SF.operand_mode(129, 3, torch.float16) == (False, 64)
+    assert SF.operand_mode(17, 5, torch.float32, block_k=16) == (False, 16)
+    assert SF.tune_keys(10, 5, 5, torch.float32, "high")["lse"]["precision"] == "tf32"
+
+
+def test_aot_space_entries_cover_every_candidate():
+    # aot_space_configs holds every candidate of each space for every dtype/precision/operand mode: what aot.py
+    # compiles with --no-spills, so no config the autotuner can pick escapes the check.
+    entries = {(k.__name__ if hasattr(k, "__name__") else k.fn.__name__, sig.get("x_ptr", sig.get("u_ptr", sig.get("own_ptr"))),
+                tuple(sorted(c.items())), tuple(sorted(o.items()))) for k, sig, c, o in SF.aot_space_configs()}  # fmt: skip
+    kname = {"lse": "_lse_kernel", "loss": "_loss_kernel", "grad_z": "_grad_kernel", "grad_x": "_grad_kernel"}
+    count = 0
+    for dtype, ptr in SF._PTR.items():
+        for prec in ("highest", "high", "medium"):
+            for n, dx, dz in ((4096, 64, 64), (4096, 1024, 512), (100, 3, 100), (100, 1000, 1)):
+                res, bk = SF.operand_mode(dx, dz, dtype, prec)
+                keys = SF.tune_keys(n, dx, dz, dtype, prec)
+                base = dict(UPCAST=False, DOT_PRECISION=SF.dot_precision(dtype, prec), ROUND_TF32=SF.round_tf32(dtype, prec),
+                            RESIDENT=res, BLOCK_K=bk)  # fmt: skip
+                for name, sp in SF.SPACES.items():
+                    for c in sp.candidates(keys[name]):
+                        kern = getattr(SF, kname[name])
+                        cst = {a: v for a, v in {**base, **c.meta}.items() if a in kern.arg_names}
+                        assert (kname[name], ptr, tuple(sorted(cst.items())), tuple(sorted(c.options.items()))) in entries
+                        count += 1
+    assert count > 0
+
+
+# ---------------------------------------------------------------------------------------------------
 # Errors, FLOP model, AOT
 # ---------------------------------------------------------------------------------------------------
 def test_rejects_unsupported_inputs():
@@ -261,7 +373,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from structure_ops._triton import structure_flash as SF
-picked = [e for e in SF.AOT_KERNELS if e[0] is SF._grad_kernel and e[2]["SIM"] == 0 and e[2]["BLOCK_D"] == 128]
+picked = [e for e in SF.AOT_KERNELS if e[0] is SF._grad_kernel and not e[2]["RESIDENT"] and e[2]["BLOCK_D"] == 128]
 assert picked
 for cc in (80, 90):
     for k, sig, cst, opts in picked[:2]:

@@ -290,7 +290,7 @@ _CHOICES_LOCK = threading.Lock()
 _DISK: dict | None = None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared and hashed by identity (one object per declared space)
 class TuneSpace:
     """A kernel's autotune space, declared once as data.
 

@@ -67,6 +67,10 @@ import triton.language as tl
 from ._common import (
     INTERPRET,
     PRECISIONS,
+    TuneConfig,
+    TuneSpace,
+    autotune_key,
+    config_grid,
     device_guard,
     dot_operand,
     dot_precision,
@@ -76,9 +80,11 @@ from ._common import (
     round_tf32,
     row_max,
     row_sum,
+    space_aot_entries,
 )
 
-__all__ = ["structure_level1_flash", "flash_flops", "launch_config", "half_scale_exp", "aot_configs", "AOT_KERNELS"]
+__all__ = ["structure_level1_flash", "flash_flops", "launch_config", "operand_mode", "tune_keys", "half_scale_exp",
+           "aot_configs", "aot_space_configs", "AOT_KERNELS", "LSE_SPACE", "LOSS_SPACE", "GRAD_SPACE"]
 
 # Option codes: the order of the tuples in structure_ops/_options.py (csrc/common/checks.h).
 COSINE, RBF = 0, 1
@@ -90,63 +96,95 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 # --------------------------------------------------------------------------------------------------
 # Device helpers
 # --------------------------------------------------------------------------------------------------
-# Row reductions and log1p: structure_ops/_triton/_common.py (shared by every kernel).
+# Row reductions and log1p: structure_ops/_triton/_common.py (shared by every kernel). The similarity ``sim`` and
+# the divergence ``div`` are RUNTIME arguments (uniform branches, negligible next to the tiles' GEMMs and exps):
+# every compiled variant serves all four options, so the autotune space compiles 4× fewer kernels (on the GPU when
+# it tunes, and in aot.py).
+_LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _logits_tile(
-    u_ptr,
-    stride,
-    rows_i,
-    rows_j,
-    N,
-    D,
-    sq_i,
-    sq_j,
-    scale,
-    gamma,
-    SIM: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    ROUND_TF32: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    # S_IJ = Û_I Û_Jᵀ / τ (cosine) or exp(−γ(‖û_i‖² + ‖û_j‖² − 2 û_i·û_j)) (rbf), fp32 accumulation over d.
-    # Out-of-range rows/columns load zeros, so the tile stays finite; callers mask what they reduce.
-    mi = rows_i < N
-    mj = rows_j < N
-    base_i = u_ptr + rows_i.to(tl.int64)[:, None] * stride
-    base_j = u_ptr + rows_j.to(tl.int64)[:, None] * stride
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        km = ks < D
-        a = tl.load(base_i + ks[None, :], mask=mi[:, None] & km[None, :], other=0.0)
-        b = tl.load(base_j + ks[None, :], mask=mj[:, None] & km[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        # fp32 at TF32: round the operands (RNA) here, or the tensor cores truncate them (_common.py)
-        a = dot_operand(a, ROUND_TF32)
-        b = dot_operand(b, ROUND_TF32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
-    if SIM == 0:
-        s = acc * scale
+def _rows_operand(
+    u_ptr, stride, rows, N, D,
+    UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Û of ``rows`` (BLOCK_R × BLOCK_K: all of d when the caller is RESIDENT), zeros past N and d, as tl.dot sees it.
+    ks = tl.arange(0, BLOCK_K)
+    a = tl.load(
+        u_ptr + rows.to(tl.int64)[:, None] * stride + ks[None, :],
+        mask=(rows < N)[:, None] & (ks < D)[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        a = a.to(tl.float32)
+    # fp32 at TF32: round the operands (RNA) here, or the tensor cores truncate them (_common.py)
+    return dot_operand(a, ROUND_TF32)
+
+
+@triton.jit
+def _gram(
+    u_ptr, stride, a_rows, rows_i, rows_j, N, D,
+    RESIDENT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Û_I Û_Jᵀ with fp32 accumulation. RESIDENT: ``a_rows`` is Û_I over all of d (BLOCK_K ≥ d), loaded ONCE per
+    # program before the column loop (it stays on chip), and one dot per tile reads only the column operand.
+    # Otherwise d is walked in BLOCK_K chunks and each chunk of Û_I is re-read (from L2) for every column tile.
+    if RESIDENT:
+        b = _rows_operand(u_ptr, stride, rows_j, N, D, UPCAST, ROUND_TF32, BLOCK_N, BLOCK_K)
+        acc = tl.dot(a_rows, tl.trans(b), input_precision=DOT_PRECISION)
     else:
-        # squared distance clamped at 0 (NaN kept) and exactly 0 on the diagonal, as the other backends
+        mi = rows_i < N
+        mj = rows_j < N
+        base_i = u_ptr + rows_i.to(tl.int64)[:, None] * stride
+        base_j = u_ptr + rows_j.to(tl.int64)[:, None] * stride
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            km = ks < D
+            a = tl.load(base_i + ks[None, :], mask=mi[:, None] & km[None, :], other=0.0)
+            b = tl.load(base_j + ks[None, :], mask=mj[:, None] & km[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            a = dot_operand(a, ROUND_TF32)
+            b = dot_operand(b, ROUND_TF32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _logits(acc, rows_i, rows_j, sq_i, sq_j, scale, gamma, sim):
+    # S from a Gram tile: cosine (sim 0) Û_IÛ_Jᵀ/τ; rbf (sim 1) exp(−γ(‖û_i‖² + ‖û_j‖² − 2 û_i·û_j)), the squared
+    # distance clamped at 0 (NaN kept) and exactly 0 on the diagonal, as the other backends.
+    if sim == 1:
         d2 = sq_i[:, None] + sq_j[None, :] - 2.0 * acc
         d2 = tl.where(d2 < 0.0, 0.0, d2)
         d2 = tl.where(rows_i[:, None] == rows_j[None, :], 0.0, d2)
         s = tl.exp(-gamma * d2)
+    else:
+        s = acc * scale
     return s
 
 
 @triton.jit
-def _terms(a, b, eps, DIV: tl.constexpr):
-    # The shared elementwise divergence (structure_ops/_triton/_common.py); this pass is fp32 only.
-    return level1_terms(a, b, eps, 0.6931471805599453, DIV == 1)
+def _sq(sq_ptr, idx, mask, sim, BLOCK: tl.constexpr):
+    # squared row norms of rbf (sim 1); zeros (never read) for cosine
+    if sim == 1:
+        v = tl.load(sq_ptr + idx, mask=mask, other=0.0)
+    else:
+        v = tl.full((BLOCK,), 0.0, dtype=tl.float32)
+    return v
+
+
+@triton.jit
+def _terms(a, b, eps, div):
+    # The shared elementwise divergence (structure_ops/_triton/_common.py); this pass is fp32 only. div 1: "js".
+    if div == 1:
+        p, q, term, qg, pg = level1_terms(a, b, eps, 0.6931471805599453, True)
+    else:
+        p, q, term, qg, pg = level1_terms(a, b, eps, 0.6931471805599453, False)
+    return term, qg, pg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,44 +192,28 @@ def _terms(a, b, eps, DIV: tl.constexpr):
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _lse_kernel(
-    u_ptr,
-    sq_ptr,
-    lse_ptr,
-    N,
-    D,
-    stride,
-    scale,
-    gamma,
-    SIM: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    ROUND_TF32: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+    u_ptr, sq_ptr, lse_ptr, N, D, stride, scale, gamma, sim,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, RESIDENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     # lse_i = log Σ_j exp(S_ij), S = ÛÛᵀ/τ or the rbf kernel, with the online (running max m, running sum l)
     # update l ← l·e^(m − m') + Σ_j e^(S_ij − m'): one pass over the columns, no N-sized row buffer.
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
-    if SIM == 1:
-        sq_i = tl.load(sq_ptr + rows, mask=rmask, other=0.0)
-    else:
-        sq_i = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
+    sq_i = _sq(sq_ptr, rows, rmask, sim, BLOCK_M)
+    a_rows = None
+    if RESIDENT:
+        a_rows = _rows_operand(u_ptr, stride, rows, N, D, UPCAST, ROUND_TF32, BLOCK_M, BLOCK_K)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
     for j0 in range(0, N, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        if SIM == 1:
-            sq_j = tl.load(sq_ptr + cols, mask=cmask, other=0.0)
-        else:
-            sq_j = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
-        s = _logits_tile(
-            u_ptr, stride, rows, cols, N, D, sq_i, sq_j, scale, gamma,
-            SIM, UPCAST, DOT_PRECISION, ROUND_TF32, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
+        sq_j = _sq(sq_ptr, cols, cmask, sim, BLOCK_N)
+        g = _gram(u_ptr, stride, a_rows, rows, cols, N, D, RESIDENT, UPCAST, DOT_PRECISION, ROUND_TF32,
+                  BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        s = _logits(g, rows, cols, sq_i, sq_j, scale, gamma, sim)
         s = tl.where(cmask[None, :], s, float("-inf"))
         # Column block 0 always holds a valid column, so m_new is finite from the first block on.
         m_new = tl.maximum(m_i, row_max(s))
@@ -205,78 +227,49 @@ def _lse_kernel(
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _loss_kernel(
-    x_ptr,
-    z_ptr,
-    sqx_ptr,
-    sqz_ptr,
-    lsex_ptr,
-    lsez_ptr,
-    loss_ptr,
-    gbx_ptr,
-    gbz_ptr,
-    N,
-    DX,
-    DZ,
-    stride_x,
-    stride_z,
-    scale,
-    gamma,
-    eps,
-    SIM: tl.constexpr,
-    DIV: tl.constexpr,
-    GRAD_X: tl.constexpr,
-    GRAD_Z: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    ROUND_TF32: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+    x_ptr, z_ptr, sqx_ptr, sqz_ptr, lsex_ptr, lsez_ptr, loss_ptr, gbx_ptr, gbz_ptr,
+    N, DX, DZ, stride_x, stride_z, scale, gamma, eps, sim, div, grad,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, RESIDENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     # ℓ_i = Σ_j term(P_ij, Q_ij), ḡZ_i = Σ_j Q_ij g_ij, ḡX_i = Σ_j P_ij g^o_ij with P = exp(S^X − lseX),
-    # Q = exp(S^Z − lseZ): both S tiles recomputed, the ε terms applied exactly once both lse are final.
+    # Q = exp(S^Z − lseZ): both S tiles recomputed, the ε terms applied exactly once both lse are final. ``grad``
+    # (runtime): also ḡ of both sides (two row sums per tile; the tiles cost the GEMMs).
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     lx = tl.load(lsex_ptr + rows, mask=rmask, other=0.0)
     lz = tl.load(lsez_ptr + rows, mask=rmask, other=0.0)
-    if SIM == 1:
-        sqx_i = tl.load(sqx_ptr + rows, mask=rmask, other=0.0)
-        sqz_i = tl.load(sqz_ptr + rows, mask=rmask, other=0.0)
-    else:
-        sqx_i = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
-        sqz_i = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
+    sqx_i = _sq(sqx_ptr, rows, rmask, sim, BLOCK_M)
+    sqz_i = _sq(sqz_ptr, rows, rmask, sim, BLOCK_M)
+    ax = None
+    az = None
+    if RESIDENT:
+        ax = _rows_operand(x_ptr, stride_x, rows, N, DX, UPCAST, ROUND_TF32, BLOCK_M, BLOCK_K)
+        az = _rows_operand(z_ptr, stride_z, rows, N, DZ, UPCAST, ROUND_TF32, BLOCK_M, BLOCK_K)
     acc_l = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
     acc_gx = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
     acc_gz = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
     for j0 in range(0, N, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        if SIM == 1:
-            sqx_j = tl.load(sqx_ptr + cols, mask=cmask, other=0.0)
-            sqz_j = tl.load(sqz_ptr + cols, mask=cmask, other=0.0)
-        else:
-            sqx_j = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
-            sqz_j = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
-        sx = _logits_tile(
-            x_ptr, stride_x, rows, cols, N, DX, sqx_i, sqx_j, scale, gamma,
-            SIM, UPCAST, DOT_PRECISION, ROUND_TF32, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
-        sz = _logits_tile(
-            z_ptr, stride_z, rows, cols, N, DZ, sqz_i, sqz_j, scale, gamma,
-            SIM, UPCAST, DOT_PRECISION, ROUND_TF32, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
-        p, q, term, qg, pg = _terms(sx - lx[:, None], sz - lz[:, None], eps, DIV)
+        sqx_j = _sq(sqx_ptr, cols, cmask, sim, BLOCK_N)
+        sqz_j = _sq(sqz_ptr, cols, cmask, sim, BLOCK_N)
+        gx = _gram(x_ptr, stride_x, ax, rows, cols, N, DX, RESIDENT, UPCAST, DOT_PRECISION, ROUND_TF32,
+                   BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        sx = _logits(gx, rows, cols, sqx_i, sqx_j, scale, gamma, sim)
+        gz = _gram(z_ptr, stride_z, az, rows, cols, N, DZ, RESIDENT, UPCAST, DOT_PRECISION, ROUND_TF32,
+                   BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        sz = _logits(gz, rows, cols, sqz_i, sqz_j, scale, gamma, sim)
+        term, qg, pg = _terms(sx - lx[:, None], sz - lz[:, None], eps, div)
         valid = rmask[:, None] & cmask[None, :]
         acc_l += row_sum(tl.where(valid, term, 0.0))
-        if GRAD_Z:
+        if grad != 0:
             acc_gz += row_sum(tl.where(valid, qg, 0.0))
-        if GRAD_X:
             acc_gx += row_sum(tl.where(valid, pg, 0.0))
     tl.store(loss_ptr + rows, acc_l, mask=rmask)
-    if GRAD_Z:
+    if grad != 0:
         tl.store(gbz_ptr + rows, acc_gz, mask=rmask)
-    if GRAD_X:
         tl.store(gbx_ptr + rows, acc_gx, mask=rmask)
 
 
@@ -284,12 +277,12 @@ def _loss_kernel(
 # Pass C: gradients, one launch per requested side
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _own_terms(a, b, eps, ln2, JS: tl.constexpr):
+def _own_terms(a, b, eps, ln2, div):
     # Q and Q∘g of the side whose log-probabilities are b (a: the other side's). The divergence is symmetric in
     # (P, Q), so the X̂ side is the same function with the arguments swapped. Same expressions as level1_terms
     # (the ḡ of pass B and the W here must agree), without the value and the other side's gradient.
     q = tl.exp(b)
-    if JS:
+    if div == 1:
         delta = a - b
         sp = tl.maximum(delta, 0.0) + log1p(tl.exp(-tl.abs(delta)))
         qg = 0.5 * q * (ln2 - sp)
@@ -304,34 +297,11 @@ def _own_terms(a, b, eps, ln2, JS: tl.constexpr):
 
 @triton.jit
 def _grad_kernel(
-    own_ptr,
-    oth_ptr,
-    sq_own_ptr,
-    sq_oth_ptr,
-    lse_own_ptr,
-    lse_oth_ptr,
-    gb_ptr,
-    g_ptr,
-    N,
-    D_OWN,
-    D_OTH,
-    stride_own,
-    stride_oth,
-    scale,
-    gamma,
-    eps,
-    out_scale,
-    w_scale,
-    SIM: tl.constexpr,
-    DIV: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    ROUND_TF32: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    own_ptr, oth_ptr, sq_own_ptr, sq_oth_ptr, lse_own_ptr, lse_oth_ptr, gb_ptr, g_ptr,
+    N, D_OWN, D_OTH, stride_own, stride_oth, scale, gamma, eps, out_scale, w_scale, sim, div,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, RESIDENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     # The gradient of ONE side ("own": Ẑ with Q, or X̂ with P; "oth": the other side) for row block K and feature
     # chunk c. With N·W_KL = Q∘(g − ḡ_K) (rows K normalized by lse_K) and N·W_LKᵀ = the same S entries normalized
     # by rows L (S symmetric: S_LK = S_KLᵀ),
@@ -351,41 +321,36 @@ def _grad_kernel(
     lo_k = tl.load(lse_own_ptr + rows, mask=rmask, other=0.0)
     lt_k = tl.load(lse_oth_ptr + rows, mask=rmask, other=0.0)
     gb_k = tl.load(gb_ptr + rows, mask=rmask, other=0.0)
-    if SIM == 1:
-        sqo_k = tl.load(sq_own_ptr + rows, mask=rmask, other=0.0)
-        sqt_k = tl.load(sq_oth_ptr + rows, mask=rmask, other=0.0)
-    else:
-        sqo_k = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
-        sqt_k = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
+    sqo_k = _sq(sq_own_ptr, rows, rmask, sim, BLOCK_M)
+    sqt_k = _sq(sq_oth_ptr, rows, rmask, sim, BLOCK_M)
+    a_own = None
+    a_oth = None
+    if RESIDENT:
+        a_own = _rows_operand(own_ptr, stride_own, rows, N, D_OWN, UPCAST, ROUND_TF32, BLOCK_M, BLOCK_K)
+        a_oth = _rows_operand(oth_ptr, stride_oth, rows, N, D_OTH, UPCAST, ROUND_TF32, BLOCK_M, BLOCK_K)
     acc = tl.full((BLOCK_M, BLOCK_D), 0.0, dtype=tl.float32)
     rs = tl.full((BLOCK_M,), 0.0, dtype=tl.float32)
     for l0 in range(0, N, BLOCK_N):
         cols = l0 + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        if SIM == 1:
-            sqo_l = tl.load(sq_own_ptr + cols, mask=cmask, other=0.0)
-            sqt_l = tl.load(sq_oth_ptr + cols, mask=cmask, other=0.0)
-        else:
-            sqo_l = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
-            sqt_l = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
-        s_oth = _logits_tile(
-            oth_ptr, stride_oth, rows, cols, N, D_OTH, sqt_k, sqt_l, scale, gamma,
-            SIM, UPCAST, DOT_PRECISION, ROUND_TF32, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
-        s_own = _logits_tile(
-            own_ptr, stride_own, rows, cols, N, D_OWN, sqo_k, sqo_l, scale, gamma,
-            SIM, UPCAST, DOT_PRECISION, ROUND_TF32, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
+        sqo_l = _sq(sq_own_ptr, cols, cmask, sim, BLOCK_N)
+        sqt_l = _sq(sq_oth_ptr, cols, cmask, sim, BLOCK_N)
+        g_oth = _gram(oth_ptr, stride_oth, a_oth, rows, cols, N, D_OTH, RESIDENT, UPCAST, DOT_PRECISION, ROUND_TF32,
+                      BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        s_oth = _logits(g_oth, rows, cols, sqt_k, sqt_l, scale, gamma, sim)
+        g_own = _gram(own_ptr, stride_own, a_own, rows, cols, N, D_OWN, RESIDENT, UPCAST, DOT_PRECISION, ROUND_TF32,
+                      BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        s_own = _logits(g_own, rows, cols, sqo_k, sqo_l, scale, gamma, sim)
         # Tile (K, L) normalized by rows K, then tile (L, K)ᵀ normalized by rows L: one term set live at a time.
-        q, qg = _own_terms(s_oth - lt_k[:, None], s_own - lo_k[:, None], eps, ln2, DIV == 1)
+        q, qg = _own_terms(s_oth - lt_k[:, None], s_own - lo_k[:, None], eps, ln2, div)
         w = qg - q * gb_k[:, None]
         lo_l = tl.load(lse_own_ptr + cols, mask=cmask, other=0.0)
         lt_l = tl.load(lse_oth_ptr + cols, mask=cmask, other=0.0)
         gb_l = tl.load(gb_ptr + cols, mask=cmask, other=0.0)
-        q, qg = _own_terms(s_oth - lt_l[None, :], s_own - lo_l[None, :], eps, ln2, DIV == 1)
+        q, qg = _own_terms(s_oth - lt_l[None, :], s_own - lo_l[None, :], eps, ln2, div)
         w += qg - q * gb_l[None, :]
         w = tl.where(rmask[:, None] & cmask[None, :], w, 0.0)
-        if SIM == 1:
+        if sim == 1:
             w = w * s_own
             rs += row_sum(w)
         ul = tl.load(
@@ -403,38 +368,12 @@ def _grad_kernel(
         acc = tl.dot(w_op, ul, acc, input_precision=DOT_PRECISION)
     omask = rmask[:, None] & dmask[None, :]
     out = g_ptr + rows.to(tl.int64)[:, None] * stride_own + dcols[None, :]
-    if SIM == 0:
-        g = acc * (out_scale / w_scale)
-    else:
+    if sim == 1:
         uk = tl.load(own_ptr + rows.to(tl.int64)[:, None] * stride_own + dcols[None, :], mask=omask, other=0.0)
         g = out_scale * (acc * (1.0 / w_scale) - rs[:, None] * uk.to(tl.float32))
+    else:
+        g = acc * (out_scale / w_scale)
     tl.store(out, g.to(g_ptr.dtype.element_ty), mask=omask)
-
-
-# --------------------------------------------------------------------------------------------------
-# Launch configuration (the host's launches and aot.py both come from launch_config)
-# --------------------------------------------------------------------------------------------------
-def flash_flops(
-    n: int, dx: int, dz: int, *, grad_x: bool = False, grad_z: bool = True, block_d: int | None = None
-) -> float:
-    """GEMM FLOPs of :func:`structure_level1_flash` (the benchmark's FLOP model).
-
-    4N²(d_x + d_z) for passes A and B; pass C, once per requested side u ∈ {X̂, Ẑ}: n_c(u)·2N²(d_x + d_z) (tile
-    recomputation, once per BLOCK_D feature chunk of d_u) + 2N²·d_u. d_x = d_z = d ≤ BLOCK_D, grad_z only:
-    14 N² d. ``block_d`` None: the BLOCK_D the host picks for each side (``launch_config``).
-    """
-    flops = 4.0 * n * n * (dx + dz)
-    for want, d in ((grad_z, dz), (grad_x, dx)):
-        if want:
-            bd = block_d or _grad_block_d(d)
-            flops += math.ceil(d / bd) * 2.0 * n * n * (dx + dz) + 2.0 * n * n * d
-    return flops
-
-
-def _grad_block_d(d: int, interpret: bool = INTERPRET) -> int:
-    if interpret:
-        return min(64, max(16, next_pow2(d)))
-    return 64 if d <= 64 else 128
 
 
 # fp16 gradient operands: W·2^k is cast to fp16 with k = half_scale_exp(...) when N ≥ HALF_SCALE_MIN_N.
@@ -466,6 +405,120 @@ def half_scale_exp(n: int, dtype: torch.dtype, divergence: int, eps: float, min_
     return max(0, min(k_max, int(math.floor(math.log2(n)))))
 
 
+# --------------------------------------------------------------------------------------------------
+# Launch configuration: operand modes, autotune spaces (the host's launches and aot.py both come from here)
+# --------------------------------------------------------------------------------------------------
+# Contraction width. RESIDENT (max(d_x, d_z) ≤ RESIDENT_K): each program loads its row block of X̂ and Ẑ once, all
+# of d (zero-padded to RESIDENT_K), and keeps it on chip for the whole column loop; every tile then reads only the
+# column operand (L2 traffic per tile BLOCK_N·d instead of (BLOCK_M + BLOCK_N)·d). Wider inputs walk d in
+# CHUNK_K chunks, re-reading the row chunk per column tile. Fixed widths (not next_pow2(d)) keep the number of
+# compiled variants small; the padding costs tensor-core FLOPs only where d is small and the exps dominate.
+RESIDENT_K = {"half": 128, "fp32": 64}
+# fp32 chunks: IEEE 32; TF32 16 (the tf32 rounding of both operands adds live registers: pass B spilled at 32).
+CHUNK_K = {"half": 64, "ieee": 32, "tf32": 16}
+
+
+def operand_mode(dx: int, dz: int, dtype: torch.dtype, precision: str | None = None,
+                 block_k: int | None = None) -> tuple[bool, int]:  # fmt: skip
+    """(RESIDENT, BLOCK_K) of every pass for these widths: the row operand on chip when max(d_x, d_z) fits
+    RESIDENT_K (or ``block_k`` when given), else BLOCK_K-wide chunks."""
+    d = max(dx, dz)
+    if block_k is not None:
+        return d <= block_k, int(block_k)
+    if dtype == torch.float32:
+        return (True, RESIDENT_K["fp32"]) if d <= RESIDENT_K["fp32"] else (False, CHUNK_K[dot_precision(dtype, precision)])
+    return (True, RESIDENT_K["half"]) if d <= RESIDENT_K["half"] else (False, CHUNK_K["half"])
+
+
+def _esize(key: dict) -> int:
+    return 4 if key["dtype"] == "float32" else 2
+
+
+def _operand_smem(cfg: TuneConfig, key: dict, sides: int) -> int:
+    # pipelined dot operands of ``sides`` Gram tiles: resident row block + num_stages column tiles, or num_stages
+    # (row chunk + column chunk) when chunked
+    bm, bn, bk, st, e = cfg["BLOCK_M"], cfg["BLOCK_N"], key["block_k"], cfg.num_stages, _esize(key)
+    per = (bm * bk + st * bn * bk) * e if key["resident"] else st * (bm + bn) * bk * e
+    return sides * per
+
+
+# Tile spaces, declared once. Registers bound them, not shared memory: sm_90 has 64 K 32-bit registers per SM, and
+# a thread holds BLOCK_M·BLOCK_N/(32·num_warps) elements of every live fp32 tile. Declared pruning (``allowed``,
+# from ptxas -v on sm_90 through aot.py, triton 3.7; a pruned config is never benchmarked nor compiled by aot.py):
+# - lse (one S tile, an online max/sum): ≤ 64 elements per thread. 128 × 128 with 8 warps: 170 registers (bf16,
+#   row operand resident), 254–255 (fp32 IEEE resident / TF32 chunks), no spills; 128 × 128 with 4 warps (128
+#   elements) spilled 224 B. Stages 2 and 3 (the column tiles are the only pipelined loads).
+# - loss (both S tiles and the divergence terms, ~6 live tiles): ≤ 16 elements per thread. 64 × 64 with 8 warps:
+#   199 registers (TF32), no spills; every 32-element tile spilled (bf16: 128 × 64 with 8 warps 3.2 KB chunked,
+#   224 B resident; 64 × 64 with 4 warps 520 B; the pre-autotune kernel with constexpr options also spilled 0.7–1.4
+#   KB there), 128 × 128 with 8 or 16 warps 4–7 KB. BLOCK_N = 32 adds the other 16-element shapes.
+# - grad (both S tiles, W and the BLOCK_M × BLOCK_D accumulator): S tiles ≤ 16 elements per thread and the
+#   accumulator ≤ 32 (64 × 64 × BLOCK_D 64 with 8 warps: 246 registers TF32; 128 × 64 with 8 warps spilled 5.7 KB).
+_ELEMS = lambda c, cols: c["BLOCK_M"] * cols // (32 * c.num_warps)  # noqa: E731  fp32 elements per thread
+
+
+def _lse_allowed(cfg: TuneConfig, key: dict) -> bool:
+    return _ELEMS(cfg, cfg["BLOCK_N"]) <= 64
+
+
+def _loss_allowed(cfg: TuneConfig, key: dict) -> bool:
+    return _ELEMS(cfg, cfg["BLOCK_N"]) <= 16
+
+
+def _grad_allowed(cfg: TuneConfig, key: dict) -> bool:
+    return _ELEMS(cfg, cfg["BLOCK_N"]) <= 16 and _ELEMS(cfg, cfg["BLOCK_D"]) <= 32
+
+
+def _pick(space: TuneSpace, **want) -> TuneConfig:
+    return next(c for c in space.configs if c.meta == {**c.meta, **{k: v for k, v in want.items() if k.isupper()}}
+                and c.num_warps == want["num_warps"] and c.num_stages == want.get("num_stages", c.num_stages))  # fmt: skip
+
+
+# Heuristics (no benchmark: interpreter, STRUCTURE_OPS_AUTOTUNE=0): the largest tiles of each space's candidates.
+def _lse_heuristic(key: dict) -> TuneConfig:
+    return _pick(LSE_SPACE, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
+
+
+def _loss_heuristic(key: dict) -> TuneConfig:
+    return _pick(LOSS_SPACE, BLOCK_M=64, BLOCK_N=64, num_warps=8)
+
+
+def _grad_heuristic(key: dict) -> TuneConfig:
+    return _pick(GRAD_SPACE, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64 if key["d_own"] <= 64 else 128, num_warps=8)
+
+
+LSE_SPACE = TuneSpace(
+    "structure_flash.lse",
+    config_grid(BLOCK_M=(64, 128), BLOCK_N=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
+    heuristic=_lse_heuristic, smem=lambda c, k: _operand_smem(c, k, 1), allowed=_lse_allowed,
+)  # fmt: skip
+LOSS_SPACE = TuneSpace(
+    "structure_flash.loss",
+    config_grid(BLOCK_M=(64, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2,)),
+    heuristic=_loss_heuristic, smem=lambda c, k: _operand_smem(c, k, 2), allowed=_loss_allowed,
+)  # fmt: skip
+GRAD_SPACE = TuneSpace(
+    "structure_flash.grad",
+    config_grid(BLOCK_M=(64, 128), BLOCK_N=(32, 64, 128), BLOCK_D=(64, 128), num_warps=(4, 8), num_stages=(2,)),
+    heuristic=_grad_heuristic, allowed=_grad_allowed,
+    # + the W tile and the pipelined Û_L chunk of the second GEMM
+    smem=lambda c, k: _operand_smem(c, k, 2) + _esize(k) * (c["BLOCK_M"] * c["BLOCK_N"]
+                                                            + c.num_stages * c["BLOCK_N"] * c["BLOCK_D"]),
+)  # fmt: skip
+SPACES = {"lse": LSE_SPACE, "loss": LOSS_SPACE, "grad_z": GRAD_SPACE, "grad_x": GRAD_SPACE}
+
+
+def tune_keys(n: int, dx: int, dz: int, dtype: torch.dtype, precision: str | None = None,
+              block_k: int | None = None) -> dict[str, dict]:  # fmt: skip
+    """The autotune key of each pass: N, d_x, d_z bucketed (next power of two), dtype, tl.dot precision, the operand
+    mode; pass C also the width of its side."""
+    res, bk = operand_mode(dx, dz, dtype, precision, block_k)
+    base = autotune_key(n=n, dtype=dtype, precision=precision, dx=next_pow2(dx), dz=next_pow2(dz), resident=res,
+                        block_k=bk)  # fmt: skip
+    return {"lse": base, "loss": base, "grad_z": {**base, "d_own": next_pow2(dz)},
+            "grad_x": {**base, "d_own": next_pow2(dx)}}  # fmt: skip
+
+
 def launch_config(
     n: int,
     dx: int,
@@ -479,46 +532,23 @@ def launch_config(
     precision: str | None = None,
     interpret: bool = INTERPRET,
 ) -> dict[str, dict]:
-    """The launches of :func:`structure_level1_flash` for these inputs: {"lse", "loss", "grad_z", "grad_x"} →
-    {"constexprs": ..., "options": ...} ("grad_*" only when requested). The host launches exactly these (block
-    overrides aside) and aot.py compiles exactly these for every dtype, precision, option and gradient flag.
-
-    GPU tiles (sm_90, ptxas -v, no spills): passes A/B 64 × 64 with BLOCK_K 32 (IEEE fp32) / 16 (TF32) / 64 (half)
-    and 8 warps; pass C 64 × 32 tiles, BLOCK_K 32, BLOCK_D 64 (d ≤ 64) or 128, 8 warps, one launch per side. Under the interpreter: few,
-    large blocks (its cost is per program and per op).
+    """The launches of :func:`structure_level1_flash` when it does not benchmark (the interpreter,
+    STRUCTURE_OPS_AUTOTUNE=0, block overrides): {"lse", "loss", "grad_z", "grad_x"} → {"constexprs", "options"}
+    ("grad_*" only when requested), each the space's heuristic choice (or STRUCTURE_OPS_AUTOTUNE_FORCE's) plus the
+    operand mode. On a GPU with autotuning the host picks from the same spaces by timing; aot.py compiles every
+    candidate of every space. ``similarity`` and ``divergence`` are runtime kernel arguments (no constexpr).
     """
     prec = dot_precision(dtype, precision)
-    grad = bool(grad_x or grad_z)
-    common = dict(UPCAST=bool(interpret), DOT_PRECISION=prec, ROUND_TF32=round_tf32(dtype, precision))
-    if interpret:
-        bmn = min(64, max(16, next_pow2(n)))
-        bk = min(64, max(16, next_pow2(max(dx, dz))))
-        ab = dict(BLOCK_M=bmn, BLOCK_N=bmn, BLOCK_K=bk)
-        cb = dict(ab)
-        options: dict = {}
-        grad_options: dict = {}
-    else:
-        # fp32 operands take twice the registers of half ones, and the tf32 rounding adds a few more: BLOCK_K 16
-        # there (pass B spilled 12 B at 32); pass C keeps its extra live tiles within 255 registers at BLOCK_K 32
-        # (half types spilled 76 B at 64).
-        bk = 64 if dtype != torch.float32 else (16 if common["ROUND_TF32"] else 32)
-        ab = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk)
-        cb = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
-        options = {"num_warps": 8, "num_stages": 2}
-        grad_options = {"num_warps": 8, "num_stages": 2}
-    out = {
-        "lse": {"constexprs": dict(SIM=similarity, **common, **ab), "options": options},
-        "loss": {
-            # ḡ of both sides whenever a gradient is asked for: two row sums per tile (the tiles cost the GEMMs),
-            # half as many compiled variants
-            "constexprs": dict(SIM=similarity, DIV=divergence, GRAD_X=grad, GRAD_Z=grad, **common, **ab),
-            "options": options,
-        },
-    }
-    for side, want, d in (("grad_z", grad_z, dz), ("grad_x", grad_x, dx)):
-        if want:
-            cst = dict(SIM=similarity, DIV=divergence, **common, **cb, BLOCK_D=_grad_block_d(d, interpret))
-            out[side] = {"constexprs": cst, "options": grad_options}
+    res, bk = operand_mode(dx, dz, dtype, precision)
+    common = dict(UPCAST=bool(interpret), DOT_PRECISION=prec, ROUND_TF32=round_tf32(dtype, precision), RESIDENT=res,
+                  BLOCK_K=bk)  # fmt: skip
+    keys = tune_keys(n, dx, dz, dtype, precision)
+    out = {}
+    for name in ("lse", "loss", "grad_z", "grad_x"):
+        if name == "grad_z" and not grad_z or name == "grad_x" and not grad_x:
+            continue
+        cfg = SPACES[name].choose(keys[name])
+        out[name] = {"constexprs": {**common, **cfg.meta}, "options": cfg.options}
     return out
 
 
@@ -558,8 +588,11 @@ def structure_level1_flash(
         temperature: τ > 0 (cosine only). similarity: 0 cosine, 1 rbf. gamma: γ of rbf.
         divergence: 0 "structure" (needs eps > 0), 1 "js". eps: the ε of "structure".
         grad_x, grad_z: compute ∂D/∂X̂, ∂D/∂Ẑ.
-        block_m, block_n, block_k, block_d, num_warps, num_stages: launch overrides (tests, tuning) of every pass;
-        BLOCK_M/N are the row/column tile, BLOCK_K the contraction chunk, BLOCK_D the gradient feature chunk.
+        block_m, block_n, block_k, block_d, num_warps, num_stages: launch overrides (tests, tuning) of every pass
+        (then nothing is benchmarked); BLOCK_M/N are the row/column tile, BLOCK_K the contraction width (the row
+        operand stays on chip when max(d_x, d_z) ≤ block_k), BLOCK_D the gradient feature chunk. Without them each
+        pass's tile comes from its autotune space (``LSE_SPACE``, ``LOSS_SPACE``, ``GRAD_SPACE``; docs/kernels.md,
+        "Autotuning").
         half_scale_min_n: N from which fp16 gradient operands are scaled (default HALF_SCALE_MIN_N; tests).
     Returns:
         (D, gx, gz): D a 0-dim fp32 tensor; gx (N, d_x) and gz (N, d_z) contiguous in the input dtype, or empty
@@ -596,27 +629,41 @@ def structure_level1_flash(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if divergence == STRUCTURE and not eps > 0:
         raise ValueError(f"eps must be > 0 for divergence='structure', got {eps}")
+    overrides = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d}
+    for name, b in overrides.items():
+        if b is not None and (b < 16 or b & (b - 1)):
+            raise ValueError(f"{name.lower()} must be a power of two >= 16 (tl.dot tiles), got {b}")
+    for name, v in (("num_warps", num_warps), ("num_stages", num_stages)):
+        if v is not None and not (isinstance(v, int) and v >= 1):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    overrides = {k: int(v) for k, v in overrides.items() if v is not None}
+    opt_over = {k: int(v) for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
+    tune = not overrides and not opt_over
 
     dtype, dev = xh.dtype, xh.device
     xh = xh.contiguous()
     zh = zh.contiguous()
     f32 = dict(dtype=torch.float32, device=dev)
-    cfg = launch_config(n, dx, dz, dtype, similarity=similarity, divergence=divergence, grad_x=grad_x, grad_z=grad_z)
-    overrides = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d}
-    for name, b in overrides.items():
-        if b is not None and (b < 16 or b & (b - 1)):
-            raise ValueError(f"{name.lower()} must be a power of two >= 16 (tl.dot tiles), got {b}")
-    for launch in cfg.values():
-        cst = launch["constexprs"]
-        cst.update({k: int(v) for k, v in overrides.items() if v is not None and k in cst})
-        opts = launch["options"] = dict(launch["options"])
-        if not INTERPRET:
-            for key, v in (("num_warps", num_warps), ("num_stages", num_stages)):
-                if v is not None:
-                    opts[key] = int(v)
+    precision = torch.get_float32_matmul_precision()
+    res, bk = operand_mode(dx, dz, dtype, precision, overrides.get("BLOCK_K"))
+    common = dict(UPCAST=INTERPRET, DOT_PRECISION=dot_precision(dtype, precision),
+                  ROUND_TF32=round_tf32(dtype, precision), RESIDENT=res, BLOCK_K=bk)  # fmt: skip
+    keys = tune_keys(n, dx, dz, dtype, precision, overrides.get("BLOCK_K"))
+
+    def choose(name: str, bench) -> dict:
+        # the pass's config: benchmarked (GPU, autotuning on, no overrides), else heuristic or forced; overrides
+        # replace single fields
+        cfg = SPACES[name].choose(keys[name], bench if tune else None, dev)
+        cst = {**common, **cfg.meta, **{k: v for k, v in overrides.items() if k in cfg.meta}}
+        return {"constexprs": cst, "options": {**cfg.options, **opt_over}}
+
+    def as_launch(cfg: TuneConfig) -> dict:
+        return {"constexprs": {**common, **cfg.meta}, "options": cfg.options}
+
     scale = 1.0 / float(temperature) if similarity == COSINE else 1.0
     gamma = float(gamma)
     epsf = float(eps) if divergence == STRUCTURE else 0.0
+    grad = bool(grad_x or grad_z)
 
     # Triton launches on the current device: make it the inputs' device (a no-op for the interpreter).
     with device_guard(dev):
@@ -627,23 +674,32 @@ def structure_level1_flash(
             sq_x = xh.float().square().sum(dim=1)
             sq_z = zh.float().square().sum(dim=1)
         else:
-            sq_x, sq_z = lse_x, lse_z  # never read (SIM constexpr)
+            sq_x, sq_z = lse_x, lse_z  # never read (sim = 0)
 
-        a = cfg["lse"]
-        grid = (triton.cdiv(n, a["constexprs"]["BLOCK_M"]),)
         # Pass A
-        _lse_kernel[grid](xh, sq_x, lse_x, n, dx, xh.stride(0), scale, gamma, **a["constexprs"], **a["options"])
-        _lse_kernel[grid](zh, sq_z, lse_z, n, dz, zh.stride(0), scale, gamma, **a["constexprs"], **a["options"])
+        def run_lse(launch: dict):
+            cst = launch["constexprs"]
+            grid = (triton.cdiv(n, cst["BLOCK_M"]),)
+            return [
+                _lse_kernel[grid](u, sq, lse, n, d, u.stride(0), scale, gamma, similarity, **cst, **launch["options"])
+                for u, sq, lse, d in ((xh, sq_x, lse_x, dx), (zh, sq_z, lse_z, dz))
+            ]
+
+        run_lse(choose("lse", lambda c: run_lse(as_launch(c))))
 
         # Pass B
-        b = cfg["loss"]
         row_loss = torch.empty(n, **f32)
-        gb_x = torch.empty(n if grad_x or grad_z else 1, **f32)  # the loss kernel writes both ḡ (launch_config)
-        gb_z = torch.empty(n if grad_x or grad_z else 1, **f32)
-        _loss_kernel[(triton.cdiv(n, b["constexprs"]["BLOCK_M"]),)](
-            xh, zh, sq_x, sq_z, lse_x, lse_z, row_loss, gb_x, gb_z,
-            n, dx, dz, xh.stride(0), zh.stride(0), scale, gamma, epsf, **b["constexprs"], **b["options"],
-        )  # fmt: skip
+        gb_x = torch.empty(n if grad else 1, **f32)  # ḡ of both sides whenever a gradient is asked for
+        gb_z = torch.empty(n if grad else 1, **f32)
+
+        def run_loss(launch: dict):
+            cst = launch["constexprs"]
+            return _loss_kernel[(triton.cdiv(n, cst["BLOCK_M"]),)](
+                xh, zh, sq_x, sq_z, lse_x, lse_z, row_loss, gb_x, gb_z, n, dx, dz, xh.stride(0), zh.stride(0),
+                scale, gamma, epsf, similarity, divergence, int(grad), **cst, **launch["options"],
+            )  # fmt: skip
+
+        run_loss(choose("loss", lambda c: run_loss(as_launch(c))))
         # Fixed-order reduction of N row losses (deterministic), fp64 so that large N loses nothing here.
         loss = (row_loss.to(torch.float64).sum() / n).to(torch.float32)
 
@@ -654,33 +710,58 @@ def structure_level1_flash(
         k = half_scale_exp(n, dtype, divergence, epsf, half_scale_min_n)
         w_scale = math.ldexp(1.0, k)
         out_scale = (scale if similarity == COSINE else 2.0 * gamma) / n
-        sides = (("grad_z", zh, xh, sq_z, sq_x, lse_z, lse_x, gb_z, gz), ("grad_x", xh, zh, sq_x, sq_z, lse_x, lse_z, gb_x, gx))
-        for side, own, oth, sq_own, sq_oth, lse_own, lse_oth, gb, g in sides:
-            if side not in cfg:
+        sides = (("grad_z", grad_z, zh, xh, sq_z, sq_x, lse_z, lse_x, gb_z, gz),
+                 ("grad_x", grad_x, xh, zh, sq_x, sq_z, lse_x, lse_z, gb_x, gx))  # fmt: skip
+        for side, want, own, oth, sq_own, sq_oth, lse_own, lse_oth, gb, g in sides:
+            if not want:
                 continue
-            c = cfg[side]
-            cst = c["constexprs"]
-            grid = (triton.cdiv(n, cst["BLOCK_M"]), triton.cdiv(own.shape[1], cst["BLOCK_D"]))
-            _grad_kernel[grid](
-                own, oth, sq_own, sq_oth, lse_own, lse_oth, gb, g,
-                n, own.shape[1], oth.shape[1], own.stride(0), oth.stride(0), scale, gamma, epsf, out_scale, w_scale,
-                **cst, **c["options"],
-            )  # fmt: skip
+
+            def run_grad(launch: dict, own=own, oth=oth, sq_own=sq_own, sq_oth=sq_oth, lse_own=lse_own,
+                         lse_oth=lse_oth, gb=gb, g=g):  # fmt: skip
+                cst = launch["constexprs"]
+                grid = (triton.cdiv(n, cst["BLOCK_M"]), triton.cdiv(own.shape[1], cst["BLOCK_D"]))
+                return _grad_kernel[grid](
+                    own, oth, sq_own, sq_oth, lse_own, lse_oth, gb, g,
+                    n, own.shape[1], oth.shape[1], own.stride(0), oth.stride(0), scale, gamma, epsf, out_scale,
+                    w_scale, similarity, divergence, **cst, **launch["options"],
+                )  # fmt: skip
+
+            run_grad(choose(side, lambda c, run=run_grad: run(as_launch(c))))
         return loss, gx, gz
 
 
+def flash_flops(
+    n: int, dx: int, dz: int, *, grad_x: bool = False, grad_z: bool = True, block_d: int | None = None
+) -> float:
+    """GEMM FLOPs of :func:`structure_level1_flash` (the benchmark's FLOP model; d unpadded).
+
+    4N²(d_x + d_z) for passes A and B; pass C, once per requested side u ∈ {X̂, Ẑ}: n_c(u)·2N²(d_x + d_z) (tile
+    recomputation, once per BLOCK_D feature chunk of d_u) + 2N²·d_u. d_x = d_z = d ≤ BLOCK_D, grad_z only:
+    14 N² d. ``block_d`` None: the BLOCK_D of the heuristic's choice for each side (64 for d ≤ 64, else 128).
+    """
+    flops = 4.0 * n * n * (dx + dz)
+    for want, d in ((grad_z, dz), (grad_x, dx)):
+        if want:
+            bd = block_d or (64 if d <= 64 else 128)
+            flops += math.ceil(d / bd) * 2.0 * n * n * (dx + dz) + 2.0 * n * n * d
+    return flops
+
+
 # --------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation (aot.py): every launch the host can make on a GPU, from launch_config
+# Ahead-of-time compilation (aot.py): the host's non-benchmarked launches and every candidate of the three spaces
 # --------------------------------------------------------------------------------------------------
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 _OPERANDS = ("u_ptr", "x_ptr", "z_ptr", "own_ptr", "oth_ptr", "g_ptr")
 _FLOATS = ("scale", "gamma", "eps", "out_scale", "w_scale")
-# Widths that reach every branch of launch_config (BLOCK_D 64 for d ≤ 64, 128 above); N does not matter on a GPU.
+# Widths that reach both operand modes (resident: d ≤ RESIDENT_K; chunked above) and both BLOCK_D heuristics.
 AOT_SHAPES = ((4096, 64, 64), (4096, 1024, 512))
+# fp32's precisions compile to two variants (IEEE; rounded TF32 for "high" and "medium")
+_AOT_PRECISIONS = {torch.float32: ("highest", "high"), torch.bfloat16: ("highest",), torch.float16: ("highest",)}
 
 
 def _signature(kernel, ptr: str, constexprs: dict) -> dict[str, str]:
-    # Every argument in the kernel's own order: operand pointers in the input dtype, statistics fp32.
+    # Every argument in the kernel's own order: operand pointers in the input dtype, statistics fp32, sizes and the
+    # sim/div/grad codes i32.
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -694,29 +775,59 @@ def _signature(kernel, ptr: str, constexprs: dict) -> dict[str, str]:
     return sig
 
 
+_KERNEL_FNS = {"_lse_kernel": _lse_kernel, "_loss_kernel": _loss_kernel, "_grad_kernel": _grad_kernel}
+
+
+def _entry(kernel, ptr: str, launch: dict) -> tuple:
+    cst = {a: launch["constexprs"][a] for a in kernel.arg_names if a in launch["constexprs"]}
+    return kernel, _signature(kernel, ptr, cst), cst, dict(launch["options"])
+
+
 def aot_configs() -> list[tuple]:
-    """(kernel, signature, constexprs, options) of every launch the host can make on a GPU: launch_config over
-    every dtype, float32 matmul precision, similarity, divergence and gradient flag, deduplicated."""
-    kernels = {"_lse_kernel": _lse_kernel, "_loss_kernel": _loss_kernel, "_grad_kernel": _grad_kernel}
+    """(kernel, signature, constexprs, options) of every launch the host makes on a GPU without benchmarking
+    (launch_config over every dtype, float32 matmul precision, operand mode and gradient flag), deduplicated."""
     seen, entries = set(), []
     for dtype, ptr in _PTR.items():
         for precision in PRECISIONS:
             for n, dx, dz in AOT_SHAPES:
-                for sim in (COSINE, RBF):
-                    for div in (STRUCTURE, JS):
-                        for gx, gz in ((False, False), (False, True), (True, False), (True, True)):
-                            cfg = launch_config(n, dx, dz, dtype, similarity=sim, divergence=div, grad_x=gx,
-                                                grad_z=gz, precision=precision, interpret=False)  # fmt: skip
-                            for name, launch in cfg.items():
-                                kernel = kernels[_KERNELS[name]]
-                                cst = {a: launch["constexprs"][a] for a in kernel.arg_names if a in launch["constexprs"]}
-                                key = (kernel.__name__ if hasattr(kernel, "__name__") else _KERNELS[name], ptr,
-                                       tuple(cst.items()), tuple(sorted(launch["options"].items())))
-                                if key in seen:
-                                    continue
-                                seen.add(key)
-                                entries.append((kernel, _signature(kernel, ptr, cst), cst, dict(launch["options"])))
+                cfg = launch_config(n, dx, dz, dtype, similarity=COSINE, divergence=STRUCTURE, grad_x=True,
+                                    grad_z=True, precision=precision, interpret=False)  # fmt: skip
+                for name, launch in cfg.items():
+                    e = _entry(_KERNEL_FNS[_KERNELS[name]], ptr, launch)
+                    key = (_KERNELS[name], ptr, tuple(e[2].items()), tuple(sorted(e[3].items())))
+                    if key not in seen:
+                        seen.add(key)
+                        entries.append(e)
     return entries
 
 
-AOT_KERNELS = aot_configs()
+def aot_space_configs() -> list[tuple]:
+    """Every candidate of LSE_SPACE, LOSS_SPACE and GRAD_SPACE for every variant the host can launch: dtype,
+    tl.dot precision and operand mode (the sim/div/grad options are runtime arguments); aot.py compiles them all."""
+    out = []
+    for name, kname in (("lse", "_lse_kernel"), ("loss", "_loss_kernel"), ("grad_z", "_grad_kernel")):
+        variants = []
+        for dtype, ptr in _PTR.items():
+            for precision in _AOT_PRECISIONS[dtype]:
+                for n, dx, dz in AOT_SHAPES:
+                    res, bk = operand_mode(dx, dz, dtype, precision)
+                    base = dict(UPCAST=False, DOT_PRECISION=dot_precision(dtype, precision),
+                                ROUND_TF32=round_tf32(dtype, precision), RESIDENT=res, BLOCK_K=bk)  # fmt: skip
+                    variants.append((ptr, base, tune_keys(n, dx, dz, dtype, precision)[name]))
+        out += space_aot_entries(SPACES[name], _KERNEL_FNS[kname], variants, _signature)
+    return out
+
+
+def _all_entries() -> list[tuple]:
+    seen, out = set(), []
+    for e in aot_configs() + aot_space_configs():
+        key = (e[0].__name__ if hasattr(e[0], "__name__") else e[0].fn.__name__, tuple(e[1].items()),
+               tuple(e[2].items()), tuple(sorted(e[3].items())))  # fmt: skip
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+# Every launch the host can make on a GPU: the non-benchmarked ones and every autotune candidate.
+AOT_KERNELS = _all_entries()
