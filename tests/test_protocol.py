@@ -178,11 +178,17 @@ def test_clip_reference_row_matches_a_direct_computation(image_run, capsys):
 
     root, clip = image_run
     run = root / "run"
-    assert cli(["protocol", "--run", str(run), "--layers", "last", "--methods", "csa", "--dim", "4", "--no-probe",
-                "--clip-model", clip, "--captions", str(root / "pairs.csv"), "--zero-shot", str(root / "zs")]) == 0
+    assert cli(["protocol", "--run", str(run), "--layers", "last", "--methods", "csa", "csa+structure", "--seeds", "0", "1",
+                "--refine-epochs", "1", "--dim", "4", "--no-probe", "--clip-model", clip, "--captions",
+                str(root / "pairs.csv"), "--zero-shot", str(root / "zs")]) == 0
     rep = json.loads((run / "protocol" / "results.json").read_text())
     ref = rep["clip_reference"]["metrics"]
-    assert "| pretrained CLIP (clip) | reference |" in (run / "protocol" / "results.md").read_text()
+    md = (run / "protocol" / "results.md").read_text()
+    assert "| pretrained CLIP (clip) | reference |" in md
+    # 24 training pairs fit in one refinement batch: csa+structure's seeds only permute rows, and the table says so
+    (cs,) = [e for e in rep["rows"].values() if e["method"] == "csa+structure"]
+    assert "seed_independent" in cs and "| csa+structure | 2 (one batch) |" in md
+    assert cs["per_seed"][0]["t2i_R@1"] == cs["per_seed"][1]["t2i_R@1"]
     # independent: CLIP's own forward on the test images / captions, brute-force ranks
     m = read_manifest(run)
     rows = m["splits"]["test"]

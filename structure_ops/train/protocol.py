@@ -545,8 +545,11 @@ def protocol(a: argparse.Namespace, log=_log) -> dict:
             if vals:
                 e["mean"][k], e["std"][k] = _stat(vals)
     lines = ["| layers | method | seeds | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 3) + "|"]
+    one_batch = len(m["splits"]["train"]) <= a.refine_batch_size  # csa+structure: the seed only permutes its rows
     for e in report_rows.values():
-        seeds = "1 (closed form)" if e["method"] == "csa" else str(e["n"])
+        if e["method"] == "csa+structure" and one_batch:
+            e["seed_independent"] = "the training pairs fit in one refinement batch: the seed only permutes its rows"
+        seeds = "1 (closed form)" if e["method"] == "csa" else f"{e['n']}{' (one batch)' if 'seed_independent' in e else ''}"
         cells = [_fmt(e["mean"][k], e["std"][k], e["n"]) if k in e["mean"] else "–" for k in metrics]
         lines.append(f"| {e['layers']} ({e['image_layer']} × {e['text_layer']}) | {e['method']} | {seeds} | "
                      + " | ".join(cells) + " |")
