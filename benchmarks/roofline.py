@@ -252,9 +252,11 @@ def row_kernel_bytes_per_pair(impl: str, design: str, grad_x: bool, grad_z: bool
     triton_rows issue 14 (built): lse from the Gram GEMM's epilogue (no online-lse pass), 2 reads of both logits rows
         with a gradient (1 without) + W once per side: 4·ec + sides·ew, 2·ec without a gradient (fp32: 8, 20, 24 B;
         half W: 8, 18, 20).
-    issue 14 design (cuda): pass 3 recomputes P, Q and the terms from the Gram rows instead of storing
-        Q and Q∘g: 3 reads of both Gram rows + W once per side: 6 elements + sides·ew (fp32: 24 + 4·sides B
-        with a gradient, 16 B without; bf16 W: 24 + 2·sides).
+    cuda issue 14 (built: csrc/cuda/structure_cuda.cu l1_rows_kernel, and l1_lse/terms/grad_kernel on the 2-D
+        grid of panels shorter than the SM count, whose partials add O(rows · column blocks), not per pair):
+        pass 3 recomputes P, Q and the terms from the Gram rows instead of storing Q and Q∘g: 3 reads of both
+        Gram rows + W once per side: 6 elements + sides·ew (fp32: 24 + 4·sides B with a gradient, 16 B without;
+        bf16/fp16 W: 24 + 2·sides). "today" keeps the pre-issue-14 kernel's 16 / 36 / 56 B as the before column.
     """
     sides = int(grad_x) + int(grad_z)
     if impl == "triton_rows" and design == "issue14":
@@ -310,7 +312,10 @@ def _structure_level1_rows(n, dx, dz, dtype, precision, impl, design, grad_x, gr
         if panel_mb:
             budget = panel_mb
     nbuf = 2 + int(grad_x) + int(grad_z)
-    rows = panel_rows(n, nbuf * n * ec, budget, min_rows, mult)
+    # panel buffers per row: two Gram rows (e_c) and a W row per side with a gradient; the issue-14 CUDA code
+    # (csrc/cuda/structure_cuda.cu panel_rows_from_memory) keeps W in the operand dtype (e_w)
+    row_bytes = n * (2 * ec + (nbuf - 2) * (ew if (impl == "cuda" and design == "issue14") else ec))
+    rows = panel_rows(n, row_bytes, budget, min_rows, mult)
     npan = _n_panels(n, rows)
     phases = []
     if eo != eo_in or (half and impl == "cpu"):
@@ -345,7 +350,7 @@ def _structure_level1_rows(n, dx, dz, dtype, precision, impl, design, grad_x, gr
             phases.append(Phase("gradient cast to the input dtype", hbm_bytes=n * d * (ec + eo_in)))
     info = {"panel_rows": rows, "panels": npan, "row_kernel_bytes_per_pair": bpp,
             "row_kernel_programs": programs, "gemm_class": cls,
-            "extra_memory_bytes": nbuf * rows * n * ec}  # fmt: skip
+            "extra_memory_bytes": rows * row_bytes}  # fmt: skip
     notes = []
     if impl == "triton_rows" and design == "today" and par < 1:
         notes.append(f"row kernel grid of {programs} programs on {ceil_sms} SMs")
