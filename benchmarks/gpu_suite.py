@@ -670,11 +670,25 @@ def main(argv=None) -> int:
         backend = a.compile_backend or ("aot_eager" if a.smoke else "inductor")
         t = Targets(a.out, a.smoke, a.budget_s, backend, seed).run()
         print(json.dumps(t, indent=1))
+        _write_autotune(a.out)
         return 0
     ns = a.n or ([32, 48] if a.smoke else None)
     for op in a.ops.split(","):
         print(f"wrote {run(op, a.out, ns, a.dtypes.split(','), a.providers.split(','), a.smoke, seed)}")
+    _write_autotune(a.out)
     return 0
+
+
+def _write_autotune(out: str) -> None:
+    """autotune.json: every Triton autotune choice of this run (per space and key: the configuration, whether it was
+    benchmarked, the per-candidate times; docs/kernels.md §11)."""
+    try:
+        from structure_ops._triton._common import autotune_cache
+    except ImportError:  # no triton
+        return
+    path = os.path.join(out, "autotune.json")
+    _write(path, autotune_cache())
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -194,6 +194,9 @@ def test_gpu_suite_smoke(tmp_path):
         assert c["grad_rel_err"] <= grad_tol, (p, c["grad_rel_err"], grad_tol)
         assert c["ok"] is True, c
     assert any("median_s" in r and r["provider"] == "triton_rows" for r in data["records"])
+    # the run records its Triton autotune choices (the heuristic's without a GPU, benchmarked with one)
+    tuned = json.loads((tmp_path / "autotune.json").read_text())
+    assert {r["source"] for r in tuned["structure_flash.loss"].values()} <= {"heuristic", "benchmark"}
 
 
 def test_operand_formats():
