@@ -8,13 +8,17 @@ caller (the kernel does not care). Returns (N, k) int64 on a's device. Never for
 
 Paths:
   fused  (fp32 / bf16 / fp16, k ≤ 128): _knn_topk_kernel, one program per row block of BLOCK_M rows
-         loops over column tiles: S_IJ = A_I A_Jᵀ (tl.dot, fp32 accumulation), each similarity is packed
-         with its column into one int64 key, the tile's top-KP keys (KP = next power of two ≥ k) are
-         selected by a bitonic sort / bitonic top-k and merged into the running per-row list (registers) by one bitonic
-         step. GEMM FLOPs 2 N² d. Selection per row and tile: a bitonic sort of the BLOCK_N keys
-         ((BN/2)·log₂BN·(log₂BN+1)/2 int64 compare-swaps; top-KP by bitonic halving when BN > KP) plus a
-         log₂KP-stage merge, i.e. ≈ N²·(log₂²BN)/4 compare-swaps in all, on the CUDA cores alongside
-         the tensor-core GEMM. Extra memory: none beyond the (N, k) output.
+         loops over column tiles in ascending order: S_IJ = A_I A_Jᵀ (tl.dot, fp32 accumulation; A_I loaded
+         once and kept on chip when d fits, RESIDENT), GEMM FLOPs 2 N² d. Each row keeps its best k keys in an
+         unsorted list of KP slots (registers, KP = list_slots(k)), whose minimum is the running k-th key.
+         Tile skipping: a tile none of whose similarities is strictly above its row's k-th value, for every
+         row of the block, is skipped before anything is packed or selected (an equal value has a higher
+         column index, so it loses the tie). Otherwise m = the most keys of one row that beat its k-th (≤ k)
+         insertion rounds: each row's largest entering key replaces its list minimum. Selection per row and
+         tile: one compare per similarity, plus ~6·BLOCK_N int32 + ~3·KP int64 operations per round; the
+         rounds total about k(1 + ln(N/k)) per row on random data, far fewer tiles than N/BLOCK_N merge once
+         the list is warm. Tiles, BLOCK_D, RESIDENT: KNN_SPACE (autotuned on a GPU, _common.TuneSpace).
+         Extra memory: none beyond the (N, k) output.
   panel  (fp64, or k > 128): row panels of B rows (B from the STRUCTURE_OPS_TRITON_PANEL_MB budget,
          default 256 MiB): a B × N similarity panel with torch.mm in the compute dtype, then an exact,
          deterministic top-k: torch.topk on the same unique int64 keys (fp32 and half types), or a stable
@@ -28,8 +32,8 @@ is a signed int32 that orders like v (negative floats have their magnitude bits 
 a larger key means a larger similarity, and for equal similarities a smaller column index j. Every key
 is unique (j is in it), so "top-k of the keys" is exactly the C++ order: value descending, index
 ascending — no stable sort needed. NaN becomes −inf before packing; −0.0 becomes +0.0; the diagonal
-and the padding columns get INT64_MIN, below every real key (o(v) > −2³¹ for every non-NaN v), and
-since k ≤ N − 1 they are never selected.
+and the padding columns never enter (their o is INT32_MIN, below o(v) for every non-NaN v, −inf included),
+and since k ≤ N − 1 every list slot ends with a real key.
 
 Precision (docs/kernels.md §6): the similarities are what the C++ op computes (an fp32 GEMM of the inputs
 upcast to fp32) up to the summation order: bf16/fp16 products are exact in fp32 and accumulated in fp32
@@ -46,94 +50,39 @@ import triton.language as tl
 from ._common import (
     INTERPRET,
     PRECISIONS,
+    TuneConfig,
+    TuneSpace,
+    _max2,  # numpy's max in the interpreter (a Python loop for our own combine functions)
+    autotune_key,
     compute_dtype,
+    config_grid,
     device_guard,
     dot_operand,
     dot_precision,
     next_pow2,
     panel_rows,
     round_tf32,
+    row_sum,
 )
 
-__all__ = ["knn", "fused_config", "aot_configs", "AOT_KERNELS", "MAX_FUSED_K"]
+__all__ = ["knn", "fused_config", "tile_space", "tile_stats", "tune_key", "KNN_SPACE", "aot_configs", "aot_space_configs",
+           "AOT_KERNELS", "MAX_FUSED_K"]
 
 MAX_FUSED_K = 128
 _INT64_MIN = -(2**63)
-_INT64_MIN_C = tl.constexpr(_INT64_MIN)  # a global constexpr the kernel can read
+_INT64_MIN_C = tl.constexpr(_INT64_MIN)  # global constexprs the kernel can read
+_INT32_MIN_C = tl.constexpr(-(2**31))
+_INT64_MAX_C = tl.constexpr(2**63 - 1)
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-# --------------------------------------------------------------------------------------------------
-# Bitonic selection on int64 keys, from core builtins only
-# --------------------------------------------------------------------------------------------------
-# The same networks as triton.language.standard's sort/topk/bitonic_merge, rewritten with tl.reduce and
-# tl.reshape: the standard ones are @jit functions of triton.language.standard, and when triton was
-# imported before TRITON_INTERPRET=1 was set (importing torch._dynamo imports triton) the interpreter
-# refuses to call them. Same networks, same code on the GPU.
-#
-# A (rows × 2^L) tensor is viewed as a hypercube [2] * n_dims (row bits major, position bits minor);
-# dimension n_dims − 1 − i of the cube is bit i of the position. Compare-and-swap along bit i: the
-# partner of x is x XOR (the XOR of the pair), i.e. a keep-dims XOR reduction over that size-2 axis.
 @triton.jit
-def _xor(a, b):
-    return a ^ b
+def _min2(a, b):
+    return tl.minimum(a, b)
 
 
-@triton.jit
-def _maximum(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _indicator(n_dims: tl.constexpr, j: tl.constexpr):
-    # 0/1 along the cube axis of position bit j, broadcastable to the cube
-    return tl.reshape(tl.arange(0, 2), [1] * (n_dims - j - 1) + [2] + [1] * j)
-
-
-@triton.jit
-def _compare_and_swap(h, flip, i: tl.constexpr, n_dims: tl.constexpr):
-    partner = h ^ tl.reduce(h, n_dims - 1 - i, _xor, keep_dims=True)
-    is_right = _indicator(n_dims, i)
-    # left element keeps the min (ascending) unless flipped; right keeps the max
-    return tl.where((h > partner) != (flip ^ is_right), partner, h)
-
-
-@triton.jit
-def _bitonic_stage(h, stage: tl.constexpr, order: tl.constexpr, n_dims: tl.constexpr):
-    # Bitonic merge of runs of 2^stage positions: order 0 ascending, 1 descending, 2 alternating by run
-    # (run r sorted descending when bit `stage` of its position is 1), the input of the next stage.
-    if order == 2:
-        flip = _indicator(n_dims, stage)
-    else:
-        flip = order
-    for t in tl.static_range(stage):
-        h = _compare_and_swap(h, flip, stage - 1 - t, n_dims)
-    return h
-
-
-@triton.jit
-def _topk_desc(x, ROWS_LOG: tl.constexpr, N_LOG: tl.constexpr, K_LOG: tl.constexpr):
-    # The 2^K_LOG largest of each row of x (2^ROWS_LOG × 2^N_LOG), sorted descending: bitonic sort of
-    # runs of 2^K_LOG, then repeatedly keep the elementwise max of neighbouring runs (one ascending, one
-    # descending: the max is the top half of their union, and bitonic) and re-merge it.
-    n_dims: tl.constexpr = ROWS_LOG + N_LOG
-    h = tl.reshape(x, [2] * n_dims)
-    for i in tl.static_range(1, K_LOG + 1):
-        h = _bitonic_stage(h, i, 2 if i < N_LOG else 1, n_dims)
-    for i in tl.static_range(K_LOG + 1, N_LOG + 1):
-        h = tl.reduce(h, n_dims - (i - K_LOG) - K_LOG, _maximum)
-        h = _bitonic_stage(h, K_LOG, 2 if i < N_LOG else 1, n_dims - (i - K_LOG))
-    return tl.reshape(h, [2**ROWS_LOG, 2**K_LOG])
-
-
-@triton.jit
-def _merge_asc(best, top, ROWS_LOG: tl.constexpr, K_LOG: tl.constexpr):
-    # best ascending, top descending (same shape): max(best, top) is the top half of their union and a
-    # bitonic sequence; one bitonic merge (K_LOG compare-swap rounds) sorts it ascending.
-    n_dims: tl.constexpr = ROWS_LOG + K_LOG
-    h = tl.reshape(tl.maximum(best, top), [2] * n_dims)
-    h = _bitonic_stage(h, K_LOG, 0, n_dims)
-    return tl.reshape(h, [2**ROWS_LOG, 2**K_LOG])
+if INTERPRET:  # numpy's min in the interpreter (see _common._max2)
+    _min2 = getattr(tl.standard, "_elementwise_min", _min2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,63 +92,112 @@ def _merge_asc(best, top, ROWS_LOG: tl.constexpr, K_LOG: tl.constexpr):
 def _knn_topk_kernel(
     a_ptr,  # (N, D) contiguous, fp32 / bf16 / fp16
     out_ptr,  # (N, K) int64
-    N, D, K,
+    stats_ptr,  # (programs, 2) int32: column tiles merged, insertion rounds (written only when STATS ≠ 0)
+    N, D, K, STATS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
-    M_LOG: tl.constexpr, N_LOG: tl.constexpr, KP_LOG: tl.constexpr,  # log₂ of BLOCK_M, BLOCK_N, KP
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr,
+    RESIDENT: tl.constexpr,  # D ≤ BLOCK_D: the row block A_I is loaded once and stays on chip
 ):
-    # Math: for the row block I (this program), over column tiles J:
+    # Math: for the row block I (this program), over column tiles J in ascending column order:
     #   S_IJ = A_I A_Jᵀ                                         (tl.dot, fp32 accumulation)
-    #   key_ij = (o(S_ij) << 32) | (2³¹−1−j)   (o: order-preserving int32 of the fp32 bits; see module doc)
-    #   key_ij = INT64_MIN for j = i and for j ≥ N                (diagonal excluded, padding)
-    #   T_I   = top-KP keys of the tile, descending              (bitonic sort / bitonic top-k)
-    #   R_I   ← top-KP of R_I ∪ T_I:  R_I ascending and T_I descending, so max(R_I, T_I) elementwise is
-    #           exactly the top half of the union and is a bitonic sequence; one bitonic merge sorts it
-    #           back to ascending (log₂ KP compare-swap stages instead of a full sort of 2·KP keys).
-    # At the end R_I holds the row's best KP keys ascending: position p → output column KP−1−p (< K),
-    # column index j = 2³¹−1 − (key & 0xFFFFFFFF).
-    tl.static_assert((BLOCK_M == 2**M_LOG) & (BLOCK_N == 2**N_LOG) & (KP == 2**KP_LOG) & (KP <= BLOCK_N))
+    #   o_ij = o(S_ij) (order-preserving int32 of the fp32 bits; see module doc), INT32_MIN for j = i, j ≥ N
+    # The running list R_i of row i: KP int64 key slots, UNSORTED: k slots hold the row's best k keys so far
+    # (placeholders INT64_MIN + 1 + slot, below every real key, until k columns were seen) and KP − k slots hold
+    # INT64_MAX (never replaced). So κ_i = min(R_i) is the key of the row's running k-th best, exactly.
+    #   c_i = #{j in J : o_ij > θ_i},  θ_i = κ_i >> 32 (the k-th value, INT32_MIN for a placeholder)
+    # is the number of the tile's keys that beat κ_i: a larger value is needed, because an EQUAL value loses
+    # the tie (every column of this tile has a higher index than every column already in R_i: tiles go in
+    # ascending order). m = max_i c_i over the block:
+    #   (m is capped at k: later entering keys of a row are below the k it took from this tile)
+    #   m = 0 → the tile is skipped (no key packing, no selection);
+    #   else m insertion rounds on the entering keys only: t_i = the row's largest remaining entering key
+    #     (key_ij = (o_ij << 32) | (2³¹−1−j): the largest o_ij, then its lowest column; int32 work on the tile,
+    #     the int64 key packed per row); if t_i > κ_i the slot holding κ_i gets t_i (keys are unique, so one
+    #     slot); t_i's column is removed from the tile; κ_i = min(R_i). Each row's entering keys are its
+    #     c_i ≤ m largest, so after m rounds R_i = top-k of (R_i ∪ J's keys).
+    # At the end the top k leave R_i largest first (k rounds of a row max); column j = 2³¹−1 − (key & 0xFFFFFFFF). Selection work per row and tile: one compare per
+    # element (the count), plus per round ~6·BLOCK_N int32 and ~3·KP int64 compares/selects/reductions; no
+    # per-tile sort.
     pid = tl.program_id(0)
     rl = tl.arange(0, BLOCK_M)
     rows = pid * BLOCK_M + rl
     row_ok = rows < N
     cl = tl.arange(0, BLOCK_N)
     kl = tl.arange(0, BLOCK_D)
+    slot = tl.arange(0, KP)[None, :]
     # Addresses: scalar int64 block bases (N·D may exceed 2³¹) + int32 offsets inside a block.
     a_blk = a_ptr + (pid * BLOCK_M).to(tl.int64) * D
     c_blk = a_ptr
-    best = tl.full((BLOCK_M, KP), _INT64_MIN_C, tl.int64)
+    if RESIDENT:  # the whole row block, once (D ≤ BLOCK_D)
+        x_res = tl.load(a_blk + rl[:, None] * D + kl[None, :], mask=row_ok[:, None] & (kl < D)[None, :], other=0.0)
+        if UPCAST:  # the interpreter miscomputes bf16 dots: feed it fp32 (exact products)
+            x_res = x_res.to(tl.float32)
+        x_res = dot_operand(x_res, ROUND_TF32)
+    placeholder = tl.full((BLOCK_M, KP), _INT64_MIN_C, tl.int64) + 1 + slot.to(tl.int64)
+    best = tl.where(slot < K, placeholder, _INT64_MAX_C)
+    kth = tl.reduce(best, 1, _min2)
+    tiles = 0
+    rounds = 0
     for j0 in range(0, N, BLOCK_N):
         cols = j0 + cl
         col_ok = cols < N
         sim = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        for k0 in range(0, D, BLOCK_D):
-            k_ok = (k0 + kl) < D
-            x = tl.load(a_blk + k0 + rl[:, None] * D + kl[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            y = tl.load(c_blk + k0 + cl[:, None] * D + kl[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:  # the interpreter miscomputes bf16 dots: feed it fp32 (exact products)
-                x = x.to(tl.float32)
+        if RESIDENT:
+            y = tl.load(c_blk + cl[:, None] * D + kl[None, :], mask=col_ok[:, None] & (kl < D)[None, :], other=0.0)
+            if UPCAST:
                 y = y.to(tl.float32)
-            # fp32 at TF32: operands rounded to nearest (ties away, as cuBLAS) here, not truncated by the hardware
-            x = dot_operand(x, ROUND_TF32)
             y = dot_operand(y, ROUND_TF32)
-            sim = tl.dot(x, tl.trans(y), sim, input_precision=DOT_PRECISION)
+            sim = tl.dot(x_res, tl.trans(y), sim, input_precision=DOT_PRECISION)
+        else:
+            for k0 in range(0, D, BLOCK_D):
+                k_ok = (k0 + kl) < D
+                x = tl.load(a_blk + k0 + rl[:, None] * D + kl[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                y = tl.load(c_blk + k0 + cl[:, None] * D + kl[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                if UPCAST:
+                    x = x.to(tl.float32)
+                    y = y.to(tl.float32)
+                # fp32 at TF32: operands rounded to nearest (ties away, as cuBLAS) here, not truncated by the hardware
+                x = dot_operand(x, ROUND_TF32)
+                y = dot_operand(y, ROUND_TF32)
+                sim = tl.dot(x, tl.trans(y), sim, input_precision=DOT_PRECISION)
         c_blk += BLOCK_N * D
         # NaN → −inf (the C++ key), −0.0 → +0.0 (equal values must tie on the index).
         sim = tl.where(sim != sim, float("-inf"), sim)
         sim = tl.where(sim == 0.0, 0.0, sim)
         bits = sim.to(tl.int32, bitcast=True)
-        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        inv_col = (0x7FFFFFFF - cols).to(tl.int64)
-        key = (ordered.to(tl.int64) << 32) | inv_col[None, :]
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # > INT32_MIN for every value, −inf included
         keep = col_ok[None, :] & (rows[:, None] != cols[None, :])
-        key = tl.where(keep, key, _INT64_MIN_C)
-        top = _topk_desc(key, M_LOG, N_LOG, KP_LOG)  # (BLOCK_M, KP), descending
-        best = _merge_asc(best, top, M_LOG, KP_LOG)  # ascending again
-    idx = 0x7FFFFFFF - (best & 0xFFFFFFFF)
-    pos = KP - 1 - tl.arange(0, KP)  # output column of each position of the ascending list
-    out_offs = rl[:, None] * K + pos[None, :]
-    tl.store(out_ptr + (pid * BLOCK_M).to(tl.int64) * K + out_offs, idx, mask=row_ok[:, None] & (pos < K)[None, :])
+        theta = (kth >> 32).to(tl.int32)
+        enter = keep & (ordered > theta[:, None])
+        # rounds: the most entering keys of a row, at most K (after K rounds a row's remaining ones are below
+        # the K keys it took from this tile)
+        m = tl.minimum(tl.reduce(row_sum(enter.to(tl.int32)), 0, _max2), K)
+        if m > 0:
+            # the entering values only; a key is (value, column) and is packed per row only (int32 tile work)
+            oe = tl.where(enter, ordered, _INT32_MIN_C)
+            for _ in range(m):
+                tv = tl.reduce(oe, 1, _max2)
+                tc = tl.reduce(tl.where(oe == tv[:, None], cols[None, :], 0x7FFFFFFF), 1, _min2)  # lowest column
+                t = (tv.to(tl.int64) << 32) | (0x7FFFFFFF - tc).to(tl.int64)
+                hit = (best == kth[:, None]) & ((tv != _INT32_MIN_C) & (t > kth))[:, None]
+                best = tl.where(hit, t[:, None], best)
+                oe = tl.where(cols[None, :] == tc[:, None], _INT32_MIN_C, oe)
+                kth = tl.reduce(best, 1, _min2)
+            tiles += 1
+            rounds += m
+    # output: K rounds of "take the row's largest key" (the INT64_MAX slots dropped first), best first
+    best = tl.where(best == _INT64_MAX_C, _INT64_MIN_C, best)
+    out_row = out_ptr + (pid * BLOCK_M).to(tl.int64) * K + rl * K
+    for r in range(K):
+        t = tl.reduce(best, 1, _max2)
+        tl.store(out_row + r, 0x7FFFFFFF - (t & 0xFFFFFFFF), mask=row_ok)
+        best = tl.where(best == t[:, None], _INT64_MIN_C, best)
+    if STATS != 0:
+        tl.store(stats_ptr + 2 * pid, tiles)
+        tl.store(stats_ptr + 2 * pid + 1, rounds)
+
+
+_ARG_NAMES = tuple(_knn_topk_kernel.arg_names)  # (the tests may replace the kernel object by a recorder)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,25 +222,97 @@ def _check(a: torch.Tensor, k: int) -> None:
         raise RuntimeError(f"knn (triton): a must be a CUDA tensor, got {a.device}")
 
 
-def fused_config(d: int, kp: int, dtype: torch.dtype, precision: str | None = None,
-                 interpret: bool = INTERPRET) -> dict:
-    """Constexprs and options of ``_knn_topk_kernel`` as the host launches it (list length KP = next power of two
-    ≥ k, ≥ 2) for width ``d``, ``dtype`` and, for fp32, torch's float32 matmul ``precision``. aot.py compiles
-    exactly these. 8 warps, no register spills on sm_90 (ptxas -v) for KP ≤ 64 at 64 rows, KP = 128 at 32."""
-    if interpret:
-        bm, bn, bd, w = 32, 64, min(64, max(16, next_pow2(d))), 4
-    else:
-        bm, bn, bd, w = (64 if kp <= 64 else 32), 64, (32 if dtype == torch.float32 else 64), 8
-    bn = max(bn, kp)  # the tile's top-KP needs KP ≤ BLOCK_N
-    cst = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, KP=kp, DOT_PRECISION=dot_precision(dtype, precision),
+# One space for every variant; ``_allowed`` keeps, per key (dtype, tl.dot precision, list length KP, width bucket
+# d, N bucket), the configurations that apply and compile without spills on sm_90:
+#   RESIDENT = 1: the row block A_I (BLOCK_M × d) is loaded once and stays on chip: BLOCK_D = max(64, d) ≤ 256
+#     and BLOCK_M · BLOCK_D · element size ≤ ROW_ONCHIP_BYTES;
+#   RESIDENT = 0: A_I and A_J stream through BLOCK_D-wide chunks (BLOCK_D < d; fp32 32/64, bf16/fp16 64/128);
+#   the running list is BLOCK_M × KP int64 in registers: BLOCK_M · KP ≤ LIST_SLOTS.
+_SPACE_AXES = dict(BLOCK_M=(32, 64, 128), BLOCK_N=(64, 128), BLOCK_D=(32, 64, 128, 256), RESIDENT=(0, 1))
+STREAM_BLOCK_D = {"float32": 32, "bfloat16": 64, "float16": 64}
+ROW_ONCHIP_BYTES = 64 * 1024
+LIST_SLOTS = 64 * 64
+
+
+MIN_KP = 16  # list slots at least (a few more int64 compares per round; 4 list lengths instead of 7 to compile)
+
+
+def list_slots(k: int) -> int:
+    """KP, the running list's slots for ``k`` neighbours: the next power of two ≥ k, at least MIN_KP."""
+    return max(MIN_KP, next_pow2(k))
+
+
+def _esize_name(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def _resident_block_d(d: int) -> int:
+    return max(64, next_pow2(d))
+
+
+def _allowed(cfg: TuneConfig, key: dict) -> bool:
+    bm, bn, bd, res = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["RESIDENT"]
+    kp, dt = key["kp"], key["dtype"]
+    if bm == 32 and kp < 128:  # 32-row blocks only for the longest lists
+        return False
+    if bm * kp > LIST_SLOTS or (kp >= 64 and bm * bn > 64 * 64):  # list registers (ptxas: 64 × 128 at KP 64 spills)
+        return False
+    if bm * bn > 128 * 64 and not (res and dt != "float32"):  # 128 × 128: half inputs with A_I on chip only
+        return False
+    if res:
+        return bd == _resident_block_d(key["d"]) and bm * bd * _esize_name(dt) <= ROW_ONCHIP_BYTES
+    return bd == STREAM_BLOCK_D[dt] and bd < key["d"]
+
+
+def _heuristic(key: dict) -> TuneConfig:
+    """Without benchmarking: 128-row blocks once there are enough of them to fill an H100/H200 (N ≥ 128 · 132),
+    128-column tiles from N ≥ 128, the row block resident where it fits, else the wider streamed BLOCK_D."""
+    cands = KNN_SPACE.candidates(key)
+
+    def score(c: TuneConfig):
+        return (c["BLOCK_M"] == (128 if key["n"] >= 128 * 132 else 64), c["BLOCK_N"] == (128 if key["n"] >= 128 else 64),
+                c["RESIDENT"], c["BLOCK_D"])  # fmt: skip
+
+    return max(cands, key=score)
+
+
+def _smem(cfg: TuneConfig, key: dict) -> int:
+    e = _esize_name(key["dtype"])
+    bm, bn, bd, st = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg.num_stages
+    return (bm * bd + st * bn * bd) * e if cfg["RESIDENT"] else st * (bm + bn) * bd * e
+
+
+KNN_SPACE = TuneSpace("knn.topk", config_grid(**_SPACE_AXES, num_warps=(8,), num_stages=(2,)),
+                      heuristic=_heuristic, smem=_smem, allowed=_allowed)  # fmt: skip
+
+
+def tune_key(n: int, d: int, k: int, dtype: torch.dtype, precision: str | None = None) -> dict:
+    """The autotune key: N and d bucketed (next power of two), dtype, tl.dot precision, list length KP."""
+    return autotune_key(n=n, d=d, dtype=dtype, precision=precision, kp=list_slots(k))
+
+
+def _launch(cfg: TuneConfig, key: dict, dtype: torch.dtype, precision: str | None, interpret: bool) -> dict:
+    """{"constexprs", "options"} of ``_knn_topk_kernel`` for a space config and key: the config's tiles, KP and the
+    logs, the dot precision flags, UPCAST (bf16 in the interpreter)."""
+    cst = dict(cfg.meta, KP=key["kp"], DOT_PRECISION=dot_precision(dtype, precision),
                UPCAST=bool(interpret) and dtype == torch.bfloat16, ROUND_TF32=round_tf32(dtype, precision))
-    return {"constexprs": _with_logs(cst), "options": {"num_warps": w}}
+    return {"constexprs": {a: cst[a] for a in _ARG_NAMES if a in cst}, "options": cfg.options}
 
 
-def _with_logs(cst: dict) -> dict:
-    cst.update(M_LOG=cst["BLOCK_M"].bit_length() - 1, N_LOG=cst["BLOCK_N"].bit_length() - 1,
-               KP_LOG=cst["KP"].bit_length() - 1)
-    return cst
+def tile_space(d: int, k: int, dtype: torch.dtype, precision: str | None = None, n: int = 1 << 16,
+               interpret: bool = INTERPRET) -> list[dict]:
+    """Every launch the autotuner may choose from for (N, d, k, dtype, precision): KNN_SPACE's candidates for the
+    key, as {"constexprs", "options"} (UPCAST as ``interpret`` needs it: the interpreted tests run each)."""
+    key = tune_key(n, d, k, dtype, precision)
+    return [_launch(c, key, dtype, precision, interpret) for c in KNN_SPACE.candidates(key)]
+
+
+def fused_config(d: int, kp: int, dtype: torch.dtype, precision: str | None = None,
+                 interpret: bool = INTERPRET, n: int = 1 << 16) -> dict:
+    """The launch without benchmarking (interpreter, STRUCTURE_OPS_AUTOTUNE=0, block overrides): KNN_SPACE's
+    heuristic (or STRUCTURE_OPS_AUTOTUNE_FORCE) choice for list length ``kp``."""
+    key = tune_key(n, d, kp, dtype, precision)
+    return _launch(KNN_SPACE.choose(key), key, dtype, precision, interpret)
 
 
 def _keys_fp32(sim: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -290,12 +360,14 @@ def knn(
     block_m: int | None = None,
     block_n: int | None = None,
     block_d: int | None = None,
+    config: dict | None = None,
     path: str = "auto",
 ) -> torch.Tensor:
     """``structure_ops::knn`` in Triton: (N, k) int64 neighbour indices, best first (module docstring).
 
     path: "auto" (fused for fp32/bf16/fp16 and k ≤ 128, else panel), "fused" or "panel".
-    ``block_*`` override the fused tile shape (powers of two ≥ 16; for tests).
+    ``block_*`` override the fused tile shape (powers of two ≥ 16; for tests); ``config`` runs one entry of
+    ``tile_space`` (for tests; in the interpreter too).
     """
     k = int(k)
     _check(a, k)
@@ -311,8 +383,33 @@ def knn(
     if path == "panel" or not fused_ok:
         return _knn_panels(a, k)
     n, d = a.shape
-    kp = max(2, next_pow2(k))
-    cfg = fused_config(d, kp, a.dtype)
+    out = torch.empty((n, k), dtype=torch.int64, device=a.device)
+    if config is not None or block_m is not None or block_n is not None or block_d is not None:
+        _run(a, out, None, _fused_launch_config(a, k, block_m, block_n, block_d, config))
+        return out
+    precision = torch.get_float32_matmul_precision()
+    key = tune_key(n, d, k, a.dtype, precision)
+
+    def bench(c: TuneConfig):  # overwrites ``out`` only; returns the compiled kernel (spills are skipped)
+        return _run(a, out, None, _launch(c, key, a.dtype, precision, INTERPRET))
+
+    cfg = KNN_SPACE.choose(key, bench, a.device)
+    _run(a, out, None, _launch(cfg, key, a.dtype, precision, INTERPRET))
+    return out
+
+
+def _fused_launch_config(a, k, block_m=None, block_n=None, block_d=None, config=None) -> dict:
+    """An explicit launch: ``config`` (an entry of ``tile_space``, checked against the input) or the heuristic's with
+    block overrides (RESIDENT follows BLOCK_D ≥ d when block_d is given)."""
+    n, d = a.shape
+    kp = list_slots(k)
+    if config is not None:
+        cst = dict(config["constexprs"])
+        upcast = INTERPRET and a.dtype == torch.bfloat16
+        if cst["KP"] != kp or cst["UPCAST"] != upcast or (cst["RESIDENT"] and d > cst["BLOCK_D"]):
+            raise ValueError(f"knn (triton): config {cst} does not fit k = {k}, d = {d}, dtype {a.dtype}")
+        return {"constexprs": cst, "options": dict(config["options"])}
+    cfg = fused_config(d, kp, a.dtype, n=n)
     cst = cfg["constexprs"]
     for name, v in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_D", block_d)):
         if v is None:
@@ -320,38 +417,83 @@ def knn(
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name.lower()} must be a power of two ≥ 16, got {v}")
         cst[name] = int(v)
-    cst["BLOCK_N"] = max(cst["BLOCK_N"], kp)
-    _with_logs(cst)
+    if block_d is not None:
+        cst["RESIDENT"] = int(d <= cst["BLOCK_D"])
+    return cfg
+
+
+def _run(a: torch.Tensor, out: torch.Tensor, stats: torch.Tensor | None, cfg: dict):
+    """One launch of the fused kernel with ``cfg`` into ``out``; with ``stats`` (an int32 (programs, 2) tensor) also,
+    per program (row block), the column tiles it merged (the others were skipped) and its insertion rounds."""
+    n, d = a.shape
+    cst = cfg["constexprs"]
     with device_guard(a.device):
-        out = torch.empty((n, k), dtype=torch.int64, device=a.device)
-        _knn_topk_kernel[(triton.cdiv(n, cst["BLOCK_M"]),)](a, out, n, d, k, **cst, **cfg["options"])
-    return out
+        return _knn_topk_kernel[(triton.cdiv(n, cst["BLOCK_M"]),)](
+            a, out, out if stats is None else stats, n, d, out.shape[1], int(stats is not None), **cst, **cfg["options"])
+
+
+def tile_stats(a: torch.Tensor, k: int, config: dict | None = None) -> dict:
+    """Run the fused kernel once (``config`` or the heuristic's) with statistics: {"out": the (N, k) result,
+    "merged": column tiles merged per row block, "rounds": insertion rounds per row block, "tiles": column tiles
+    per row block, "total": all (row block, column tile) pairs, "skipped": pairs skipped}. For tests and
+    benchmarks (two int32 stores per program)."""
+    k = int(k)
+    _check(a, k)
+    if a.dtype == torch.float64 or k > MAX_FUSED_K:
+        raise NotImplementedError(f"knn (triton): statistics come from the fused kernel (fp32/bf16/fp16, k ≤ "
+                                  f"{MAX_FUSED_K}), got {a.dtype}, k = {k}")  # fmt: skip
+    a = a.detach().contiguous()
+    cfg = _fused_launch_config(a, k, config=config)
+    n = a.shape[0]
+    out = torch.empty((n, k), dtype=torch.int64, device=a.device)
+    st = torch.full((triton.cdiv(n, cfg["constexprs"]["BLOCK_M"]), 2), -1, dtype=torch.int32, device=a.device)
+    _run(a, out, st, cfg)
+    tiles = triton.cdiv(n, cfg["constexprs"]["BLOCK_N"])
+    merged, rounds = st[:, 0].cpu(), st[:, 1].cpu()
+    total = tiles * merged.numel()
+    return {"out": out, "merged": merged, "rounds": rounds, "tiles": tiles, "total": total,
+            "skipped": int(total - merged.sum().item())}
 
 
 # --------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation (aot.py): every fused launch the host can make on a GPU, from fused_config.
+# Ahead-of-time compilation (aot.py): every configuration the autotuner or the heuristic can launch on a GPU.
 # --------------------------------------------------------------------------------------------------
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}  # fp64 takes the panel path
+AOT_D = (16, 64, 128, 256, 512)  # width buckets: every resident BLOCK_D, and streamed only (d > 256)
 
 
-def aot_configs() -> list[tuple]:
-    """(kernel, signature, constexprs, options): fused_config for every dtype, float32 matmul precision and list
-    length KP = 2 … MAX_FUSED_K, deduplicated."""
+def _entries(kind: str) -> list[tuple]:
     seen, entries = set(), []
     for dtype, ptr in _PTR.items():
         for precision in PRECISIONS:
-            kp = 2
-            while kp <= MAX_FUSED_K:
-                cfg = fused_config(128, kp, dtype, precision, interpret=False)
-                cst = cfg["constexprs"]
-                key = (ptr, tuple(cst.items()), tuple(cfg["options"].items()))
-                if key not in seen:
-                    seen.add(key)
-                    sig = {name: ("constexpr" if name in cst else "i32") for name in _knn_topk_kernel.arg_names}
-                    sig.update(a_ptr=ptr, out_ptr="*i64")
-                    entries.append((_knn_topk_kernel, sig, dict(cst), dict(cfg["options"])))
-                kp *= 2
+            for d in AOT_D:
+                kp = 2
+                while kp <= MAX_FUSED_K:
+                    key = tune_key(1 << 16, d, kp, dtype, precision)
+                    cfgs = KNN_SPACE.candidates(key) if kind == "space" else [KNN_SPACE.heuristic(key)]
+                    for c in cfgs:
+                        launch = _launch(c, key, dtype, precision, interpret=False)
+                        cst, opts = launch["constexprs"], launch["options"]
+                        ident = (ptr, tuple(cst.items()), tuple(opts.items()))
+                        if ident not in seen:
+                            seen.add(ident)
+                            sig = {name: ("constexpr" if name in cst else "i32") for name in _ARG_NAMES}
+                            sig.update(a_ptr=ptr, out_ptr="*i64", stats_ptr="*i32")
+                            entries.append((_knn_topk_kernel, sig, dict(cst), dict(opts)))
+                    kp *= 2
     return entries
+
+
+def aot_configs() -> list[tuple]:
+    """(kernel, signature, constexprs, options): the heuristic's launch for every dtype, float32 matmul precision,
+    list length KP = 2 … MAX_FUSED_K and width bucket, deduplicated (``aot_space_configs`` adds the rest)."""
+    return _entries("heuristic")
+
+
+def aot_space_configs() -> list[tuple]:
+    """Every candidate of KNN_SPACE for every variant (dtype, precision, KP, width bucket): everything the autotuner
+    can launch on a GPU (the candidates do not depend on N)."""
+    return _entries("space")
 
 
 AOT_KERNELS = aot_configs()
