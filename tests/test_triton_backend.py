@@ -273,7 +273,7 @@ def test_launches_take_their_configuration_from_the_config_functions(launches):
     for c, name in ((clip.fwd_config(5, torch.float32, interpret=INTERPRET), "_clip_fwd_kernel"),
                     (clip.merge_config(torch.float32, interpret=INTERPRET), "_clip_col_merge_kernel"),
                     (clip.bwd_config(5, torch.float32, interpret=INTERPRET), "_clip_bwd_kernel"),
-                    (knn.fused_config(5, 4, torch.float32, interpret=INTERPRET), "_knn_topk_kernel")):  # fmt: skip
+                    (knn.fused_config(5, 4, torch.float32, interpret=INTERPRET, n=9), "_knn_topk_kernel")):  # fmt: skip
         mod = "clip" if "clip" in name else "knn"
         expect.append((f"{mod}.{name}", {**c["constexprs"], **c["options"]}))
     got = [(name, kw) for name, _, _, kw in launches if not name.startswith("siglip.")]  # siglip: its own tests
