@@ -33,6 +33,7 @@ Used by benchmarks/_harness.py (CPU: measured ceilings, every record annotated) 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -609,14 +610,62 @@ def resolve_k(k, n: int) -> int:
     return int(min(max(1, k), n - 1))
 
 
-def _bitonic_cs(bn: int, kp: int) -> float:
-    """Compare-swaps per row and tile of the Triton kNN kernel: the tile's top-KP (full bitonic sort of BN keys)
-    and the merge of two sorted KP lists (KP + (KP/2)·log₂KP)."""
-    lg = int(math.log2(bn))
-    return (bn / 2) * lg * (lg + 1) / 2 + kp + (kp / 2) * math.log2(kp)
-
-
 INT_OPS_PER_CS = 8  # int32 ops per compare-swap of two packed int64 keys (compare + 2 selects, 2 halves each)
+KNN_SCAN_INT_OPS = 10  # int32 ops per similarity in the Triton kNN tile scan (order bits, masks, compare, count)
+
+
+def _knn_tiles(n: int, d: int, kp: int, dtype: str) -> tuple[int, int, bool]:
+    """(BLOCK_M, BLOCK_N, resident) the Triton kNN kernel's heuristic picks (structure_ops/_triton/knn.py _heuristic
+    over KNN_SPACE's candidates): 128-row blocks from N ≥ 128·132 when the list fits (KP ≤ 32), 32 rows at KP = 128,
+    128 × 128 only for half inputs with the row block on chip (d ≤ 256), KP ≥ 64 on ≤ 64 × 64-element tiles."""
+    half = _short(dtype) in ("bf16", "fp16")
+    e = 2 if half else 4
+    bd = max(64, 1 << max(0, (d - 1).bit_length()))
+    bm = 32 if kp >= 128 else (128 if n >= 128 * 132 and kp <= 32 else 64)
+    bn = 128 if n >= 128 else 64
+    if kp >= 64 and bm * bn > 64 * 64:
+        bn = 64 if bm == 64 else bn
+    resident = bd <= 256 and bm * bd * e <= 64 * 1024
+    if bm * bn > 128 * 64 and not (resident and half):
+        bn = 64
+    return bm, bn, resident
+
+
+def _poisson_max_rounds(lam: float, rows: int, cap: int) -> tuple[float, float]:
+    """(P(max ≥ 1), E[min(cap, max)]) of ``rows`` independent Poisson(lam) counts: the probability that a row block
+    merges a tile and its expected insertion rounds."""
+    if lam <= 0:
+        return 0.0, 0.0
+    p = math.exp(-lam)  # P(X = 0)
+    cdf, rounds, p_merge = p, 0.0, 0.0
+    for m in range(1, cap + 1):
+        tail = 1.0 - cdf ** rows  # P(max ≥ m)
+        if m == 1:
+            p_merge = tail
+        rounds += tail
+        if tail < 1e-9:
+            break
+        p *= lam / m
+        cdf = min(1.0, cdf + p)
+    return p_merge, rounds
+
+
+@functools.lru_cache(maxsize=256)
+def _knn_merges(n: int, k: int, bm: int, bn: int) -> tuple[float, float]:
+    """Expected (merged tiles, insertion rounds) per row block of the Triton kNN kernel on rows in random order:
+    the c-th column seen enters a row's top k with probability min(1, k/c), so tile t brings
+    λ_t = Σ_c min(1, k/c) ≈ k·ln((s + BN)/s) entering keys per row (s = columns before it), counted as Poisson;
+    a block merges the tile when any of its rows has one and runs max over its rows (≤ k) rounds."""
+    tiles = -(-n // bn)
+    merged = rounds = 0.0
+    for t in range(tiles):
+        s, e = t * bn, min(n, (t + 1) * bn)
+        full = max(0, min(e, k) - s)  # columns before the list is full enter surely
+        lam = full + (k * math.log(e / max(s, k)) if e > k else 0.0)
+        p, r = _poisson_max_rounds(lam, bm, k)
+        merged += p
+        rounds += r
+    return merged, rounds
 
 
 def _knn(n, dims, dtype, precision, impl, design, params, sms, panel_mb):
@@ -652,28 +701,22 @@ def _knn(n, dims, dtype, precision, impl, design, params, sms, panel_mb):
             {"k": k, "panel_rows": rows}, ["latency-bound per issue 14 (2 loads per thread, 2 blocks per SM): not a roofline term"]  # fmt: skip
     if impl != "triton":
         raise ValueError(f"no knn model for impl {impl!r}")
-    kp = 1 << max(0, (k - 1).bit_length())
+    kp = max(16, 1 << max(0, (k - 1).bit_length()))  # knn.list_slots
     if _short(dtype) == "fp64" or k > 128:
         return _knn(n, dims, dtype, precision, "cuda", "today", params, sms, panel_mb)  # torch panel path
-    if design == "issue14":
-        bm, bn = 128, max(128, kp)
-    else:
-        bm, bn = (64 if kp <= 64 else 32), max(64, kp)
-    tiles = n / bn
-    cs_tile = _bitonic_cs(bn, kp)
-    if design == "issue14":
-        # skip a tile whose best key cannot beat the running k-th: the tile max + one compare per element, and a
-        # sort only for tiles holding an entering key (random order: Σ_t min(1, k/t) = k + k ln(T/k))
-        sorted_tiles = tiles if tiles <= k else k + k * math.log(tiles / k)
-        ints = nn * 2 + n * sorted_tiles * cs_tile * INT_OPS_PER_CS
-    else:
-        ints = n * tiles * cs_tile * INT_OPS_PER_CS
-    keep = design == "issue14" and bm * d * eo_in <= 160 * 1024
-    l2 = nn * d * eo_in * ((0.0 if keep else 1.0 / bn) + 1.0 / bm)
+    # The kernel as it stands is the issue-14 design (tile skipping, row block on chip where it fits, KNN_SPACE tiles):
+    # both designs are this model. Tile scan: KNN_SCAN_INT_OPS per similarity; merged tiles: insertion rounds of
+    # ~6·BN int32 + ~3·KP int64 (6·KP int32) ops per row; the output: k rounds over the KP-slot list.
+    bm, bn, resident = _knn_tiles(n, d, kp, dtype)
     rb = -(-n // bm)
-    return [Phase("fused GEMM + bitonic top-k", gemm_flops=2.0 * nn * d, gemm_class=cls, int_ops=ints,
+    merged, rounds = _knn_merges(n, k, bm, bn)
+    ints = nn * KNN_SCAN_INT_OPS + rb * bm * (rounds * (6 * bn + 6 * kp) + k * 4 * kp)
+    l2 = nn * d * eo_in * ((0.0 if resident else 1.0 / bn) + 1.0 / bm)
+    return [Phase("fused GEMM + tile skipping + insertion rounds", gemm_flops=2.0 * nn * d, gemm_class=cls, int_ops=ints,
                   hbm_bytes=_waves(rb, sms or 1) * n * d * eo_in + n * k * 8, l2_bytes=l2,
-                  parallel=_par(rb, sms))], {"k": k, "kp": kp, "tiles": (bm, bn)}, []  # fmt: skip
+                  parallel=_par(rb, sms))], \
+        {"k": k, "kp": kp, "tiles": (bm, bn), "resident": resident, "merged_tiles_per_block": round(merged, 1),
+         "tiles_per_block": -(-n // bn), "rounds_per_block": round(rounds, 1)}, []  # fmt: skip
 
 
 def _siglip(n, dims, mode, dtype, precision, impl, design, sms, panel_mb):
