@@ -23,6 +23,7 @@ from structure_ops import reference
 pytest.importorskip("triton")
 
 from structure_ops._triton import clip as tclip  # noqa: E402 - after the importorskip
+from structure_ops._triton._common import autotune_cache, clear_autotune_cache  # noqa: E402
 
 pytestmark = [pytest.mark.triton]
 
@@ -59,12 +60,6 @@ def _model(a, b, s: float, fmt: str, out_dtype):
     return loss, r, c, da, db, ds
 
 
-def _fmt(cst: dict, dtype) -> str:
-    if dtype in _FMT:
-        return _FMT[dtype]
-    return "tf32" if cst["ROUND_TF32"] else "fp64"
-
-
 def _width_for(cst: dict) -> int:
     """A ragged width this configuration is launched for: A_I on chip needs d ≤ BLOCK_D (take the largest odd
     width above half of it); the K-loop needs d > BLOCK_D (two K steps, the second partial)."""
@@ -75,49 +70,63 @@ def _width_for(cst: dict) -> int:
     return d
 
 
+_VARIANTS = ((torch.bfloat16, None), (torch.float16, None), (torch.float32, "high"), (torch.float32, "highest"),
+             (torch.float64, None))  # fmt: skip
+
+
 def _space_ids():
-    """One test per distinct configuration: bf16 and fp16 entries share their constexprs and options (one
-    compile each on a GPU, the same interpreted code here), so each such configuration runs once, alternating
-    between the two dtypes."""
-    out, seen = [], {}
-    for i, (k, sig, cst, opts) in enumerate(tclip.AOT_KERNELS):
-        name = getattr(k, "fn", k).__name__
-        if name == "_clip_col_merge_kernel":
-            continue
-        half = sig["a_ptr"] in ("*bf16", "*fp16")
-        key = (name, "half" if half else sig["a_ptr"], tuple(sorted(cst.items())), tuple(sorted(opts.items())))
-        seen.setdefault(key, []).append(i)
-    for n_key, (key, idxs) in enumerate(seen.items()):
-        i = idxs[n_key % len(idxs)]
-        _, sig, c, opts = tclip.AOT_KERNELS[i]
-        tag = "fwd" if key[0] == "_clip_fwd_kernel" else "bwd"
-        desc = f"{tag}-{sig['a_ptr'][1:]}-{c['DOT_PRECISION']}-{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_D']}"
-        desc += (f"-do{c['BLOCK_DO']}" if tag == "bwd" else "") + ("-chip" if c["X_ON_CHIP"] else "") + f"-w{opts['num_warps']}"
-        out.append(pytest.param(i, id=desc))
+    """(space, index, dtype, precision) for every configuration of FWD_SPACE and BWD_SPACE, with a dtype and
+    precision for which it is a candidate (alternating between the variants that share it: bf16 and fp16 share
+    every half configuration)."""
+    out = []
+    for space, spec in ((tclip.FWD_SPACE, tclip.fwd_space), (tclip.BWD_SPACE, tclip.bwd_space)):
+        for i, tc in enumerate(space.configs):
+            names = [n for n, _ in tc.constexprs]
+            owners = []
+            for dtype, prec in _VARIANTS:
+                for d in tclip.AOT_WIDTHS:
+                    if any(tclip._tune_config(c, names) == tc for c in spec(d, dtype, prec)):
+                        owners.append((dtype, prec))
+                        break
+            dtype, prec = owners[i % len(owners)]
+            tag = f"{space.name}-{i}-{str(dtype)[6:]}-{prec or ''}-{tc.name.replace(',', '-')}"
+            out.append(pytest.param(space.name, i, dtype, prec, id=tag))
     return out
 
 
-@pytest.mark.parametrize("index", _space_ids())
-def test_every_space_configuration_matches_the_oracle(index):
-    """Each AOT entry (= each entry of fwd_space / bwd_space) forced in the interpreter: N = BM + BM/2 + 3 rows
-    (ragged row and column blocks), forward with 2 row groups × 2 column panels where there are blocks for them."""
-    kernel, sig, cst, opts = tclip.AOT_KERNELS[index]
-    name = getattr(kernel, "fn", kernel).__name__
-    dtype = _PTR_DTYPE[sig["a_ptr"]]
+@pytest.mark.parametrize(("space", "index", "dtype", "precision"), _space_ids())
+def test_every_space_configuration_matches_the_oracle(monkeypatch, space, index, dtype, precision):
+    """Each configuration of the autotune spaces (= every AOT entry), forced through the autotune layer's knob
+    (STRUCTURE_OPS_AUTOTUNE_FORCE) in the interpreter at a width it is launched for: N = max(BM, BN) + min/2 + 3 rows
+    (ragged row and column blocks), the forward with 2 row groups × 2 column panels where there are blocks."""
+    sp = tclip.FWD_SPACE if space == "clip.fwd" else tclip.BWD_SPACE
+    cst = sp.configs[index].meta
+    monkeypatch.setenv("STRUCTURE_OPS_AUTOTUNE_FORCE", f"{space}:{index}")
+    clear_autotune_cache()
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision or old)
+    try:
+        _check_forced(space, cst, dtype, round_tf32=precision == "high")
+    finally:
+        torch.set_float32_matmul_precision(old)
+    choice = [r for r in autotune_cache()[space].values() if r["source"] == "forced"]
+    assert choice and all(r["index"] == index for r in choice)
+
+
+def _check_forced(space, cst, dtype, round_tf32):
     bm, bn = cst["BLOCK_M"], cst["BLOCK_N"]
     d = _width_for(cst)
     n = max(bm, bn) + min(bm, bn) // 2 + 3
-    a64, b64 = _data(n, d, seed=index % 5)
+    a64, b64 = _data(n, d, seed=bm % 5)
     a, b = a64.to(DEV, dtype), b64.to(DEV, dtype)
     s = 11.0
     scale = torch.tensor(s, device=DEV)
-    cfg = {"constexprs": dict(cst), "options": dict(opts)}
-    fmt = _fmt(cst, dtype)
+    fmt = _FMT.get(dtype) or ("tf32" if round_tf32 else "fp64")
     model = _model(a.to(F64), b.to(F64), s, fmt, dtype)
     exact = _model(a.to(F64), b.to(F64), s, "fp64", dtype)
-    if name == "_clip_fwd_kernel":
+    if space == "clip.fwd":
         groups = (min(2, -(-n // bm)), min(2, -(-n // bn)))
-        loss, r, c = tclip.clip_fwd(a, b, scale, config=cfg, groups=groups)
+        loss, r, c = tclip.clip_fwd(a, b, scale, groups=groups)
         tol = 1e-12 if dtype == F64 else 2e-6
         assert rel_err(r, model[1]) <= tol and rel_err(c, model[2]) <= tol
         loss_tol = tol if dtype in (F64, torch.float32) else 2.0 ** -8  # loss returned in the input dtype
@@ -126,7 +135,7 @@ def test_every_space_configuration_matches_the_oracle(index):
     # backward from the exact statistics of the rounded operands (the forward's output up to fp32 rounding)
     stat = F64 if dtype == F64 else torch.float32
     r, c = model[1].to(DEV, stat), model[2].to(DEV, stat)
-    da, db, ds = tclip.clip_bwd(torch.tensor(GRAD, device=DEV), a, b, scale, r, c, config=cfg)
+    da, db, ds = tclip.clip_bwd(torch.tensor(GRAD, device=DEV), a, b, scale, r, c)
     if fmt == "fp64":  # fp64 / IEEE fp32: arithmetic rounding only
         tol = 1e-12 if dtype == F64 else 1e-5
         assert rel_err(da, exact[3]) <= tol and rel_err(db, exact[4]) <= tol
@@ -320,7 +329,7 @@ def test_extra_memory_is_linear_in_n(monkeypatch, sms):
     monkeypatch.setattr(tclip, "_clip_col_merge_kernel", _NoLaunch(log, "merge"))
     monkeypatch.setattr(tclip, "_clip_bwd_kernel", _NoLaunch(log, "bwd"))
     monkeypatch.setattr(tclip, "_num_sms", lambda dev: sms)
-    monkeypatch.setenv("STRUCTURE_OPS_TRITON_AUTOTUNE", "0")  # the default configuration, no timing runs
+    monkeypatch.setenv("STRUCTURE_OPS_AUTOTUNE", "0")  # the default configuration, no timing runs
     per_row = []
     for n in (1024, 16384, 262144):
         a = torch.zeros(n, 4, device=DEV)

@@ -58,9 +58,6 @@ rounded to bf16/fp16).
 
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -68,11 +65,15 @@ import triton.language as tl
 from ._common import (  # numpy's reductions in the interpreter (see _common)
     INTERPRET,
     PRECISIONS,
+    TuneConfig,
+    TuneSpace,
     _add,
     _max2,
+    autotune_key,
     compute_dtype,
     device_guard,
     dot_precision,
+    forced_config_index,
     next_pow2,
     round_tf32,
     tf32_rna,
@@ -662,40 +663,70 @@ def workspace_bytes(n: int, dtype: torch.dtype, block_m: int, rg: int, cp: int) 
 
 
 # --------------------------------------------------------------------------------------------------
-# Selection: a forced config, block overrides, the timed pick on a GPU, or the default
+# Selection through the shared autotune layer (_common.TuneSpace): FWD_SPACE / BWD_SPACE hold the union of the
+# tile spaces as data; the candidates for a key (N and d buckets, dtype, tl.dot precision) are exactly
+# fwd_space / bwd_space of that width, the heuristic is their first entry. A launch takes a forced config
+# (``config=``, or STRUCTURE_OPS_AUTOTUNE_FORCE="clip.fwd:i,clip.bwd:j"), block overrides, else the layer's choice
+# (timed on a GPU, the heuristic with STRUCTURE_OPS_AUTOTUNE=0); the interpreter's default is the small-tile
+# fwd_config / bwd_config (it pays per program and per op).
 # --------------------------------------------------------------------------------------------------
-_TUNED: dict = {}
+_TUNE_WIDTHS = tuple(2**i for i in range(4, 14))  # 16 … 8192: every width class until the configs stop changing
+_TUNE_VARIANTS = ((torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, None), (torch.float16, None),
+                  (torch.float64, None))  # fmt: skip
+_FWD_TUNED = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "X_ON_CHIP")
+_BWD_TUNED = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DO", "X_ON_CHIP", "ONE_TILE")
+_STAGES = 3  # Triton's default num_stages, what every configuration was compiled and checked with
 
 
-def _bucket(n: int) -> int:
-    return next_pow2(n)
+def _tune_config(cfg: dict, names) -> TuneConfig:
+    return TuneConfig(tuple((k, cfg["constexprs"][k]) for k in names), cfg["options"]["num_warps"], _STAGES)
 
 
-def _pick(kernel: str, key: tuple, space: list[dict], run) -> dict:
-    """The fastest entry of ``space`` for ``key`` (timed once per key with CUDA events, each candidate run twice
-    after a warm-up), cached for the process; STRUCTURE_OPS_TRITON_AUTOTUNE=0 takes the first entry."""
-    if len(space) == 1 or os.environ.get("STRUCTURE_OPS_TRITON_AUTOTUNE", "1") == "0":
-        return space[0]
-    full = (kernel, *key)
-    if full not in _TUNED:
-        best, best_t = space[0], math.inf
-        for cfg in space:
-            try:
-                run(cfg)
-                torch.cuda.synchronize()
-                t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                t0.record()
-                run(cfg)
-                run(cfg)
-                t1.record()
-                torch.cuda.synchronize()
-                t = t0.elapsed_time(t1)
-            except triton.runtime.errors.OutOfResources:
-                continue
-            if t < best_t:
-                best, best_t = cfg, t
-        _TUNED[full] = best
-    return _TUNED[full]
+def _from_key(key: dict) -> tuple[int, torch.dtype, str | None]:
+    dtype = getattr(torch, key["dtype"])
+    return key["d"], dtype, ("highest" if key["precision"] == "ieee" else "high") if dtype == torch.float32 else None
+
+
+def _tune_space(name: str, space_fn, names) -> TuneSpace:
+    configs = []
+    for dtype, prec in _TUNE_VARIANTS:
+        for d in _TUNE_WIDTHS:
+            for cfg in space_fn(d, dtype, prec):
+                tc = _tune_config(cfg, names)
+                if tc not in configs:
+                    configs.append(tc)
+
+    def candidates(key):
+        return [_tune_config(c, names) for c in space_fn(*_from_key(key))]
+
+    return TuneSpace(name, tuple(configs), heuristic=lambda key: candidates(key)[0],
+                     allowed=lambda c, key: c in candidates(key))  # fmt: skip
+
+
+FWD_SPACE = _tune_space("clip.fwd", fwd_space, _FWD_TUNED)
+BWD_SPACE = _tune_space("clip.bwd", bwd_space, _BWD_TUNED)
+
+
+def tune_key(n: int, d: int, dtype: torch.dtype, precision: str | None = None) -> dict:
+    """The autotune key of a clip launch (shape buckets, dtype, tl.dot precision)."""
+    return autotune_key(n=n, d=max(16, d), dtype=dtype, precision=precision)
+
+
+def _launch_cfg(tc: TuneConfig, dtype: torch.dtype, precision: str | None = None) -> dict:
+    cst = dict(tc.meta, DOT_PRECISION=dot_precision(dtype, precision), UPCAST=bool(INTERPRET) and dtype == torch.bfloat16,
+               ROUND_TF32=round_tf32(dtype, precision))  # fmt: skip
+    return {"constexprs": cst, "options": {"num_warps": tc.num_warps}}
+
+
+def _select(space: TuneSpace, kernel: str, n: int, d: int, dtype, run, device, config, default, blocks) -> dict:
+    if config is not None:
+        return _interpret_cfg(_validate(config, d, kernel), dtype)
+    if any(v is not None for v in blocks.values()):
+        return _override(default(d, dtype), d, **blocks)
+    if INTERPRET and forced_config_index(space.name) is None:
+        return default(d, dtype)
+    tc = space.choose(tune_key(n, d, dtype), lambda c: run(_launch_cfg(c, dtype)), device)
+    return _validate(_launch_cfg(tc, dtype), d, kernel)
 
 
 def _scalar(t: torch.Tensor, device, dtype) -> torch.Tensor:
@@ -742,13 +773,8 @@ def clip_fwd(
                                        n, d, rg, cp, **cst, **cfg["options"])  # fmt: skip
             return diag, part, rg, cp
 
-        if config is not None:
-            cfg = _interpret_cfg(_validate(config, d, "_clip_fwd_kernel"), a.dtype)
-        elif INTERPRET or block_m or block_n or block_d:
-            cfg = _override(fwd_config(d, a.dtype), d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
-        else:
-            prec = torch.get_float32_matmul_precision()
-            cfg = _pick("fwd", (_bucket(n), _width(d), a.dtype, prec), fwd_space(d, a.dtype), run)
+        cfg = _select(FWD_SPACE, "_clip_fwd_kernel", n, d, a.dtype, run, dev, config, fwd_config,
+                      dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d))  # fmt: skip
         diag, part, rg, cp = run(cfg)
         ncb = triton.cdiv(n, mcfg["constexprs"]["BLOCK"])
         lse_row = torch.empty(n, device=dev, dtype=cdt)
@@ -805,14 +831,8 @@ def clip_bwd(
             )
             return ds_part
 
-        if config is not None:
-            cfg = _interpret_cfg(_validate(config, d, "_clip_bwd_kernel"), a.dtype)
-        elif INTERPRET or block_m or block_n or block_d or block_do:
-            cfg = _override(bwd_config(d, a.dtype), d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                            BLOCK_DO=block_do)  # fmt: skip
-        else:
-            prec = torch.get_float32_matmul_precision()
-            cfg = _pick("bwd", (_bucket(n), _width(d), a.dtype, prec), bwd_space(d, a.dtype), run)
+        cfg = _select(BWD_SPACE, "_clip_bwd_kernel", n, d, a.dtype, run, dev, config, bwd_config,
+                      dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DO=block_do))  # fmt: skip
         ds_part = run(cfg)
     ds = ds_part.sum().reshape(logit_scale.shape).to(device=logit_scale.device, dtype=logit_scale.dtype)
     return da, db, ds
@@ -822,7 +842,7 @@ def clip_bwd(
 # Ahead-of-time compilation (aot.py): every launch the host can make on a GPU: the union of the spaces.
 # --------------------------------------------------------------------------------------------------
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}
-AOT_WIDTHS = tuple(2**i for i in range(4, 14))  # 16 … 8192: every width class until the configs stop changing
+AOT_WIDTHS = _TUNE_WIDTHS
 
 
 def _signature(kernel, ptr: str, stat: str, constexprs: dict) -> dict[str, str]:
