@@ -42,11 +42,13 @@ memory). Recomputing each tile once per owner costs 2 N² d more and keeps the r
 with O(N) extra memory. Every output element and every statistic is written by exactly one program, in a
 fixed order.
 
-Tiles (docs/kernels.md §4): fwd_space / bwd_space list the configurations for a width, dtype and float32
-matmul precision (128 × 128 tiles included; the row operand A_I kept on chip when BM·d fits). On a GPU the
-launch picks among them by timing (cached per shape bucket, dtype and precision); ``config=`` forces one
-(tests run every entry in the interpreter). aot_configs() is the union of the spaces, and every entry
-compiles for sm_90 without spills (``python -m structure_ops._triton.aot --targets 90 --no-spills``).
+Tiles (docs/kernels.md §4, §11): fwd_space / bwd_space list the configurations for a width, dtype and float32
+matmul precision (128 × 128 forward tiles for bf16/fp16; the row operand A_I kept on chip when BM·d fits), the
+spilling ones pruned (_SPILLS). FWD_SPACE / BWD_SPACE declare their union to the shared autotune layer
+(_common.TuneSpace): on a GPU the launch times the candidates of its key once (shape buckets, dtype, precision);
+STRUCTURE_OPS_AUTOTUNE_FORCE="clip.fwd:i" / "clip.bwd:j" or ``config=`` force one (the tests run every entry in
+the interpreter). aot_configs() is the union of the spaces, and every entry compiles for sm_90 without spills
+(``python -m structure_ops._triton.aot --targets 90 --no-spills``).
 
 Precision (docs/kernels.md §6): fp32 tiles use tl.dot(input_precision=dot_precision(fp32)) ("ieee" for
 torch's "highest", TF32 otherwise); bf16/fp16 use tensor cores with fp32 accumulation; fp64 uses fp64
@@ -80,7 +82,8 @@ from ._common import (  # numpy's reductions in the interpreter (see _common)
 )
 
 __all__ = ["clip_fwd", "clip_bwd", "gemm_flops", "fwd_config", "bwd_config", "merge_config", "fwd_space",
-           "bwd_space", "fwd_grid", "workspace_bytes", "aot_configs", "AOT_KERNELS", "GROUP_CAP"]
+           "bwd_space", "fwd_grid", "workspace_bytes", "tune_key", "FWD_SPACE", "BWD_SPACE", "aot_configs",
+           "AOT_KERNELS", "GROUP_CAP"]
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 GROUP_CAP = 32  # row groups and column panels of the forward: the statistics are ≤ 2·(2·GROUP_CAP)·N values
