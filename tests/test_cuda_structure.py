@@ -510,13 +510,13 @@ class TestIssue14:
         """Panels with ≥ SM-count rows run the fused row kernel, shorter ones the 2-D grid (several column
         blocks): a panel height on each side of the SM count, and a ragged last panel, agree with the oracle."""
         sms = _sms()
-        n = 2 * sms + 37
+        n = 2 * sms + 61
         xh, zh = prepared(n, 17, 9, dtype=dtype, seed=31)
         o = opts(temperature=0.1, similarity=0, divergence=1)
         ref = oracle(xh, zh, o)
         tol = 1e-10 if dtype == torch.float64 else tolerances.structure_half(xh, zh, ref, dtype, **_model_kw(o))
         outs = []
-        for rows in (sms + 1, 7):
+        for rows in (-(-(sms + 1) // 16) * 16, 7):  # ≥ 64-row heights are multiples of 16
             force_panel_rows(monkeypatch, rows, n, True, True, dtype)
             outs.append(call(ops().structure_fwd, xh, zh, o))
             check(outs[-1], ref, tol, xh, zh)
