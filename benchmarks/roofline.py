@@ -362,14 +362,17 @@ def _structure_level1_flash(n, dx, dz, dtype, precision, design, grad_x, grad_z,
     """Triton pass (b) (structure_flash.py): A per side lse, B loss + ḡ, C gradient per BLOCK_D chunk.
 
     The code implements the issue-14 design (both designs are this model): each pass's tile is the heuristic
-    choice of its autotune space (lse 128 × 128; loss and gradient 64 × 64, their ~6 live fp32 tiles allow ≤ 16
-    elements per thread), and the row operand stays on chip (loaded once per program) when max(d_x, d_z) ≤
-    RESIDENT_K (128 for bf16/fp16, 64 for fp32/tf32: structure_flash.operand_mode); otherwise every tile re-reads
-    the row chunk from L2. GEMM FLOPs count d, not the zero-padded width of the resident operand."""
+    choice of its register-pruned autotune space (lse 128 × 128, 128 × 64 for chunked half / IEEE operands; loss
+    and gradient 64 × 64, 64 × 32 for chunked half operands: their ~6 live fp32 tiles allow ≤ 16 elements per
+    thread), and the row operand stays on chip (loaded once per program) when max(d_x, d_z) ≤ RESIDENT_K (128
+    for bf16/fp16, 64 for fp32/tf32: structure_flash.operand_mode); otherwise every tile re-reads the row chunk
+    from L2. GEMM FLOPs count d, not the zero-padded width of the resident operand."""
     eo = _esize(dtype)
     cls = gemm_class(dtype, precision)
-    tiles = {"lse": (128, 128), "loss": (64, 64), "grad": (64, 64)}
     resident = max(dx, dz) <= (128 if eo == 2 else 64)
+    wide = resident or cls == "tf32"
+    tiles = {"lse": (128, 128 if wide else 64), "loss": (64, 32 if eo == 2 and not resident else 64),
+             "grad": (64, 32 if eo == 2 and not resident else 64)}  # fmt: skip
     dgrad = max(dz if grad_z else 1, dx if grad_x else 1)
     bd = 64 if dgrad <= 64 else 128
     n_c = -(-dgrad // bd) if (grad_x or grad_z) else 0

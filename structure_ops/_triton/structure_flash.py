@@ -443,48 +443,90 @@ def _operand_smem(cfg: TuneConfig, key: dict, sides: int) -> int:
 
 
 # Tile spaces, declared once. Registers bound them, not shared memory: sm_90 has 64 K 32-bit registers per SM, and
-# a thread holds BLOCK_M·BLOCK_N/(32·num_warps) elements of every live fp32 tile. Declared pruning (``allowed``,
-# from ptxas -v on sm_90 through aot.py, triton 3.7; a pruned config is never benchmarked nor compiled by aot.py):
-# - lse (one S tile, an online max/sum): ≤ 64 elements per thread. 128 × 128 with 8 warps: 170 registers (bf16,
-#   row operand resident), 254–255 (fp32 IEEE resident / TF32 chunks), no spills; 128 × 128 with 4 warps (128
-#   elements) spilled 224 B. Stages 2 and 3 (the column tiles are the only pipelined loads).
-# - loss (both S tiles and the divergence terms, ~6 live tiles): ≤ 16 elements per thread. 64 × 64 with 8 warps:
-#   199 registers (TF32), no spills; every 32-element tile spilled (bf16: 128 × 64 with 8 warps 3.2 KB chunked,
-#   224 B resident; 64 × 64 with 4 warps 520 B; the pre-autotune kernel with constexpr options also spilled 0.7–1.4
-#   KB there), 128 × 128 with 8 or 16 warps 4–7 KB. BLOCK_N = 32 adds the other 16-element shapes.
-# - grad (both S tiles, W and the BLOCK_M × BLOCK_D accumulator): S tiles ≤ 16 elements per thread and the
-#   accumulator ≤ 32 (64 × 64 × BLOCK_D 64 with 8 warps: 246 registers TF32; 128 × 64 with 8 warps spilled 5.7 KB).
-_ELEMS = lambda c, cols: c["BLOCK_M"] * cols // (32 * c.num_warps)  # noqa: E731  fp32 elements per thread
+# a thread holds BLOCK_M·BLOCK_N/(32·num_warps) elements of every live fp32 tile ("elements" below). Declared
+# pruning (``allowed``): every config of the declared grids was compiled for sm_90 by aot.py (triton 3.7, ptxas -v)
+# in every variant (operands half / IEEE fp32 / TF32, row operand resident / chunked); the configs that spilled are
+# removed per variant, by the rules below (59 of 192 compiled candidates spilled 20 B–2.1 KB; none of what is left).
+# The variant matters: chunked half operands (BLOCK_K 64 pipelined through the inner loop) and IEEE fp32 (FMA
+# dots, operands in registers) cost the most registers, TF32 chunks of 16 the least.
+_ELEMS = lambda c, cols: c["BLOCK_M"] * cols // (32 * c.num_warps)  # noqa: E731
+
+
+def _variant(key: dict) -> str:
+    return "half" if key["dtype"] != "float32" else key["precision"]  # "half" | "ieee" | "tf32"
 
 
 def _lse_allowed(cfg: TuneConfig, key: dict) -> bool:
-    return _ELEMS(cfg, cfg["BLOCK_N"]) <= 64
+    # one S tile and the online max/sum. Resident: ≤ 64 elements (128 × 128 needs 8 warps: 128 elements spilled),
+    # except half 64 × 128 with 4 warps (64 B). Chunked TF32: ≤ 64 elements. Chunked half / IEEE: 8 warps and ≤ 32
+    # elements (128 × 128 spilled 20–656 B, every 4-warp tile 32 B–1.8 KB), and IEEE 128 × 64 only with 2 stages
+    # (3 stages: 40 B).
+    e, v, bm, w = _ELEMS(cfg, cfg["BLOCK_N"]), _variant(key), cfg["BLOCK_M"], cfg.num_warps
+    if key["resident"]:
+        return e <= 64 and not (v == "half" and bm == 64 and cfg["BLOCK_N"] == 128 and w == 4)
+    if v == "tf32":
+        return e <= 64
+    return w == 8 and e <= 32 and not (v == "ieee" and bm == 128 and cfg.num_stages == 3)
 
 
 def _loss_allowed(cfg: TuneConfig, key: dict) -> bool:
-    return _ELEMS(cfg, cfg["BLOCK_N"]) <= 16
+    # both S tiles and the divergence terms (~6 live tiles): ≤ 8 elements always; 16 elements when resident (IEEE
+    # 128 × 32: 32 B), chunked TF32, or chunked IEEE 64 × 64 / 8 warps (128 × 32 and 64 × 32 / 4 warps: 124 B);
+    # chunked half spilled at 16 (24 B at 64 × 64 / 8 warps, 0.9–1.1 KB otherwise); every 32-element tile spilled
+    # (0.2–3.2 KB, 128 × 128 with 8 or 16 warps 4–7 KB).
+    e, v = _ELEMS(cfg, cfg["BLOCK_N"]), _variant(key)
+    if e <= 8:
+        return True
+    if e > 16:
+        return False
+    if key["resident"]:
+        return not (v == "ieee" and cfg["BLOCK_M"] == 128)
+    return v == "tf32" or (v == "ieee" and cfg["BLOCK_M"] == 64 and cfg["BLOCK_N"] == 64)
+
+
+# pass C adds W and the BLOCK_M × BLOCK_D accumulator to both S tiles: the compiled candidates that did not spill,
+# per variant (tiles as (BLOCK_M, BLOCK_N, BLOCK_D, num_warps); the 32-element S tiles all spilled 5–6 KB, so the
+# grid below ≤ 16 elements is what was compiled).
+_GRAD_OK = {
+    ("half", True): {(128, 32, 64, 8), (64, 32, 64, 4), (64, 32, 64, 8), (64, 64, 64, 8)},
+    ("half", False): {(64, 32, 128, 8), (64, 32, 64, 8)},  # 64 × 64 × 64: 320 B, 128 × 32: 2.1 KB
+    ("ieee", True): {(64, 32, 128, 8)},  # 64 × 32 × 64 / 8 warps: 176 B (!), 64 × 64 × 64: 360 B
+    ("ieee", False): {(128, 32, 64, 8), (64, 32, 128, 8), (64, 32, 64, 8), (64, 64, 64, 8)},
+    ("tf32", True): {(64, 32, 64, 8), (64, 64, 128, 8), (64, 64, 64, 8)},
+    ("tf32", False): {(128, 32, 64, 8), (64, 32, 128, 8), (64, 32, 64, 4), (64, 32, 64, 8), (64, 64, 128, 8),
+                      (64, 64, 64, 8)},
+}  # fmt: skip
 
 
 def _grad_allowed(cfg: TuneConfig, key: dict) -> bool:
-    return _ELEMS(cfg, cfg["BLOCK_N"]) <= 16 and _ELEMS(cfg, cfg["BLOCK_D"]) <= 32
+    tile = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg.num_warps)
+    return tile in _GRAD_OK[(_variant(key), bool(key["resident"]))]
 
 
-def _pick(space: TuneSpace, **want) -> TuneConfig:
-    return next(c for c in space.configs if c.meta == {**c.meta, **{k: v for k, v in want.items() if k.isupper()}}
-                and c.num_warps == want["num_warps"] and c.num_stages == want.get("num_stages", c.num_stages))  # fmt: skip
+def _first_candidate(space: TuneSpace, key: dict, prefs) -> TuneConfig:
+    # the first of ``prefs`` (dicts of constexprs + num_warps/num_stages) that is a candidate for ``key``
+    cands = space.candidates(key)
+    for want in prefs:
+        for c in cands:
+            if all((c.options if k.startswith("num_") else c.meta).get(k) == v for k, v in want.items()):
+                return c
+    return cands[0]
 
 
-# Heuristics (no benchmark: interpreter, STRUCTURE_OPS_AUTOTUNE=0): the largest tiles of each space's candidates.
+# Heuristics (no benchmark: interpreter, STRUCTURE_OPS_AUTOTUNE=0): the largest allowed tiles, 8 warps.
 def _lse_heuristic(key: dict) -> TuneConfig:
-    return _pick(LSE_SPACE, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
+    return _first_candidate(LSE_SPACE, key, [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=8, num_stages=2)
+                                             for bm, bn in ((128, 128), (128, 64), (64, 128), (64, 64))])  # fmt: skip
 
 
 def _loss_heuristic(key: dict) -> TuneConfig:
-    return _pick(LOSS_SPACE, BLOCK_M=64, BLOCK_N=64, num_warps=8)
+    return _first_candidate(LOSS_SPACE, key, [dict(BLOCK_M=64, BLOCK_N=bn, num_warps=8) for bn in (64, 32)])
 
 
 def _grad_heuristic(key: dict) -> TuneConfig:
-    return _pick(GRAD_SPACE, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64 if key["d_own"] <= 64 else 128, num_warps=8)
+    bd = (64, 128) if key["d_own"] <= 64 else (128, 64)  # one chunk when d ≤ 64, else the wider chunk first
+    return _first_candidate(GRAD_SPACE, key, [dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_D=d, num_warps=8)
+                                              for d in bd for bn in (64, 32)])  # fmt: skip
 
 
 LSE_SPACE = TuneSpace(
