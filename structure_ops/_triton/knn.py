@@ -259,6 +259,13 @@ def _allowed(cfg: TuneConfig, key: dict) -> bool:
         return False
     if bm * bn > 128 * 64 and not (res and dt != "float32"):  # 128 × 128: half inputs with A_I on chip only
         return False
+    # Spill pruning from aot.py --targets 90 --no-spills (triton 3.7.1, ptxas -v; bytes = spill stores + loads):
+    if key["precision"] == "ieee" and dt == "float32" and bm * bn > 64 * 64:
+        return False  # IEEE fp32 (FMA dot): 128 × 64 streamed 56 B, 64 × 128 resident BLOCK_D 128 1480 B
+    if dt == "float32" and res and (bd > 64 and bm * bn >= 64 * 64 or bm * bn > 64 * 64 and kp > 16):
+        return False  # TF32 resident: 64 × 128 BLOCK_D 128 384–552 B, 32 × 128 BLOCK_D 128 64 B, 64 × 128 KP 32 24 B
+    if dt != "float32" and res and (bd == 128 and bn == 128 or bm * bn > 128 * 64 and bd == 64 and kp > 16):
+        return False  # half resident: BLOCK_N 128 at BLOCK_D 128 48–600 B; 128 × 128 at BLOCK_D 64, KP 32 80 B
     if res:
         return bd == _resident_block_d(key["d"]) and bm * bd * _esize_name(dt) <= ROW_ONCHIP_BYTES
     return bd == STREAM_BLOCK_D[dt] and bd < key["d"]
