@@ -189,6 +189,11 @@ def test_stats_do_not_change_the_result_and_forced_matches_explicit_config(monke
         tknn.knn(a, 40, config=space[0])  # list length of k = 9 (16 slots), not of k = 40
     with pytest.raises(NotImplementedError, match="fused kernel"):
         tknn.tile_stats(a.double(), 3)
+    # a forced configuration that keeps a narrower row block on chip than d: an error, not a wrong answer
+    narrow = next(i for i, c in enumerate(tknn.KNN_SPACE.configs) if c["RESIDENT"] and c["BLOCK_D"] == 64)
+    monkeypatch.setenv(C.AUTOTUNE_FORCE_ENV, f"knn.topk:{narrow}")
+    with pytest.raises(ValueError, match="BLOCK_D = 64 < d = 100"):
+        tknn.knn(torch.ones(N, 100), 3)
 
 
 def test_aot_covers_every_candidate_and_heuristic_choice():

@@ -401,6 +401,9 @@ def knn(
         return _run(a, out, None, _launch(c, key, a.dtype, precision, INTERPRET))
 
     cfg = KNN_SPACE.choose(key, bench, a.device)
+    if cfg["RESIDENT"] and d > cfg["BLOCK_D"]:  # only a forced config can be outside the key's candidates
+        raise ValueError(f"knn (triton): config {cfg.name} (STRUCTURE_OPS_AUTOTUNE_FORCE?) keeps the row block on chip "
+                         f"at BLOCK_D = {cfg['BLOCK_D']} < d = {d}")  # fmt: skip
     _run(a, out, None, _launch(cfg, key, a.dtype, precision, INTERPRET))
     return out
 
