@@ -613,6 +613,14 @@ def resolve_k(k, n: int) -> int:
     return int(min(max(1, k), n - 1))
 
 
+def _bitonic_cs(bn: int, kp: int) -> float:
+    """Compare-swaps per row and tile of a bitonic tile selection (the issue-14 design as first modelled, and the
+    Triton kNN kernel before tile skipping): the tile's top-KP (full bitonic sort of BN keys) and the merge of two
+    sorted KP lists (KP + (KP/2)·log₂KP)."""
+    lg = int(math.log2(bn))
+    return (bn / 2) * lg * (lg + 1) / 2 + kp + (kp / 2) * math.log2(kp)
+
+
 INT_OPS_PER_CS = 8  # int32 ops per compare-swap of two packed int64 keys (compare + 2 selects, 2 halves each)
 KNN_SCAN_INT_OPS = 10  # int32 ops per similarity in the Triton kNN tile scan (order bits, masks, compare, count)
 
@@ -707,9 +715,23 @@ def _knn(n, dims, dtype, precision, impl, design, params, sms, panel_mb):
     kp = max(16, 1 << max(0, (k - 1).bit_length()))  # knn.list_slots
     if _short(dtype) == "fp64" or k > 128:
         return _knn(n, dims, dtype, precision, "cuda", "today", params, sms, panel_mb)  # torch panel path
-    # The kernel as it stands is the issue-14 design (tile skipping, row block on chip where it fits, KNN_SPACE tiles):
-    # both designs are this model. Tile scan: KNN_SCAN_INT_OPS per similarity; merged tiles: insertion rounds of
-    # ~6·BN int32 + ~3·KP int64 (6·KP int32) ops per row; the output: k rounds over the KP-slot list.
+    if design == "issue14":
+        # the design as first modelled: 128 × 128 tiles, the row operand on chip, per-row tile skipping before a
+        # bitonic sort (random order: Σ_t min(1, k/t) = k + k ln(T/k) sorted tiles per row)
+        bm, bn = 128, max(128, kp)
+        tiles = n / bn
+        sorted_tiles = tiles if tiles <= k else k + k * math.log(tiles / k)
+        ints = nn * 2 + n * sorted_tiles * _bitonic_cs(bn, kp) * INT_OPS_PER_CS
+        keep = bm * d * eo_in <= 160 * 1024
+        l2 = nn * d * eo_in * ((0.0 if keep else 1.0 / bn) + 1.0 / bm)
+        rb = -(-n // bm)
+        return [Phase("fused GEMM + bitonic top-k", gemm_flops=2.0 * nn * d, gemm_class=cls, int_ops=ints,
+                      hbm_bytes=_waves(rb, sms or 1) * n * d * eo_in + n * k * 8, l2_bytes=l2,
+                      parallel=_par(rb, sms))], {"k": k, "kp": kp, "tiles": (bm, bn)}, []  # fmt: skip
+    # The kernel as built: KNN_SPACE tiles by its heuristic, the row block on chip for d ≤ 256, block-level tile
+    # skipping. Tile scan: KNN_SCAN_INT_OPS per similarity; merged tiles: insertion rounds of ~6·BN int32 + ~3·KP
+    # int64 (6·KP int32) ops per row; the output: k rounds over the KP-slot list. At d = 1024 the per-row list
+    # (BLOCK_M · KP ≤ 4096 registers) keeps BLOCK_M at 32–64, so the column stream makes it L2-bound.
     bm, bn, resident = _knn_tiles(n, d, kp, dtype)
     rb = -(-n // bm)
     merged, rounds = _knn_merges(n, k, bm, bn)
