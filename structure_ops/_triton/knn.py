@@ -107,17 +107,17 @@ def _knn_topk_kernel(
     #   c_i = #{j in J : o_ij > θ_i},  θ_i = κ_i >> 32 (the k-th value, INT32_MIN for a placeholder)
     # is the number of the tile's keys that beat κ_i: a larger value is needed, because an EQUAL value loses
     # the tie (every column of this tile has a higher index than every column already in R_i: tiles go in
-    # ascending order). m = max_i c_i over the block:
-    #   (m is capped at k: later entering keys of a row are below the k it took from this tile)
+    # ascending order). m = min(k, max_i c_i) over the block (after k rounds a row's remaining entering keys
+    # are below the k it took from this tile):
     #   m = 0 → the tile is skipped (no key packing, no selection);
     #   else m insertion rounds on the entering keys only: t_i = the row's largest remaining entering key
     #     (key_ij = (o_ij << 32) | (2³¹−1−j): the largest o_ij, then its lowest column; int32 work on the tile,
     #     the int64 key packed per row); if t_i > κ_i the slot holding κ_i gets t_i (keys are unique, so one
     #     slot); t_i's column is removed from the tile; κ_i = min(R_i). Each row's entering keys are its
-    #     c_i ≤ m largest, so after m rounds R_i = top-k of (R_i ∪ J's keys).
-    # At the end the top k leave R_i largest first (k rounds of a row max); column j = 2³¹−1 − (key & 0xFFFFFFFF). Selection work per row and tile: one compare per
-    # element (the count), plus per round ~6·BLOCK_N int32 and ~3·KP int64 compares/selects/reductions; no
-    # per-tile sort.
+    #     c_i largest, taken in order, so after m rounds R_i = top-k of (R_i ∪ J's keys).
+    # At the end the top k leave R_i largest first (k rounds of a row max); column j = 2³¹−1 − (key & 0xFFFFFFFF).
+    # Selection work per row and tile: one compare per element (the count), plus per round ~6·BLOCK_N int32 and
+    # ~3·KP int64 compares/selects/reductions; no per-tile sort.
     pid = tl.program_id(0)
     rl = tl.arange(0, BLOCK_M)
     rows = pid * BLOCK_M + rl
