@@ -122,6 +122,9 @@ def test_zero_shot_matches_evaluate(trained):
                                atol=1e-5, rtol=1e-5)
     top1 = sum(int(p == y) for p, y in zip(res.indices, labels, strict=True)) / len(labels)
     assert top1 == pytest.approx(_metrics(run)["zeroshot_top1"], abs=1e-6)  # evaluate averages in fp32
+    recalls = [sum(int(p == y) for p, y in zip(res.indices, labels, strict=True) if y == c) / labels.count(c)
+               for c in sorted(set(labels))]  # per-class top-1 recall, counted by hand
+    assert sum(recalls) / len(recalls) == pytest.approx(_metrics(run)["zeroshot_mean_per_class"], abs=1e-6)
     assert torch.allclose(res.probs.sum(1), torch.ones(len(paths)))
     assert [c for c, _ in res.topk(2)[0]][0] == res.predictions[0]
 

@@ -386,8 +386,8 @@ def file_digest(path) -> str:
 
 def evaluate_heads(image_head, text_head, layers: tuple[str, str], img: dict, txt: dict, image_of, rows,
                    zero_shot_feats: tuple[dict, dict, list[int], int] | None = None) -> dict[str, float]:
-    """Retrieval on the given caption rows (their images, deduplicated) and zero-shot classification
-    (top-5 only with more than 5 classes)."""
+    """Retrieval on the given caption rows (their images, deduplicated) and zero-shot classification: top-1,
+    top-5 (only with more than 5 classes) and mean-per-class recall."""
     li, lt = layers
     rows = torch.as_tensor(rows, dtype=torch.long)
     img_rows = torch.as_tensor(image_of)[rows]
@@ -397,7 +397,8 @@ def evaluate_heads(image_head, text_head, layers: tuple[str, str], img: dict, tx
         zi, zt, labels, n_classes = zero_shot_feats
         cls = class_embeddings(embed(text_head, zt[lt]), n_classes)
         topk = (1, 5) if n_classes > 5 else (1,)
-        metrics.update({f"zeroshot_{k}": v for k, v in zero_shot(embed(image_head, zi[li]), cls, labels, topk).items()})
+        zs = zero_shot(embed(image_head, zi[li]), cls, labels, topk, mean_per_class=True)
+        metrics.update({f"zeroshot_{k}": v for k, v in zs.items()})
     return metrics
 
 
@@ -436,7 +437,8 @@ def evaluate_run(run: str | os.PathLike, name: str | None = None, split: str = "
     if zs is not None:
         n_classes = zs[3]
         record["zero_shot"] = {"n_images": len(zs[2]), "n_classes": n_classes,
-                               "chance": {f"top{k}": min(k, n_classes) / n_classes for k in ((1, 5) if n_classes > 5 else (1,))},
+                               "chance": {**{f"top{k}": min(k, n_classes) / n_classes for k in ((1, 5) if n_classes > 5 else (1,))},
+                                          "mean_per_class": 1 / n_classes},
                                "templates": m["zero_shot"].get("templates")}
     with run_lock(Path(run) / "train" / name, "training run"):
         _merge_json(train_dir(run, name) / "metrics.json", {split: record})
