@@ -49,7 +49,12 @@ __all__ = [
 
 GEMM_CLASSES = ("fp64", "fp32", "tf32", "bf16", "fp16")
 IMPLS = ("ideal", "cpu", "cuda", "triton_rows", "triton_flash", "triton", "chunked")
-DESIGNS = ("today", "issue14")
+# Designs (the same meaning for every kernel):
+#   "before"  the code before issue 14, as modelled before the rewrite (the before column of docs/roofline.md);
+#   "built"   the code as it stands on main (annotate's default: what a measurement is compared with);
+#   "planned" the issue-14 design as first modelled, before it was built. Where the plan was built as modelled
+#             (CUDA structure rows; cpu, ideal, chunked, siglip: no plan) "planned" is the "built" model.
+DESIGNS = ("before", "built", "planned")
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -219,9 +224,13 @@ PANEL_RULES = {
     "cuda": (256.0, 256, 16),          # csrc/cuda/structure_cuda.cu cuda_panel_rows
     "cuda_clip": (256.0, 1, 64),       # csrc/cuda/clip_cuda.cu
     "cuda_knn": (256.0, 1, 16),        # csrc/cuda/knn_cuda.cu
-    "triton_rows": (256.0, 1, 1),      # structure_ops/_triton/_common.py panel_rows
+    "triton_rows": (256.0, 1, 1),      # structure_ops/_triton/_common.py panel_rows before issue 14
 }  # fmt: skip
 DESIGN_PANEL_MB = 2048.0  # issue 14 design: panels from free memory, capped so level 1 stays ≤ 2 GiB extra
+# As built: CUDA level 1 (structure_cuda.cu panel_rows_from_memory) and Triton rows (_common.panel_rows) take half
+# of the free device memory capped at 2048 MiB (STRUCTURE_OPS_CUDA_PANEL_MB / STRUCTURE_OPS_TRITON_PANEL_MB); on an
+# H200 the cap binds. CUDA: ≥ 256 rows, multiples of 16; Triton: no floor, no multiple. CUDA clip, knn and siglip
+# keep the 256 MiB budget of csrc/common/panel.h (the "planned" model gives them the 2 GiB panels).
 
 
 def _n_panels(n: int, rows: int) -> int:
@@ -243,50 +252,50 @@ def row_kernel_bytes_per_pair(impl: str, design: str, grad_x: bool, grad_z: bool
     """Main-memory bytes per (i, j) pair of the fused level-1 row kernel alone (Gram rows in, W out), from its
     loads and stores; ec: compute element size (Gram, P, Q), ew: the W element size.
 
-    cuda today (l1_rows_kernel): pass 1 reads both Gram rows; pass 2 reads them again and writes, per side with
-        a gradient, Q∘g into W and Q over the Gram row; pass 3 reads both and writes W: 4 + 5·sides elements
-        (fp32: 16 B forward, 36 B grad_z, 56 B grad_x and grad_z).
-    triton_rows today (_l1_rows_kernel): pass 2 writes only Q∘g; pass 3 re-reads the Gram row (Q is recomputed)
+    cpu (any design; fused_row): each row in cache, read once, P, Q in place and W written once: 4 + sides elements
+        (fp32: 16, 20, 24 B).
+    cuda before (l1_rows_kernel before issue 14): pass 1 reads both Gram rows; pass 2 reads them again and writes,
+        per side with a gradient, Q∘g into W and Q over the Gram row; pass 3 reads both and writes W:
+        4 + 5·sides elements (fp32: 16 B forward, 36 B grad_z, 56 B grad_x and grad_z).
+    cuda built = planned (csrc/cuda/structure_cuda.cu l1_rows_kernel, and l1_lse/terms/grad_kernel on the 2-D grid
+        of panels shorter than the SM count, whose partials add O(rows · column blocks), not per pair): pass 3
+        recomputes P, Q and the terms from the Gram rows instead of storing Q and Q∘g: 3 reads of both Gram rows +
+        W once per side: 6 elements + sides·ew (fp32 W: 16 / 28 / 32 B; bf16/fp16 W: 16 / 26 / 28 B).
+    triton_rows before (_l1_rows_kernel): pass 2 writes only Q∘g; pass 3 re-reads the Gram row (Q is recomputed)
         and Q∘g and writes W: 4 + 4·sides elements (fp32: 16, 32, 48 B).
-    cpu: the row loop works on one row at a time in cache: the rows are read once and written back (P, Q in
-        place, dirty lines) and W is written once: 4 + sides elements (fp32: 16, 20, 24 B).
-    triton_rows issue 14 (built): lse from the Gram GEMM's epilogue (no online-lse pass), 2 reads of both logits rows
-        with a gradient (1 without) + W once per side: 4·ec + sides·ew, 2·ec without a gradient (fp32: 8, 20, 24 B;
-        half W: 8, 18, 20).
-    cuda issue 14 (built: csrc/cuda/structure_cuda.cu l1_rows_kernel, and l1_lse/terms/grad_kernel on the 2-D
-        grid of panels shorter than the SM count, whose partials add O(rows · column blocks), not per pair):
-        pass 3 recomputes P, Q and the terms from the Gram rows instead of storing Q and Q∘g: 3 reads of both
-        Gram rows + W once per side: 6 elements + sides·ew (fp32: 24 + 4·sides B with a gradient, 16 B without;
-        bf16/fp16 W: 24 + 2·sides). "today" keeps the pre-issue-14 kernel's 16 / 36 / 56 B as the before column.
+    triton_rows built (structure_ops/_triton/structure.py): lse from the Gram GEMM's epilogue (no online-lse pass),
+        the loss pass reads both logits rows, the gradient pass reads them again and writes W once per side:
+        4·ec + sides·ew, 2·ec without a gradient (fp32 W: 8 / 20 / 24 B; half W: 8 / 18 / 20 B; with the Gram write
+        and the gradient GEMMs' W reads 16 / 36 / 48 B and 16 / 30 / 36 B).
+    triton_rows planned: the CUDA design (6 elements + sides·ew).
     """
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
     sides = int(grad_x) + int(grad_z)
-    if impl == "triton_rows" and design == "issue14":
-        # as built (structure_ops/_triton/structure.py): lse in the Gram GEMM's epilogue, the loss pass reads both
-        # logits rows, the gradient pass reads them again and writes W once per side (fp32: 8 / 20 / 24 B)
+    if impl == "cpu":
+        return (4 + sides) * ec
+    if impl not in ("cuda", "triton_rows"):
+        raise ValueError(f"no row kernel for impl {impl!r}")
+    if impl == "triton_rows" and design == "built":
         return 2 * ec if sides == 0 else 4 * ec + sides * ew
     if sides == 0:
         return 4 * ec
-    if impl == "cpu":
-        return (4 + sides) * ec
-    if design == "issue14":
+    if design != "before":
         return 6 * ec + sides * ew
-    if impl == "cuda":
-        return (4 + 5 * sides) * ec
-    if impl == "triton_rows":
-        return (4 + 4 * sides) * ec
-    raise ValueError(f"no row kernel for impl {impl!r}")
+    return (4 + 5 * sides) * ec if impl == "cuda" else (4 + 4 * sides) * ec
 
 
 def _row_kernel_sfu(impl: str, design: str, grad_x: bool, grad_z: bool) -> int:
     """exp/log/reciprocal per pair (cosine, "structure" divergence). Terms of one evaluation: P and Q (2 exp),
-    1/P̃, 1/Q̃ (2), log1p (1 on CUDA/CPU; 2 in Triton: log(u)·x/(u − 1)). Online log-sum-exp: 1 exp per side."""
+    1/P̃, 1/Q̃ (2), log1p (1 on CUDA/CPU; 2 in Triton: log(u)·x/(u − 1)). Log-sum-exp: 1 exp per side (online
+    pass, or the Gram epilogue of the built Triton rows)."""
     sides = int(grad_x) + int(grad_z)
     log1p = 2 if impl.startswith("triton") else 1
     terms = 4 + log1p
     if impl == "cpu":
         return 2 + 2 + 1  # exp once per side (stored), then 2 divisions and log1p on probabilities
-    if design == "issue14":
-        return 2 + terms + (terms if sides else 0)  # pass 3 recomputes the terms
+    if design != "before":
+        return 2 + terms + (terms if sides else 0)  # the gradient pass recomputes the terms
     if impl == "cuda":
         return 2 + terms  # pass 3 reads what pass 2 stored
     return 2 + terms + sides  # triton: pass 3 recomputes exp per gradient side
@@ -300,22 +309,29 @@ def _structure_level1_rows(n, dx, dz, dtype, precision, impl, design, grad_x, gr
     fp64 = _short(dtype) == "fp64"
     ec = 8 if fp64 else 4
     eo_in = _esize(dtype)
-    if design == "issue14" and impl != "cpu":
+    new = design != "before" and impl != "cpu"
+    if new:
         eo = eo_in  # half operands stay half (tensor cores), fp32 Gram
         ew = eo_in if half else ec  # W in the operand dtype for the gradient GEMMs
         cls = gemm_class(dtype, precision)
-        budget, min_rows, mult = (panel_mb or DESIGN_PANEL_MB), 256, 16
+        if impl == "triton_rows" and design == "built":  # _common.panel_rows: no floor, no multiple
+            budget, min_rows, mult = (panel_mb or DESIGN_PANEL_MB), 1, 1
+        else:
+            budget, min_rows, mult = (panel_mb or DESIGN_PANEL_MB), 256, 16
     else:
-        eo = ec  # half inputs are upcast once to fp32 (all three backends today)
+        eo = ec  # half inputs are upcast once to fp32 (all three backends before issue 14)
         ew = ec
         cls = "fp64" if fp64 else ("fp32" if impl == "cpu" else gemm_class("float32", precision))
         budget, min_rows, mult = PANEL_RULES["cpu" if impl == "cpu" else impl]
         if panel_mb:
             budget = panel_mb
     nbuf = 2 + int(grad_x) + int(grad_z)
-    # panel buffers per row: two Gram rows (e_c) and a W row per side with a gradient; the issue-14 CUDA code
-    # (csrc/cuda/structure_cuda.cu panel_rows_from_memory) keeps W in the operand dtype (e_w)
-    row_bytes = n * (2 * ec + (nbuf - 2) * (ew if (impl == "cuda" and design == "issue14") else ec))
+    # panel buffers per row: two Gram rows (e_c) and a W row per side with a gradient; the built CUDA code
+    # (csrc/cuda/structure_cuda.cu panel_rows_from_memory) keeps W in the operand dtype (e_w), and so does the built
+    # Triton rows pass (structure.py _panel_bytes_per_row), plus its (max, Σexp) / partial-sum rows (8·e_c per 16 columns)
+    row_bytes = n * (2 * ec + (nbuf - 2) * (ew if (new and design == "built") else ec))
+    if impl == "triton_rows" and design == "built":
+        row_bytes += 8 * ec * -(-n // 16)
     rows = panel_rows(n, row_bytes, budget, min_rows, mult)
     npan = _n_panels(n, rows)
     phases = []
@@ -333,9 +349,9 @@ def _structure_level1_rows(n, dx, dz, dtype, precision, impl, design, grad_x, gr
         block_m = 8
         while block_m > 1 and -(-rows // block_m) < 1024:
             block_m //= 2
-        programs = -(-rows // block_m) if design == "today" else rows
+        programs = -(-rows // block_m) if design == "before" else rows
     par = 1.0 if impl == "cpu" else _par(programs, ceil_sms)
-    if design == "issue14" and impl != "cpu" and programs < (ceil_sms or 0):
+    if new and programs < (ceil_sms or 0):
         par = 1.0  # issue 14 item 2: a 2-D grid (rows × column blocks) when a panel has fewer rows than SMs
     bpp = row_kernel_bytes_per_pair(impl, design, grad_x, grad_z, ec, ew)
     phases.append(Phase("fused row kernel", sfu_ops=float(n) * n * _row_kernel_sfu(impl, design, grad_x, grad_z),
@@ -353,20 +369,58 @@ def _structure_level1_rows(n, dx, dz, dtype, precision, impl, design, grad_x, gr
             "row_kernel_programs": programs, "gemm_class": cls,
             "extra_memory_bytes": rows * row_bytes}  # fmt: skip
     notes = []
-    if impl == "triton_rows" and design == "today" and par < 1:
+    if impl == "triton_rows" and design == "before" and par < 1:
         notes.append(f"row kernel grid of {programs} programs on {ceil_sms} SMs")
     return phases, info, notes
+
+
+def _structure_level1_flash_before_or_planned(n, dx, dz, dtype, precision, design, grad_x, grad_z, sms):
+    """The flash model as written before issue 14 was built: "before" 64 × 64 tiles (_default_blocks on a GPU), every
+    tile rereads the row chunk from L2; "planned" 128 × 128 tiles, the row operand on chip when BM·d·e_o ≤ 160 KB."""
+    eo = _esize(dtype)
+    cls = gemm_class(dtype, precision)
+    bm = bn = 128 if design == "planned" else 64
+    dgrad = max(dz if grad_z else 1, dx if grad_x else 1)
+    bd = min(128, max(16, 1 << max(0, (dgrad - 1).bit_length())))
+    n_c = -(-dgrad // bd) if (grad_x or grad_z) else 0
+
+    def l2_gemm(d: int) -> float:  # tile loads of one S = Û_I Û_Jᵀ over all tiles
+        keep = design == "planned" and bm * d * eo <= 160 * 1024
+        return float(n) * n * d * eo * ((0.0 if keep else 1.0 / bn) + 1.0 / bm)
+
+    blocks = -(-n // bm)
+    waves = _waves(blocks, sms or 1)
+    phases = [
+        Phase("A: lse per side", gemm_flops=2.0 * n * n * (dx + dz), gemm_class=cls, sfu_ops=2.0 * n * n,
+              hbm_bytes=waves * n * (dx + dz) * eo, l2_bytes=l2_gemm(dx) + l2_gemm(dz)),
+        Phase("B: loss, ḡ", gemm_flops=2.0 * n * n * (dx + dz), gemm_class=cls, sfu_ops=6.0 * n * n,
+              hbm_bytes=waves * n * (dx + dz) * eo, l2_bytes=l2_gemm(dx) + l2_gemm(dz)),
+    ]  # fmt: skip
+    if n_c:
+        dsum = (dz if grad_z else 0) + (dx if grad_x else 0)
+        phases.append(Phase(
+            f"C: gradient, S recomputed per BLOCK_D={bd} chunk (×{n_c})",
+            gemm_flops=n_c * 2.0 * n * n * (dx + dz) + 2.0 * n * n * dsum, gemm_class=cls,
+            sfu_ops=12.0 * n_c * n * n,
+            hbm_bytes=_waves(blocks * n_c, sms or 1) * n * (dx + dz + dsum) * eo + n * dsum * eo,
+            l2_bytes=n_c * (l2_gemm(dx) + l2_gemm(dz)) + float(n) * n * dsum * eo / bm,
+            parallel=_par(blocks * n_c, sms),
+        ))  # fmt: skip
+    info = {"tiles": (bm, bn), "block_d": bd, "n_c": n_c, "gemm_class": cls, "extra_memory_bytes": 7 * n * 4}
+    return phases, info, []
 
 
 def _structure_level1_flash(n, dx, dz, dtype, precision, design, grad_x, grad_z, sms):
     """Triton pass (b) (structure_flash.py): A per side lse, B loss + ḡ, C gradient per BLOCK_D chunk.
 
-    The code implements the issue-14 design (both designs are this model): each pass's tile is the heuristic
+    "built" (below): each pass's tile is the heuristic
     choice of its register-pruned autotune space (lse 128 × 128, 128 × 64 for chunked half / IEEE operands; loss
     and gradient 64 × 64, 64 × 32 for chunked half operands: their ~6 live fp32 tiles allow ≤ 16 elements per
     thread), and the row operand stays on chip (loaded once per program) when max(d_x, d_z) ≤ RESIDENT_K (128
     for bf16/fp16, 64 for fp32/tf32: structure_flash.operand_mode); otherwise every tile re-reads the row chunk
     from L2. GEMM FLOPs count d, not the zero-padded width of the resident operand."""
+    if design != "built":
+        return _structure_level1_flash_before_or_planned(n, dx, dz, dtype, precision, design, grad_x, grad_z, sms)
     eo = _esize(dtype)
     cls = gemm_class(dtype, precision)
     resident = max(dx, dz) <= (128 if eo == 2 else 64)
@@ -418,7 +472,8 @@ def _structure_levels(n, dx, dz, levels, dtype, precision, impl, design, grad_x,
         cls_in = cls = "fp64" if fp64 else "fp32"
     else:
         cls = gemm_class("float64" if fp64 else "float32", precision)  # P, Q products: fp32 policy
-        cls_in = gemm_class(dtype, precision) if (design == "issue14" and half) else cls
+        # as built (CUDA and Triton) levels > 1 upcast half inputs once; the plan ran the Gram GEMMs on tensor cores
+        cls_in = gemm_class(dtype, precision) if (design == "planned" and half) else cls
     nn = float(n) * n
     L = levels
     sides_g = int(grad_x) + int(grad_z)
@@ -523,7 +578,7 @@ def _clip(n, dims, mode, dtype, precision, impl, design, sms, panel_mb):
     cls = gemm_class(dtype, precision)
     ec = 8 if _short(dtype) == "fp64" else 4
     if impl == "cuda":
-        if design == "issue14":
+        if design == "planned":  # as built, clip_cuda.cu keeps the 256 MiB panels and the half tmp_b buffer
             budget, min_rows, mult = (panel_mb or DESIGN_PANEL_MB), 256, 64
         else:
             budget, min_rows, mult = PANEL_RULES["cuda_clip"]
@@ -537,7 +592,7 @@ def _clip(n, dims, mode, dtype, precision, impl, design, sms, panel_mb):
             ew = eo_in if half else ec
             # rows kernel: reads the recomputed panel, writes W (fp32 in place, or E in the half dtype)
             pair = ec + ec + (ew if half else ec) + 2 * ew
-            if half and design == "today":
+            if half and design != "planned":
                 per_panel = n * d * eo_in * 2 + n * d * 4 * 4  # B twice; tmp_b written + read, dB read + written
             else:
                 per_panel = n * d * eo_in * 2 + n * d * 4 * 2  # B twice; dB += (beta = 1) read + written
@@ -547,7 +602,33 @@ def _clip(n, dims, mode, dtype, precision, impl, design, sms, panel_mb):
     if impl != "triton":
         raise ValueError(f"no clip model for impl {impl!r}")
     # Triton clip.py
-    if design == "issue14":  # the design as modelled before it was built (docs/roofline.md): kept as the target
+    if design == "before":  # the pre-issue-14 kernel: 64 × 64 (fp32) / 128 × 64 tiles, (N/BM) × N column partials,
+        # the backward in C output chunks of ≤ 256 columns, each recomputing its tiles ((4C + 4) N²d), no tile on chip
+        if _short(dtype) == "fp64":
+            bm, bn = 64, 32
+        elif _short(dtype) == "fp32":
+            bm, bn = 64, 64
+        else:
+            bm, bn = 128, 64
+        cap = 128 if _short(dtype) == "fp64" else 256
+        c = -(-d // min(cap, 1 << max(0, (d - 1).bit_length())))
+        l2_s = nn * d * eo_in * (1.0 / bm + 1.0 / bn)
+        rb = -(-n // bm)
+        acc = 8 if _short(dtype) == "fp64" else 4
+        phases = [Phase("forward tiles + column partials", gemm_flops=2.0 * nn * d, gemm_class=cls, sfu_ops=2.0 * nn,
+                        hbm_bytes=_waves(rb, sms or 1) * n * d * eo_in + 2 * 2 * rb * n * acc, l2_bytes=l2_s)]  # fmt: skip
+        if bwd:
+            bbm, bbn = (32, 32) if _short(dtype) == "fp64" else (64, 32)  # _bwd_blocks on a GPU
+            brb = -(-n // bbm)
+            l2_b = nn * d * eo_in * (1.0 / bbm + 1.0 / bbn)
+            phases.append(Phase(f"backward: 2 roles × {c} output chunks, each recomputes its tiles",
+                                gemm_flops=(4.0 * c + 4.0) * nn * d, gemm_class=cls, sfu_ops=4.0 * c * nn,
+                                hbm_bytes=_waves(2 * c * brb, sms or 1) * n * d * eo_in * 2 + 2 * n * d * eo_in,
+                                l2_bytes=2 * c * l2_b + 2 * nn * d * eo_in / bbm,
+                                parallel=_par(2 * c * brb, sms)))  # fmt: skip
+        return phases, {"tiles": (bm, bn), "out_chunks": c, "gemm_class": cls,
+                        "extra_memory_bytes": 2 * rb * n * acc}, []  # fmt: skip
+    if design == "planned":  # the design as first modelled (128 × 128, one recompute, dA and dB from one tile)
         bm = bn = 128
         keep = bm * d * eo_in <= 160 * 1024
         l2_s = nn * d * eo_in * ((0.0 if keep else 1.0 / bn) + 1.0 / bm)
@@ -559,7 +640,7 @@ def _clip(n, dims, mode, dtype, precision, impl, design, sms, panel_mb):
                                 gemm_flops=6.0 * nn * d, gemm_class=cls, sfu_ops=2.0 * nn,
                                 hbm_bytes=waves * n * d * eo_in * 2 + 2 * n * d * 4, l2_bytes=2 * l2_s))  # fmt: skip
         return phases, {"tiles": (bm, bn), "gemm_class": cls}, []
-    # "today": the kernel as built. Forward: grid RG × CP (row groups
+    # "built": the kernel as it stands. Forward: grid RG × CP (row groups
     # × column panels, ≈ 2 programs per SM, each ≤ 32), A_I on chip when BM·d_pad fits 32 KiB (16 KiB for 4-byte
     # IEEE / 8-byte operands), O(N) statistics. Backward: 2 roles (dA rows, dB rows), each recomputes its tiles;
     # one output chunk when the BM × d fp32 accumulator compiles without spills (bf16/fp16 up to d = 512, tf32, IEEE
@@ -650,7 +731,7 @@ def _poisson_max_rounds(lam: float, rows: int, cap: int) -> tuple[float, float]:
     p = math.exp(-lam)  # P(X = 0)
     cdf, rounds, p_merge = p, 0.0, 0.0
     for m in range(1, cap + 1):
-        tail = 1.0 - cdf ** rows  # P(max ≥ m)
+        tail = 1.0 - cdf**rows  # P(max ≥ m)
         if m == 1:
             p_merge = tail
         rounds += tail
@@ -697,7 +778,7 @@ def _knn(n, dims, dtype, precision, impl, design, params, sms, panel_mb):
             {"k": k, "panel_rows": rows}, ["CPU selection (nth_element) not in the bound: no integer ceiling measured"]  # fmt: skip
     if impl == "cuda":
         budget, min_rows, mult = (
-            (panel_mb or DESIGN_PANEL_MB, 256, 16) if design == "issue14" else PANEL_RULES["cuda_knn"]
+            (panel_mb or DESIGN_PANEL_MB, 256, 16) if design == "planned" else PANEL_RULES["cuda_knn"]  # built: 256 MiB
         )
         rows = panel_rows(n, 4 * n, budget, min_rows, mult)
         npan = _n_panels(n, rows)
@@ -714,8 +795,17 @@ def _knn(n, dims, dtype, precision, impl, design, params, sms, panel_mb):
         raise ValueError(f"no knn model for impl {impl!r}")
     kp = max(16, 1 << max(0, (k - 1).bit_length()))  # knn.list_slots
     if _short(dtype) == "fp64" or k > 128:
-        return _knn(n, dims, dtype, precision, "cuda", "today", params, sms, panel_mb)  # torch panel path
-    if design == "issue14":
+        return _knn(n, dims, dtype, precision, "cuda", "built", params, sms, panel_mb)  # torch panel path
+    if design == "before":  # the pre-issue-14 kernel: a bitonic sort of every tile per row and a merge, no skipping
+        kp0 = 1 << max(0, (k - 1).bit_length())
+        bm, bn = (64 if kp0 <= 64 else 32), max(64, kp0)
+        ints = n * (n / bn) * _bitonic_cs(bn, kp0) * INT_OPS_PER_CS
+        l2 = nn * d * eo_in * (1.0 / bn + 1.0 / bm)
+        rb = -(-n // bm)
+        return [Phase("fused GEMM + bitonic top-k", gemm_flops=2.0 * nn * d, gemm_class=cls, int_ops=ints,
+                      hbm_bytes=_waves(rb, sms or 1) * n * d * eo_in + n * k * 8, l2_bytes=l2,
+                      parallel=_par(rb, sms))], {"k": k, "kp": kp0, "tiles": (bm, bn)}, []  # fmt: skip
+    if design == "planned":
         # the design as first modelled: 128 × 128 tiles, the row operand on chip, per-row tile skipping before a
         # bitonic sort (random order: Σ_t min(1, k/t) = k + k ln(T/k) sorted tiles per row)
         bm, bn = 128, max(128, kp)
@@ -770,13 +860,14 @@ def _siglip(n, dims, mode, dtype, precision, impl, design, sms, panel_mb):
 # Entry points
 # ---------------------------------------------------------------------------------------------------
 def cost(op: str, impl: str, n: int, dims: dict, mode: str = "fwd+bwd", dtype: str = "float32",
-         precision: str = "high", design: str = "today", params: dict | None = None, sms: int | None = 132,
+         precision: str = "high", design: str = "built", params: dict | None = None, sms: int | None = 132,
          panel_mb: float | None = None, grad_x: bool = False) -> Cost:  # fmt: skip
     """The model of one call. impl: "ideal" (the op's floor), "cpu", "cuda", "triton_rows", "triton_flash"
-    (structure), "triton" (clip, knn), "chunked" (structure, the GPU suite's baseline). design: "today" (the
-    code as it stands) or "issue14" (tensor cores for half inputs, panels from a memory budget, 128 × 128
-    tiles with the row operand on chip, kNN tile skipping, clip backward at 8N²d). sms: SMs of the GPU (None
-    for a CPU). panel_mb: override of the panel budget. grad_x: the X side needs a gradient too (structure)."""
+    (structure), "triton" (clip, knn), "chunked" (structure, the GPU suite's baseline). design: "built" (the
+    code as it stands on main), "before" (the code before issue 14, as modelled before the rewrite) or "planned"
+    (the issue-14 design as first modelled: tensor cores for half inputs, 2 GiB panels, 128 × 128 tiles with the
+    row operand on chip, kNN tile skipping, clip backward at 8N²d; the "built" model where it was built as
+    planned). sms: SMs of the GPU (None for a CPU). panel_mb: override of the panel budget. grad_x: the X side needs a gradient too (structure)."""
     params = dict(params or {})
     if design not in DESIGNS:
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
@@ -814,7 +905,7 @@ def impl_for(op: str, provider: str) -> str:
 
 
 def annotate(record: dict, ceil: Ceilings | None, *, op: str | None = None, dims: dict | None = None,
-             params: dict | None = None, precision: str | None = None, design: str = "today") -> dict:  # fmt: skip
+             params: dict | None = None, precision: str | None = None, design: str = "built") -> dict:  # fmt: skip
     """Add the roofline of ``record``'s kernel (in place; also returned): model_gemm_flops, model_sfu_ops,
     model_mem_bytes, model_l2_bytes, model_int_ops, roofline_model, and with ceilings bound_s, bound_by,
     bound_terms_s and fraction_of_bound = bound_s / median_s (when the record holds a median).
@@ -919,8 +1010,6 @@ def measure_cpu_ceilings(gemm_n: int = 2048, copy_mb: int = 512, exp_elems: int 
     )  # fmt: skip
 
 
-
-
 # ---------------------------------------------------------------------------------------------------
 # H200 predictions (docs/roofline.md)
 # ---------------------------------------------------------------------------------------------------
@@ -930,9 +1019,22 @@ CLIP_DIMS = {"d": 512}
 KNN_DIMS = {"d": 1024}
 
 
+def _same_model(a: Cost, b: Cost) -> bool:
+    return [asdict(p) for p in a.phases] == [asdict(p) for p in b.phases]
+
+
+def plan_differs(op: str, impl: str, n: int, dims: dict, mode: str = "fwd+bwd", dtype: str = "float32",
+                 precision: str = "high", params: dict | None = None, sms: int | None = 132) -> bool:  # fmt: skip
+    """Whether the issue-14 plan as first modelled differs from what was built for this kernel and shape."""
+    built = cost(op, impl, n, dims, mode, dtype, precision, "built", params, sms=sms)
+    return not _same_model(built, cost(op, impl, n, dims, mode, dtype, precision, "planned", params, sms=sms))
+
+
 def prediction_rows(ceil: Ceilings = H200, ns=PRED_NS) -> list[dict]:
     """One row per (kernel, dtype/precision, N, design): the bound and what binds. fp32 at precision "high"
-    (TF32) and bf16; structure and clip fwd+bwd (grad w.r.t. z / both inputs), knn forward."""
+    (TF32) and bf16; structure and clip fwd+bwd (grad w.r.t. z / both inputs), knn forward. Designs: "before" and
+    "built" for every kernel model, "planned" only where it differs from "built"; "ideal" (the floor) once, as
+    "built"."""
     cases = []
     for dtype, prec in (("float32", "high"), ("bfloat16", "high")):
         for impl in ("ideal", "cuda", "triton_rows", "triton_flash"):
@@ -946,8 +1048,12 @@ def prediction_rows(ceil: Ceilings = H200, ns=PRED_NS) -> list[dict]:
     rows = []
     for label, op, impl, dims, mode, dtype, prec, params in cases:
         for n in ns:
-            for design in ("today",) if impl == "ideal" else DESIGNS:
-                c = cost(op, impl, n, dims, mode, dtype, prec, design, params, sms=ceil.sms)
+            costs = {}
+            for design in ("built",) if impl == "ideal" else DESIGNS:
+                costs[design] = cost(op, impl, n, dims, mode, dtype, prec, design, params, sms=ceil.sms)
+            if "planned" in costs and _same_model(costs["planned"], costs["built"]):
+                del costs["planned"]
+            for design, c in costs.items():
                 b = bound(c, ceil)
                 mem = c.info.get("extra_memory_bytes")
                 fits = mem is None or ceil.mem_bytes is None or mem <= 0.9 * ceil.mem_bytes
@@ -966,8 +1072,15 @@ def _fmt_s(s: float) -> str:
     return f"{s * 1e6:.0f} µs"
 
 
-def prediction_table(ceil: Ceilings = H200, ns=PRED_NS) -> str:
-    """Markdown: per kernel and dtype, the bound at each N today → with the issue-14 design (binding term)."""
+def _cell(r: dict) -> str:
+    if not r["fits"]:
+        return f"does not fit ({r['extra_memory_bytes'] / 1e9:.0f} GB)"
+    return f"{_fmt_s(r['bound_s'])} ({r['bound_by']})"
+
+
+def prediction_table(ceil: Ceilings = H200, ns=PRED_NS, planned: bool = False) -> str:
+    """Markdown: per kernel and dtype, the bound at each N, ``before → built`` (binding term); ``planned``: instead
+    ``planned vs built`` for the kernels whose issue-14 plan differs from what was built."""
     rows = prediction_rows(ceil, ns)
     by = {}
     for r in rows:
@@ -975,23 +1088,22 @@ def prediction_table(ceil: Ceilings = H200, ns=PRED_NS) -> str:
     head = "| kernel | impl | dtype | " + " | ".join(f"N = {n:,}".replace(",", " ") for n in ns) + " |"
     out = [head, "|---|---|---|" + "---|" * len(ns)]
     for (kernel, impl, dt), cells in by.items():
+        if planned and not any(d == "planned" for _, d in cells):
+            continue
         row = [kernel, impl, dt]
         for n in ns:
-            t = cells.get((n, "today"))
-            d = cells.get((n, "issue14"))
-
-            def one(r):
-                if not r["fits"]:
-                    return f"does not fit ({r['extra_memory_bytes'] / 1e9:.0f} GB)"
-                return f"{_fmt_s(r['bound_s'])} ({r['bound_by']})"
-
-            row.append(one(t) if d is None else f"{one(t)} → {one(d)}")
+            built = cells.get((n, "built"))
+            other = cells.get((n, "planned" if planned else "before"))
+            if planned:
+                row.append("= built" if other is None else f"{_cell(other)} vs {_cell(built)}")
+            else:
+                row.append(_cell(built) if other is None else f"{_cell(other)} → {_cell(built)}")
         out.append("| " + " | ".join(row) + " |")
     return "\n".join(out)
 
 
 def terms_table(n: int, ceil: Ceilings = H200) -> str:
-    """Markdown: every resource's time (s) at one N, today and with the issue-14 design."""
+    """Markdown: every resource's time (s) at one N, per design (before, built, and planned where it differs)."""
     rows = [r for r in prediction_rows(ceil, (n,))]
     keys = ["gemm", "sfu", "mem"] + (["l2"] if ceil.l2_bw else []) + (["int"] if ceil.int_ops else [])
     out = ["| kernel | impl | dtype | design | " + " | ".join(keys) + " | bound | GEMM FLOPs | memory bytes |",
@@ -1009,6 +1121,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("predict", help="the H200 prediction table (markdown)")
     pp.add_argument("--terms", type=int, default=None, help="instead: every resource's time at this N")
+    pp.add_argument("--planned", action="store_true", help="instead: planned vs built where the plan differs")
     pj = sub.add_parser("predict-json", help="the H200 predictions as JSON")
     pj.add_argument("--out", default=None)
     pc = sub.add_parser("ceilings", help="measure this machine's CPU ceilings (JSON on stdout)")
@@ -1020,7 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
     pb.add_argument("--ec", type=int, default=4)
     a = p.parse_args(argv)
     if a.cmd == "predict":
-        print(prediction_table() if a.terms is None else terms_table(a.terms))
+        print(terms_table(a.terms) if a.terms is not None else prediction_table(planned=a.planned))
     elif a.cmd == "predict-json":
         text = json.dumps({"ceilings": H200.to_dict(), "rows": prediction_rows()}, indent=1, default=str)
         if a.out:
@@ -1049,13 +1162,22 @@ def main(argv: list[str] | None = None) -> int:
             os.replace(tmp, path)
             print(f"annotated {len(data.get('records', []))} records in {path}")
     else:
-        for impl, design in (("cuda", "today"), ("triton_rows", "today"), ("cpu", "today"), ("cuda", "issue14")):
+        for impl, design in (("cuda", "before"), ("cuda", "built"), ("triton_rows", "before"), ("triton_rows", "built"),
+                             ("triton_rows", "planned"), ("cpu", "built")):  # fmt: skip
             for ew, label in ((a.ec, "fp32 W"), (2, "bf16 W")):
-                if design == "today" and ew != a.ec:
+                if (design == "before" or impl == "cpu") and ew != a.ec:
                     continue
                 vals = [row_kernel_bytes_per_pair(impl, design, gx, gz, a.ec, ew)
                         for gx, gz in ((False, False), (False, True), (True, True))]  # fmt: skip
-                print(f"{impl:12s} {design:8s} {label}: fwd {vals[0]} B, grad_z {vals[1]} B, grad_x+grad_z {vals[2]} B")
+                if impl == "cpu":
+                    tot = ""
+                else:  # + the Gram write (2 e_c) and the two W reads of the gradient GEMMs per side (2 e_w)
+                    w = a.ec if design == "before" else ew
+                    t = [v + 2 * a.ec + 2 * w * s for v, s in zip(vals, (0, 1, 2), strict=True)]
+                    tot = f"  (with Gram write and W reads: {t[0]} / {t[1]} / {t[2]} B)"
+                print(
+                    f"{impl:12s} {design:8s} {label}: fwd {vals[0]} B, grad_z {vals[1]} B, grad_x+grad_z {vals[2]} B{tot}"
+                )
     return 0
 
 

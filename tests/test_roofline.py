@@ -180,9 +180,13 @@ def test_triton_clip_flops_match_clip_module(d):
     want = gemm_flops(n, d)["total"]  # the bf16 default configuration's output chunks
     assert RL.cost("clip", "triton", n, {"d": d}, "fwd+bwd", "bfloat16").gemm_flops == want
     # issue 14: the clip backward at 8 N²d as built (2 forward + 8 backward = 10 N²d in all) up to d = 512 in bf16;
-    # at d = 1024 two output chunks (4C + 6 = 14 N²d). The design as first modelled: 8 N²d in all (atomics)
+    # at d = 1024 two output chunks (4C + 6 = 14 N²d). The design as first modelled: 8 N²d in all (atomics); before
+    # issue 14: output chunks of ≤ 256 columns, C = ⌈d / 256⌉ → (4C + 6) N²d
     assert want == (10 if d <= 512 else 14) * n * n * d
-    assert RL.cost("clip", "triton", n, {"d": d}, "fwd+bwd", "bfloat16", design="issue14").gemm_flops == 8 * n * n * d
+    assert RL.cost("clip", "triton", n, {"d": d}, "fwd+bwd", "bfloat16", design="planned").gemm_flops == 8 * n * n * d
+    c_before = -(-d // min(256, 1 << (d - 1).bit_length()))
+    before = RL.cost("clip", "triton", n, {"d": d}, "fwd+bwd", "bfloat16", design="before").gemm_flops
+    assert before == (4 * c_before + 6) * n * n * d
 
 
 def test_level1_rows_closed_form_and_harness_flop_model():
@@ -219,17 +223,30 @@ def test_panel_rows_match_triton_rule():
 
 
 def test_panel_rows_at_large_n():
-    # issue 14: "at N = 262 144 that is 85–256-row panels" (Triton: 256 MiB / 3 MiB rows; CUDA: its 256-row floor)
+    # issue 14: "at N = 262 144 that is 85–256-row panels" before it (Triton: 256 MiB / 3 MiB rows; CUDA: its 256-row
+    # floor)
     n = 262144
-    rows = {impl: RL.cost("structure", impl, n, RL.STRUCT_DIMS, "fwd+bwd").info["panel_rows"]
+    rows = {impl: RL.cost("structure", impl, n, RL.STRUCT_DIMS, "fwd+bwd", design="before").info["panel_rows"]
             for impl in ("triton_rows", "cuda")}  # fmt: skip
     assert rows == {"triton_rows": 85, "cuda": 256}
     # csrc/common/panel.h: a multiple of 16 once ≥ 64 rows; the CPU floor is 512 rows
-    assert RL.cost("structure", "cuda", 16384, RL.STRUCT_DIMS, "fwd+bwd").info["panel_rows"] == 1360
+    assert RL.cost("structure", "cuda", 16384, RL.STRUCT_DIMS, "fwd+bwd", design="before").info["panel_rows"] == 1360
     assert RL.cost("structure", "cpu", 16384, RL.STRUCT_DIMS, "fwd+bwd").info["panel_rows"] == 512
-    # issue 14 design: a 2 GiB budget keeps level 1 within the ≤ 2 GiB extra-memory target at N = 262 144
-    design = RL.cost("structure", "cuda", n, RL.STRUCT_DIMS, "fwd+bwd", "bfloat16", design="issue14")
-    assert design.info["extra_memory_bytes"] <= 2 * RL.GIB < 3 * n * 4 * (design.info["panel_rows"] + 16)
+    # as built (CUDA and Triton): a 2 GiB cap keeps level 1 within the ≤ 2 GiB extra-memory target at N = 262 144
+    for impl in ("cuda", "triton_rows"):
+        for dtype in ("float32", "bfloat16"):
+            built = RL.cost("structure", impl, n, RL.STRUCT_DIMS, "fwd+bwd", dtype)
+            rows = built.info["panel_rows"]
+            assert built.info["extra_memory_bytes"] <= 2 * RL.GIB, (impl, dtype)
+            assert rows > 256 and 2 * RL.GIB < built.info["extra_memory_bytes"] * (rows + 16) / rows, (impl, dtype)
+    # Triton's rule as built: structure.py _panel_bytes_per_row (two fp32 logits rows, a W row in the operand dtype,
+    # 8 e_c per 16 columns of partials) under 2048 MiB, no floor, no multiple
+    pytest.importorskip("triton")
+    from structure_ops._triton import structure as TS
+
+    for dtype, ew in (("float32", 4), ("bfloat16", 2)):
+        want = (2048 << 20) // TS._panel_bytes_per_row(n, 4, ew, 1)
+        assert RL.cost("structure", "triton_rows", n, RL.STRUCT_DIMS, "fwd+bwd", dtype).info["panel_rows"] == want
 
 
 def test_row_kernel_bytes_per_pair():
@@ -239,20 +256,24 @@ def test_row_kernel_bytes_per_pair():
     #   2+2 reads, + (2 writes + 2 reads + 1 write) per side → 16 / 36 / 56 B (issue 14: "36–56 bytes");
     #   triton _l1_rows_kernel: pass 2 writes Q∘g only; pass 3 recomputes Q from the Gram row (1 read) and reads,
     #   writes W → 16 / 32 / 48 B;  cpu fused_row: each row once in, P, Q and W once out → 16 / 20 / 24 B;
-    #   issue-14 design: pass 3 recomputes from both Gram rows (2 reads) and writes W → 16 / 28 / 32 B (fp32 W).
-    def triple(impl, design="today", ew=4):
+    #   issue-14 design (CUDA as built, Triton as planned): pass 3 recomputes from both Gram rows (2 reads) and
+    #   writes W → 16 / 28 / 32 B (fp32 W).
+    def triple(impl, design="before", ew=4):
         return [RL.row_kernel_bytes_per_pair(impl, design, gx, gz, 4, ew)
                 for gx, gz in ((False, False), (False, True), (True, True))]  # fmt: skip
 
     assert triple("cuda") == [16, 36, 56]
     assert triple("triton_rows") == [16, 32, 48]
-    assert triple("cpu") == [16, 20, 24]
-    assert triple("cuda", "issue14") == [16, 28, 32]
-    assert triple("cuda", "issue14", ew=2) == [16, 26, 28]
+    assert triple("cpu") == triple("cpu", "built") == [16, 20, 24]
+    assert triple("cuda", "built") == triple("cuda", "planned") == [16, 28, 32]
+    assert triple("cuda", "built", ew=2) == [16, 26, 28]
+    assert triple("triton_rows", "planned") == [16, 28, 32]
     #   triton rows as built: lse from the Gram epilogue; loss pass reads both rows; gradient pass reads both again
     #   and writes W per side → 8 / 20 / 24 B (fp32 W), 8 / 18 / 20 B (half W)
-    assert triple("triton_rows", "issue14") == [8, 20, 24]
-    assert triple("triton_rows", "issue14", ew=2) == [8, 18, 20]
+    assert triple("triton_rows", "built") == [8, 20, 24]
+    assert triple("triton_rows", "built", ew=2) == [8, 18, 20]
+    with pytest.raises(ValueError, match="design must be one of"):
+        RL.row_kernel_bytes_per_pair("cuda", "today", False, True)
 
 
 def test_triton_clip_column_buffer():
@@ -275,7 +296,7 @@ def test_levels_memory_matches_the_backends_estimate():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Bound, monotonicity, design vs today
+# Bound, monotonicity, designs (before, built, planned)
 # ---------------------------------------------------------------------------------------------------
 CASES = (
     [
@@ -291,7 +312,7 @@ CASES = (
 @pytest.mark.parametrize(("op", "impl", "dims", "mode", "params"), CASES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_models_grow_with_n_and_bound_is_the_max_term(op, impl, dims, mode, params, dtype):
-    prev = None
+    prev = {}
     for n in (1024, 4096, 16384, 65536, 262144):
         for design in RL.DESIGNS:
             c = RL.cost(op, impl, n, dims, mode, dtype, "high", design, params)
@@ -299,33 +320,57 @@ def test_models_grow_with_n_and_bound_is_the_max_term(op, impl, dims, mode, para
             assert b["bound_s"] == max(b["terms_s"].values()) > 0
             assert b["terms_s"][b["bound_by"]] == b["bound_s"]
             assert all(v >= 0 and math.isfinite(v) for v in b["terms_s"].values())
-        cur = (c.gemm_flops, c.hbm_bytes, RL.bound(c, RL.H200)["bound_s"])
-        if prev is not None:
-            assert all(a > p for a, p in zip(cur, prev, strict=True)), (n, cur, prev)
-        prev = cur
+            cur = (c.gemm_flops, c.hbm_bytes, b["bound_s"])
+            if design in prev:
+                assert all(a > p for a, p in zip(cur, prev[design], strict=True)), (n, design, cur, prev[design])
+            prev[design] = cur
 
 
-def test_design_never_slower_than_today_on_the_h200():
+KERNELS = (("structure", "cuda", RL.STRUCT_DIMS, "fwd+bwd"), ("structure", "triton_rows", RL.STRUCT_DIMS, "fwd+bwd"),
+           ("structure", "triton_flash", RL.STRUCT_DIMS, "fwd+bwd"), ("clip", "cuda", RL.CLIP_DIMS, "fwd+bwd"),
+           ("clip", "triton", RL.CLIP_DIMS, "fwd+bwd"), ("knn", "cuda", RL.KNN_DIMS, "fwd"),
+           ("knn", "triton", RL.KNN_DIMS, "fwd"))  # fmt: skip
+
+
+def test_designs_against_the_floor_and_each_other_on_the_h200():
+    # every design is above the op's floor; the plan never predicted a slowdown; the built structure row passes
+    # (tensor cores, 2 GiB panels, fewer bytes per pair) are faster than before at every N and dtype. (The built
+    # flash, clip and kNN kernels are not asserted faster: their pruned tiles reread more from L2 than the plan's.)
     for n in RL.PRED_NS:
         for dtype in ("float32", "bfloat16"):
-            for op, impl, dims, mode in (("structure", "cuda", RL.STRUCT_DIMS, "fwd+bwd"),
-                                         ("structure", "triton_rows", RL.STRUCT_DIMS, "fwd+bwd"),
-                                         ("structure", "triton_flash", RL.STRUCT_DIMS, "fwd+bwd"),
-                                         ("clip", "cuda", RL.CLIP_DIMS, "fwd+bwd"), ("clip", "triton", RL.CLIP_DIMS, "fwd+bwd"),
-                                         ("knn", "cuda", RL.KNN_DIMS, "fwd"), ("knn", "triton", RL.KNN_DIMS, "fwd")):  # fmt: skip
-                today = RL.bound(RL.cost(op, impl, n, dims, mode, dtype), RL.H200)["bound_s"]
-                new = RL.bound(RL.cost(op, impl, n, dims, mode, dtype, design="issue14"), RL.H200)["bound_s"]
+            for op, impl, dims, mode in KERNELS:
+                t = {d: RL.bound(RL.cost(op, impl, n, dims, mode, dtype, design=d), RL.H200)["bound_s"] for d in RL.DESIGNS}
                 floor = RL.bound(RL.cost(op, "ideal", n, dims, mode, dtype), RL.H200)["bound_s"]
-                assert floor <= new * (1 + 1e-12) and new <= today * (1 + 1e-12), (op, impl, n, dtype)
+                assert all(floor <= v * (1 + 1e-12) for v in t.values()), (op, impl, n, dtype, t)
+                assert t["planned"] <= t["before"] * (1 + 1e-12), (op, impl, n, dtype, t)
+                if op == "structure" and impl != "triton_flash":
+                    assert t["built"] < t["before"], (op, impl, n, dtype, t)
+
+
+def test_annotate_defaults_to_the_built_model():
+    rec = {"op": "clip", "provider": "triton_rows", "N": 65536, "dims": {"d": 512}, "mode": "fwd+bwd",
+           "dtype": "bfloat16", "median_s": 1.0}  # fmt: skip
+    RL.annotate(rec, RL.H200)
+    built = RL.cost("clip", "triton", 65536, {"d": 512}, "fwd+bwd", "bfloat16", sms=RL.H200.sms)
+    assert rec["roofline_model"] == "clip/triton/built" and rec["model_gemm_flops"] == built.gemm_flops
+    assert rec["bound_s"] == RL.bound(built, RL.H200)["bound_s"] == rec["fraction_of_bound"]
+    for old in ("today", "issue14"):
+        with pytest.raises(ValueError, match="design must be one of"):
+            RL.cost("clip", "triton", 1024, {"d": 64}, design=old)
+    # "planned" is the built model where the plan was built as modelled (CUDA fp32 structure rows) and differs where
+    # it was not (Triton clip: 8 N²d with atomics and 128 × 128 tiles was planned)
+    assert not RL.plan_differs("structure", "cuda", 65536, RL.STRUCT_DIMS, dtype="float32")
+    assert RL.plan_differs("clip", "triton", 65536, RL.CLIP_DIMS, dtype="bfloat16")
 
 
 def test_gemm_classes_follow_the_precision_policy():
     assert RL.gemm_class("bfloat16", "highest") == "bf16"
     assert [RL.gemm_class("float32", p) for p in ("highest", "high", "medium")] == ["fp32", "tf32", "bf16"]
-    # today: half inputs are upcast to fp32 in the CUDA and Triton rows passes; the design keeps tensor cores
+    # before issue 14: half inputs were upcast to fp32 in the CUDA and Triton rows passes; as built: tensor cores
     kw = {"n": 65536, "dims": RL.STRUCT_DIMS, "mode": "fwd+bwd", "dtype": "bfloat16", "precision": "highest"}
-    assert RL.cost("structure", "cuda", **kw).info["gemm_class"] == "fp32"
-    assert RL.cost("structure", "cuda", design="issue14", **kw).info["gemm_class"] == "bf16"
+    for impl in ("cuda", "triton_rows"):
+        assert RL.cost("structure", impl, design="before", **kw).info["gemm_class"] == "fp32"
+        assert RL.cost("structure", impl, **kw).info["gemm_class"] == "bf16"
     assert RL.cost("structure", "triton_flash", **kw).info["gemm_class"] == "bf16"
     # 12–15x (issue 14): bf16 tensor cores vs the fp32 FMA rate on the H200 ceilings
     assert 11 < RL.H200.gemm_rate("bf16") / RL.H200.gemm_rate("fp32") < 15
@@ -356,18 +401,18 @@ def test_annotate_records_fraction_of_bound():
     rec = RL.annotate(_record(), CPU)
     c = RL.cost("structure", "cpu", 2048, {"d_x": 768, "d_z": 512}, "fwd+bwd", sms=None)
     b = RL.bound(c, CPU)
-    assert rec["roofline_model"] == "structure/cpu/today"
+    assert rec["roofline_model"] == "structure/cpu/built"
     assert rec["model_gemm_flops"] == c.gemm_flops and rec["model_mem_bytes"] == c.hbm_bytes
     assert rec["bound_s"] == b["bound_s"] and rec["fraction_of_bound"] == pytest.approx(b["bound_s"] / 0.5)
     # a provider without a kernel model is held to the op's floor; an unknown op is recorded, not raised
-    assert RL.annotate(_record("reference"), CPU)["roofline_model"] == "structure/ideal/today"
+    assert RL.annotate(_record("reference"), CPU)["roofline_model"] == "structure/ideal/built"
     assert "roofline_error" in RL.annotate(_record(op="nope"), CPU)
     skipped = RL.annotate({**_record(), "median_s": None}, CPU)
     assert skipped["fraction_of_bound"] is None and skipped["bound_s"] > 0
     # the GPU suite's "triton_rows" provider runs backend="triton" for clip
     gpu = RL.annotate({"provider": "triton_rows", "mode": "fwd+bwd", "N": 4096, "dtype": "bfloat16", "median_s": 0.01},
                       RL.H200, op="clip", dims={"d": 512}, params={}, precision="high")  # fmt: skip
-    assert gpu["roofline_model"] == "clip/triton/today" and 0 < gpu["fraction_of_bound"]
+    assert gpu["roofline_model"] == "clip/triton/built" and 0 < gpu["fraction_of_bound"]
 
 
 def test_measure_cpu_ceilings_small():
