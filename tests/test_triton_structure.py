@@ -252,8 +252,15 @@ def test_panel_rows_budget(monkeypatch):
     monkeypatch.delenv("STRUCTURE_OPS_TRITON_PANEL_MB", raising=False)
     assert C.panel_rows(10**6, bpr) == (256 << 20) // bpr  # no device: 256 MiB
     assert C.panel_rows(10**6, bpr, device="cpu") == (256 << 20) // bpr
+    # on a device: half the free memory, capped at 2048 MiB by default (as STRUCTURE_OPS_CUDA_PANEL_MB's default)
+    assert C.PANEL_FREE_FRACTION == 0.5 and C.PANEL_CAP_MB == 2048
+    monkeypatch.setattr(C, "free_device_bytes", lambda device: 2 << 30)  # 1 GiB < the cap: free memory binds
+    assert C.panel_rows(10**7, bpr, device="cuda") == (1 << 30) // bpr
+    monkeypatch.setattr(C, "free_device_bytes", lambda device: 141 << 30)  # an H200: the 2 GiB cap binds
+    assert C.panel_rows(10**7, bpr, device="cuda") == (2048 << 20) // bpr
+    monkeypatch.setenv("STRUCTURE_OPS_TRITON_PANEL_MB", "8192")  # the knob replaces the default cap (up or down)
+    assert C.panel_rows(10**7, bpr, device="cuda") == (8192 << 20) // bpr
     monkeypatch.setattr(C, "free_device_bytes", lambda device: 8 << 30)
-    assert C.panel_rows(10**7, bpr, device="cuda") == int(C.PANEL_FREE_FRACTION * (8 << 30)) // bpr
     monkeypatch.setenv("STRUCTURE_OPS_TRITON_PANEL_MB", "16")  # the knob caps the free-memory budget
     assert C.panel_rows(10**7, bpr, device="cuda") == (16 << 20) // bpr
     monkeypatch.setattr(C, "free_device_bytes", lambda device: 1 << 20)  # ... and never raises it

@@ -110,6 +110,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 PANEL_FREE_FRACTION = 0.5  # share of the free device memory (free + cached) that row panels may take
+# Default cap of the row panels on a CUDA device (STRUCTURE_OPS_TRITON_PANEL_MB overrides it), as the CUDA backend's
+# STRUCTURE_OPS_CUDA_PANEL_MB default: issue 14's level-1 target of ≤ 2 GiB beyond inputs and outputs at N = 262 144.
+PANEL_CAP_MB = 2048.0
 
 
 def free_device_bytes(device: torch.device | str | None) -> int | None:
@@ -124,8 +127,8 @@ def free_device_bytes(device: torch.device | str | None) -> int | None:
 def panel_rows(n: int, bytes_per_row: int, budget_mb: float | None = None, device=None) -> int:
     """Rows per panel (at least 1, at most n) so that panel buffers of ``bytes_per_row`` each fit a budget: an
     explicit ``budget_mb``; otherwise, on a CUDA ``device``, PANEL_FREE_FRACTION of its free memory capped by
-    STRUCTURE_OPS_TRITON_PANEL_MB when that is set; without a device (CPU / interpreter)
-    STRUCTURE_OPS_TRITON_PANEL_MB or 256 MiB."""
+    STRUCTURE_OPS_TRITON_PANEL_MB when that is set, else by PANEL_CAP_MB (2048 MiB); without a device (CPU /
+    interpreter) STRUCTURE_OPS_TRITON_PANEL_MB or 256 MiB."""
     if budget_mb is not None:
         budget = budget_mb * (1 << 20)
     else:
@@ -135,7 +138,8 @@ def panel_rows(n: int, bytes_per_row: int, budget_mb: float | None = None, devic
         if free is None:
             budget = cap if cap is not None else 256.0 * (1 << 20)
         else:
-            budget = PANEL_FREE_FRACTION * free if cap is None else min(cap, PANEL_FREE_FRACTION * free)
+            cap = PANEL_CAP_MB * (1 << 20) if cap is None else cap
+            budget = min(cap, PANEL_FREE_FRACTION * free)
     return max(1, min(n, int(budget) // max(1, bytes_per_row)))
 
 

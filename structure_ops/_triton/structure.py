@@ -21,7 +21,7 @@ Gradient (docs/kernels.md §1, §3), computed in the forward call (the loss is a
 
 Pass structures:
   level 1, mode "rows" (docs/kernels.md §2a): row panels I of B rows, B from the free device memory
-    (_common.panel_rows: half of it, capped by STRUCTURE_OPS_TRITON_PANEL_MB; 256 MiB or the knob on CPU). Per panel:
+    (_common.panel_rows: half of it, capped at 2048 MiB or STRUCTURE_OPS_TRITON_PANEL_MB; 256 MiB or the knob on CPU). Per panel:
     1. ``_gram_kernel`` (per side): S_I = logits of Û_I Ûᵀ by tl.dot on the input dtype, its epilogue writes S_I and
        each tile's per-row (max, Σexp); the host merges them into lse_I in a fixed order.
     2. ``_rows_loss_kernel``: ℓ_i and the ḡ partial sums per (row, column chunk);
