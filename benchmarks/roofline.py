@@ -222,15 +222,16 @@ def panel_rows(n: int, bytes_per_row: int, budget_mb: float, min_rows: int = 1, 
 PANEL_RULES = {
     "cpu": (32.0, 512, 16),            # csrc/common/panel.h panel_rows
     "cuda": (256.0, 256, 16),          # csrc/cuda/structure_cuda.cu cuda_panel_rows
-    "cuda_clip": (256.0, 1, 64),       # csrc/cuda/clip_cuda.cu
-    "cuda_knn": (256.0, 1, 16),        # csrc/cuda/knn_cuda.cu
+    "cuda_clip": (256.0, 1, 64),       # csrc/cuda/clip_cuda.cu before issue 14
+    "cuda_knn": (256.0, 1, 16),        # csrc/cuda/knn_cuda.cu before issue 14
     "triton_rows": (256.0, 1, 1),      # structure_ops/_triton/_common.py panel_rows before issue 14
 }  # fmt: skip
 DESIGN_PANEL_MB = 2048.0  # issue 14 design: panels from free memory, capped so level 1 stays ≤ 2 GiB extra
 # As built: CUDA level 1 (structure_cuda.cu panel_rows_from_memory) and Triton rows (_common.panel_rows) take half
 # of the free device memory capped at 2048 MiB (STRUCTURE_OPS_CUDA_PANEL_MB / STRUCTURE_OPS_TRITON_PANEL_MB); on an
-# H200 the cap binds. CUDA: ≥ 256 rows, multiples of 16; Triton: no floor, no multiple. CUDA clip, knn and siglip
-# keep the 256 MiB budget of csrc/common/panel.h (the "planned" model gives them the 2 GiB panels).
+# H200 the cap binds. CUDA: ≥ 256 rows, multiples of 16; Triton: no floor, no multiple. CUDA clip and knn use the
+# same rule as CUDA level 1 (csrc/cuda/common.cuh panel_rows_from_memory, one knob for all three); CUDA siglip keeps
+# the 256 MiB budget of csrc/common/panel.h.
 
 
 def _n_panels(n: int, rows: int) -> int:
@@ -578,8 +579,10 @@ def _clip(n, dims, mode, dtype, precision, impl, design, sms, panel_mb):
     cls = gemm_class(dtype, precision)
     ec = 8 if _short(dtype) == "fp64" else 4
     if impl == "cuda":
-        if design == "planned":  # as built, clip_cuda.cu keeps the 256 MiB panels and the half tmp_b buffer
+        if design == "planned":  # as planned: the 2 GiB panels and no half tmp_b buffer
             budget, min_rows, mult = (panel_mb or DESIGN_PANEL_MB), 256, 64
+        elif design == "built":  # clip_cuda.cu: common.cuh panel_rows_from_memory (2 GiB cap binds); tmp_b kept
+            budget, min_rows, mult = (panel_mb or DESIGN_PANEL_MB), 256, 16
         else:
             budget, min_rows, mult = PANEL_RULES["cuda_clip"]
         tr = 64 if ec == 4 else 32
@@ -777,8 +780,8 @@ def _knn(n, dims, dtype, precision, impl, design, params, sms, panel_mb):
                       hbm_bytes=npan * n * d * ec + nn * ec * 2)], \
             {"k": k, "panel_rows": rows}, ["CPU selection (nth_element) not in the bound: no integer ceiling measured"]  # fmt: skip
     if impl == "cuda":
-        budget, min_rows, mult = (
-            (panel_mb or DESIGN_PANEL_MB, 256, 16) if design == "planned" else PANEL_RULES["cuda_knn"]  # built: 256 MiB
+        budget, min_rows, mult = (  # built = planned: common.cuh panel_rows_from_memory (the 2 GiB cap binds)
+            PANEL_RULES["cuda_knn"] if design == "before" else (panel_mb or DESIGN_PANEL_MB, 256, 16)
         )
         rows = panel_rows(n, 4 * n, budget, min_rows, mult)
         npan = _n_panels(n, rows)

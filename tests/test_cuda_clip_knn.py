@@ -410,6 +410,84 @@ class TestCuda:
         assert (out == ref).all(dim=1).float().mean() > 0.95
         assert (sim.gather(1, out) - sim.gather(1, ref)).abs().max() <= 1e-5
 
+    # --------------------------------------------------------------------------------- panel rule
+    # clip and knn size their row panels by the CUDA level-1 rule (csrc/cuda/common.cuh panel_rows_from_memory):
+    # at most half of the available device memory, capped by STRUCTURE_OPS_CUDA_PANEL_MB (default 2048 MiB),
+    # multiples of 16 from 64 rows on. The heights are read from the panel GEMMs (a dispatch-mode log).
+    CAP_MB = 2048.0
+
+    def _cap_binds_or_skip(self):
+        """What available_device_bytes sees: free memory plus the caching allocator's reserved-but-unused bytes."""
+        free, _ = torch.cuda.mem_get_info()
+        avail = free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        if 0.5 * avail < (self.CAP_MB + 512) * 2**20:
+            pytest.skip("needs ≥ 5 GiB of free GPU memory (so that the 2048 MiB default cap binds)")
+
+    @staticmethod
+    def _panel_heights(log, d):
+        """Row counts of the panel GEMMs (an A_I operand of width d; mm.out, or mm.dtype_out for half inputs)."""
+        return [c["args"][0][1][0] for c in log.calls
+                if c["op"] == "mm" and "out" in c["overload"] and c["args"][0][1][1] == d]  # fmt: skip
+
+    @staticmethod
+    def _split(n, rows):
+        full, last = divmod(n, rows)
+        return [rows] * full + ([last] if last else [])
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+    def test_clip_panels_follow_the_shared_rule(self, dtype, monkeypatch):
+        """N = 65 536: forward rows of 4·(N + 2N/64 + 2N/256) = 272 384 B, backward 4N (fp32) or 6N (bf16) B.
+        Default (the 2048 MiB cap binds): 7 872 forward / 8 192 (fp32) or 5 456 (bf16) backward rows;
+        STRUCTURE_OPS_CUDA_PANEL_MB = 64: 240 / 256 or 160 rows. Both runs give the same result."""
+        self._cap_binds_or_skip()
+        n, d = 65536, 32
+        bf = 4 * (n + 2 * n // 64 + 2 * n // 256)
+        bb = 4 * n + (2 * n if dtype == torch.bfloat16 else 0)
+        fp32 = dtype == torch.float32
+        by_hand = {None: (7872, 8192 if fp32 else 5456), 64.0: (240, 256 if fp32 else 160)}
+        g = torch.Generator(device="cuda").manual_seed(3)
+        a32 = F.normalize(torch.randn(n, d, generator=g, device="cuda"), dim=1)
+        a = a32.to(dtype)
+        b = F.normalize(a32 + 0.7 * torch.randn(n, d, generator=g, device="cuda"), dim=1).to(dtype)
+        s = torch.tensor(10.0, device="cuda", dtype=dtype)
+        results = []
+        for knob, want in by_hand.items():
+            if knob is None:
+                monkeypatch.delenv("STRUCTURE_OPS_CUDA_PANEL_MB", raising=False)
+            else:
+                monkeypatch.setenv("STRUCTURE_OPS_CUDA_PANEL_MB", repr(knob))
+            rule = tuple(cases.expected_panel_rows(n, x, free_bytes=2**50, knob_mb=knob) for x in (bf, bb))
+            assert rule == want
+            with cases.AtenLog() as log_f:
+                loss, r, c = ops.clip_fwd(a, b, s)
+            with cases.AtenLog() as log_b:
+                grads = ops.clip_bwd(torch.tensor(GRAD, device="cuda", dtype=dtype), a, b, s, r, c)
+            assert self._panel_heights(log_f, d) == self._split(n, want[0])
+            assert self._panel_heights(log_b, d) == self._split(n, want[1])
+            results.append((r, c, *grads))
+        tol = 1e-5 if fp32 else 2.0**-7  # bf16 outputs: one rounding flip (≤ 1 bf16 ulp) at most
+        for x, y in zip(*results, strict=True):
+            assert rel_err(y, x) <= (1e-5 if x.dtype == torch.float32 else tol)
+
+    def test_knn_panels_follow_the_shared_rule(self, monkeypatch):
+        """N = 65 536 fp32: 4N = 262 144 B per panel row. Default (the 2048 MiB cap binds): 8 192 rows;
+        STRUCTURE_OPS_CUDA_PANEL_MB = 64: 256 rows. Integer rows (exact similarities): equal results."""
+        self._cap_binds_or_skip()
+        n, d, k = 65536, 16, 10
+        g = torch.Generator(device="cuda").manual_seed(4)
+        a = torch.randint(-2, 3, (n, d), generator=g, device="cuda").float()
+        outs = []
+        for knob, want in ((None, 8192), (64.0, 256)):
+            if knob is None:
+                monkeypatch.delenv("STRUCTURE_OPS_CUDA_PANEL_MB", raising=False)
+            else:
+                monkeypatch.setenv("STRUCTURE_OPS_CUDA_PANEL_MB", repr(knob))
+            assert cases.expected_panel_rows(n, 4 * n, free_bytes=2**50, knob_mb=knob) == want
+            with cases.AtenLog() as log:
+                outs.append(ops.knn(a, k))
+            assert self._panel_heights(log, d) == self._split(n, want)
+        assert torch.equal(outs[0], outs[1])
+
 
 # --------------------------------------------------------------------------------------------------
 # CPU: the sources compile for Hopper (no GPU needed)

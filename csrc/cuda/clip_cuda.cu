@@ -6,7 +6,8 @@
 //   dL_ij = (g/2N) (e^{L_ij − r_i} + e^{L_ij − c_j} − 2δ_ij)
 //   dA = s · dL B,  dB = s · dLᵀ A,  ds = Σ_ij dL_ij (A Bᵀ)_ij      (d/ds of the op; no exp chain rule)
 //
-// Pass structure, for row panels I of B rows (B from STRUCTURE_OPS_CUDA_PANEL_MB, default 256 MiB):
+// Pass structure, for row panels I of B rows (B from free device memory, capped by
+//   STRUCTURE_OPS_CUDA_PANEL_MB, default 2048 MiB: panel_rows_from_memory, csrc/cuda/common.cuh):
 //   forward   P_I = A_I Bᵀ (at::mm: cuBLAS, tensor cores, honours the fp32 matmul precision)    2 N² d
 //             clip_fwd_tile_kernel: one read of the panel gives, per 64 × 256 tile, the row partial
 //             (max, Σexp) of every row and the column partial of every column (2 exps per element)
@@ -48,7 +49,6 @@
 #include <type_traits>
 
 #include "../common/checks.h"
-#include "../common/panel.h"
 #include "common.cuh"
 
 namespace structure_ops {
@@ -308,10 +308,10 @@ __global__ void __launch_bounds__(kThreads) scale_accumulate_kernel(float* dst, 
 // ------------------------------------------------------------------------------------------------------
 // Host side
 // ------------------------------------------------------------------------------------------------------
-// Rows per panel (csrc/common/panel.h): 256 MiB by default; STRUCTURE_OPS_CUDA_PANEL_MB sets an exact budget.
-int64_t cuda_panel_rows(int64_t n, int64_t bytes_per_row, int64_t multiple) {
-  return panel_rows_budget(n, bytes_per_row, "STRUCTURE_OPS_CUDA_PANEL_MB", 256.0, 1, multiple);
-}
+// Rows per panel: the shared rule of csrc/cuda/common.cuh (as structure level 1): at most half of the free
+// device memory (plus the caching allocator's unused reserve), capped by STRUCTURE_OPS_CUDA_PANEL_MB (default
+// 2048 MiB; when set, exactly its budget if memory allows, down to 1 row), ≥ 256 rows when that fits, multiples of 16.
+using cuda::panel_rows_from_memory;
 
 bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
@@ -361,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_fwd_impl(const at::Tensor& i
   const int64_t nct = ceil_div<int64_t>(n, kTileCols);
   // per panel row: the logits, the column partials (2 values per column per TR rows), the row partials
   const int64_t bytes_per_row = int64_t(sizeof(T)) * (n + ceil_div<int64_t>(2 * n, TR) + 2 * nct);
-  const int64_t rows = cuda_panel_rows(n, bytes_per_row, 64);
+  const int64_t rows = panel_rows_from_memory(a, bytes_per_row, n);
   const int64_t nrt_max = ceil_div<int64_t>(rows, TR);
   at::Tensor buf = at::empty({rows, n}, opts);
   at::Tensor row_m = at::empty({nct * rows}, opts), row_l = at::empty({nct * rows}, opts);
@@ -440,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_bwd_impl(const at::Tensor& g
   const at::Tensor c = lse_col.detach().reshape({n}).to(dev, cdt).contiguous();
 
   const int64_t bytes_per_row = int64_t(sizeof(T)) * n + (half ? int64_t(a.element_size()) * n : 0);
-  const int64_t rows = cuda_panel_rows(n, bytes_per_row, 64);
+  const int64_t rows = panel_rows_from_memory(a, bytes_per_row, n);
   at::Tensor buf = at::empty({rows, n}, opts);
   at::Tensor ebuf = half ? at::empty({rows, n}, a.options()) : at::Tensor();
   at::Tensor ds_row = at::empty({n}, a.options().dtype(at::kDouble));

@@ -8,7 +8,9 @@
 // Host part (skipped when SO_CUDA_KERNELS_ONLY is defined, for kernel-only translation units compiled without
 // the torch headers): SO_CUDA_CHECK / SO_CUDA_KERNEL_LAUNCH_CHECK (TORCH_CHECK with the CUDA error string),
 // current_stream(tensor) (the caller's current stream on the tensor's device: every launch goes there, so the
-// ops compose with torch streams and CUDA graphs), sm_count(device) (cached multiprocessor count).
+// ops compose with torch streams and CUDA graphs), sm_count(device) (cached multiprocessor count),
+// available_device_bytes and panel_rows_from_memory (the row-panel height rule of every CUDA op that works in
+// B × N row panels: structure level 1, clip, knn).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -90,8 +92,12 @@ __device__ __forceinline__ T block_max(T v) {
 
 #if !defined(SO_CUDA_KERNELS_ONLY)
 #include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
 
 // TORCH_CHECK (a c10::Error, i.e. a Python RuntimeError) with the CUDA error string and the failing call.
 #define SO_CUDA_CHECK(expr)                                                                                  \
@@ -126,6 +132,44 @@ inline int sm_count(int device) {
     cache[device] = v;
   }
   return cache[device];
+}
+
+// Device memory a call can use now: free device memory (cudaMemGetInfo) plus what torch's caching allocator
+// holds reserved but unused. free_out (optional): the cudaMemGetInfo part alone.
+inline double available_device_bytes(const at::Device& device, double* free_out = nullptr) {
+  size_t free_b = 0, total_b = 0;
+  SO_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+  // index 0 = StatType::AGGREGATE (its namespace moved between torch releases; the index did not)
+  const double cached = double(stats.reserved_bytes[0].current - stats.allocated_bytes[0].current);
+  if (free_out) *free_out = double(free_b);
+  return double(free_b) + std::max(0.0, cached);
+}
+
+// Row panels sized from free device memory (docs/kernels.md §10), ONE rule for every CUDA op that works in
+// B × N row panels (structure level 1, clip forward and backward, knn): the panel buffers (bytes_per_row each
+// row) take at most kPanelMemFraction of the available device memory and at most the cap:
+// STRUCTURE_OPS_CUDA_PANEL_MB when set (> 0, read on every call), else kDefaultPanelCapMb (the issue-14 target:
+// level 1 at N = 262 144 within 2 GiB beyond inputs and outputs). Without the knob, at least kMinPanelRows rows
+// when memory allows (the backward GEMMs have the panel height as inner dimension); with it, exactly its budget
+// when memory allows (down to one row, for tests of many and ragged panels). Heights ≥ 4·kPanelMultiple rows
+// are multiples of kPanelMultiple (GEMM-friendly); the result is in [1, max_rows].
+constexpr double kPanelMemFraction = 0.5;
+constexpr double kDefaultPanelCapMb = 2048.0;
+constexpr int64_t kMinPanelRows = 256;
+constexpr int64_t kPanelMultiple = 16;
+
+inline int64_t panel_rows_from_memory(const at::Tensor& like, int64_t bytes_per_row, int64_t max_rows) {
+  const char* env = std::getenv("STRUCTURE_OPS_CUDA_PANEL_MB");
+  const double knob = env ? std::atof(env) : 0.0;
+  const bool capped_by_knob = knob > 0;
+  const double cap = (capped_by_knob ? knob : kDefaultPanelCapMb) * double(1 << 20);
+  const double mem = kPanelMemFraction * available_device_bytes(like.device());
+  const double bpr = double(std::max<int64_t>(1, bytes_per_row));
+  int64_t rows = int64_t(std::min(cap, mem) / bpr);
+  if (!capped_by_knob) rows = std::max(rows, std::min(kMinPanelRows, int64_t(mem / bpr)));
+  if (rows >= 4 * kPanelMultiple) rows -= rows % kPanelMultiple;
+  return std::max<int64_t>(1, std::min(rows, max_rows));
 }
 
 }  // namespace cuda

@@ -5,7 +5,8 @@
 // Order (the CPU op's comparator, csrc/cpu/knn_cpu.cpp): similarity descending, then column ascending;
 // NaN ranks as −inf (tied with −inf, so by index); −0.0 == +0.0.
 //
-// Pass structure, for row panels I of B rows (B from STRUCTURE_OPS_CUDA_PANEL_MB, default 256 MiB):
+// Pass structure, for row panels I of B rows (B from free device memory, capped by
+//   STRUCTURE_OPS_CUDA_PANEL_MB, default 2048 MiB: panel_rows_from_memory, csrc/cuda/common.cuh):
 //   S_I = A_I Aᵀ (at::mm: cuBLAS; half inputs with fp32 output, fp32 honours the matmul precision)  2 N² d
 //   k ≤ 1024: knn_topk_rows_kernel, one block per row, streams the row once with a threshold filter
 //             into a shared-memory candidate buffer that is compacted (bitonic sort, keep the best k)
@@ -33,7 +34,6 @@
 #include <tuple>
 
 #include "../common/checks.h"
-#include "../common/panel.h"
 #include "common.cuh"
 
 namespace structure_ops {
@@ -187,10 +187,10 @@ __global__ void __launch_bounds__(kThreads) knn_drop_diag_kernel(const int64_t* 
 // ------------------------------------------------------------------------------------------------------
 // Host side
 // ------------------------------------------------------------------------------------------------------
-// Rows per panel (csrc/common/panel.h): 256 MiB by default; STRUCTURE_OPS_CUDA_PANEL_MB sets an exact budget.
-int64_t cuda_panel_rows(int64_t n, int64_t bytes_per_row, int64_t multiple) {
-  return panel_rows_budget(n, bytes_per_row, "STRUCTURE_OPS_CUDA_PANEL_MB", 256.0, 1, multiple);
-}
+// Rows per panel: the shared rule of csrc/cuda/common.cuh (as structure level 1): at most half of the free
+// device memory (plus the caching allocator's unused reserve), capped by STRUCTURE_OPS_CUDA_PANEL_MB (default
+// 2048 MiB; when set, exactly its budget if memory allows, down to 1 row), ≥ 256 rows when that fits, multiples of 16.
+using cuda::panel_rows_from_memory;
 
 bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
@@ -208,7 +208,7 @@ void knn_impl(const at::Tensor& a, int64_t k, at::Tensor& out) {
   const bool fused = k <= kFusedMaxK;
   // the sort path also holds the sorted values, the int64 order and the sort's scratch per panel row
   const int64_t bytes_per_row = fused ? int64_t(sizeof(T)) * n : (3 * int64_t(sizeof(T)) + 24) * n;
-  const int64_t rows = cuda_panel_rows(n, bytes_per_row, 16);
+  const int64_t rows = panel_rows_from_memory(a, bytes_per_row, n);
   at::Tensor buf = at::empty({rows, n}, a.options().dtype(cdt));
   const at::Tensor at_ = a.t();
   // buffer size at which a compaction starts: small for small k (a cheap sort and an early threshold),

@@ -609,40 +609,10 @@ int row_threads(int64_t n) {
 
 bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
-// Device memory this call can use now: free device memory plus what torch's caching allocator holds unused.
-double available_device_bytes(const at::Device& device, double* free_out = nullptr) {
-  size_t free_b = 0, total_b = 0;
-  SO_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-  // index 0 = StatType::AGGREGATE (its namespace moved between torch releases; the index did not)
-  const double cached = double(stats.reserved_bytes[0].current - stats.allocated_bytes[0].current);
-  if (free_out) *free_out = double(free_b);
-  return double(free_b) + std::max(0.0, cached);
-}
-
-// Level-1 row panels (docs/kernels.md §10: sized from free memory, not a fixed budget). The panel buffers
-// (bytes_per_row each row) take at most kPanelMemFraction of the available device memory and at most the cap:
-// STRUCTURE_OPS_CUDA_PANEL_MB when set (> 0), else kDefaultPanelCapMb (the issue-14 target: level 1 at
-// N = 262 144 within 2 GiB beyond inputs and outputs). Without the knob, at least kMinPanelRows rows when memory
-// allows (the backward GEMMs have the panel height as inner dimension); with it, exactly its budget (down to one
-// row, for tests of many and ragged panels). Heights ≥ 64 rows are multiples of 16 (GEMM-friendly).
-constexpr double kPanelMemFraction = 0.5;
-constexpr double kDefaultPanelCapMb = 2048.0;
-constexpr int64_t kMinPanelRows = 256;
-constexpr int64_t kPanelMultiple = 16;
-
-int64_t panel_rows_from_memory(const at::Tensor& like, int64_t bytes_per_row, int64_t max_rows) {
-  const char* env = std::getenv("STRUCTURE_OPS_CUDA_PANEL_MB");
-  const double knob = env ? std::atof(env) : 0.0;
-  const bool capped_by_knob = knob > 0;
-  const double cap = (capped_by_knob ? knob : kDefaultPanelCapMb) * double(1 << 20);
-  const double mem = kPanelMemFraction * available_device_bytes(like.device());
-  const double bpr = double(std::max<int64_t>(1, bytes_per_row));
-  int64_t rows = int64_t(std::min(cap, mem) / bpr);
-  if (!capped_by_knob) rows = std::max(rows, std::min(kMinPanelRows, int64_t(mem / bpr)));
-  if (rows >= 4 * kPanelMultiple) rows -= rows % kPanelMultiple;
-  return std::max<int64_t>(1, std::min(rows, max_rows));
-}
+// Device memory and the level-1 panel height: the shared rule of csrc/cuda/common.cuh (docs/kernels.md §10:
+// sized from free memory, not a fixed budget; STRUCTURE_OPS_CUDA_PANEL_MB caps it, default 2048 MiB).
+using cuda::available_device_bytes;
+using cuda::panel_rows_from_memory;
 
 // The 2-D grid of a panel with fewer rows than SMs: about 2 blocks per SM over the panel, column blocks of at
 // least kMinBlockCols columns (a multiple of 32). ncb = 0: the panel runs the fused 1-D kernel.

@@ -140,6 +140,7 @@ def translate_common() -> str:
     for old, new in (
         ("#include <cuda_runtime.h>", ""),
         ("#include <c10/cuda/CUDAStream.h>", ""),
+        ("#include <c10/cuda/CUDACachingAllocator.h>", ""),  # the shim's getDeviceStats stands in
         ("c10::cuda::getCurrentCUDAStream(t.device().index()).stream()", "nullptr"),
     ):
         common = _replace(common, old, new, "csrc/cuda/common.cuh")

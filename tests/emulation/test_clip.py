@@ -12,7 +12,7 @@ import torch
 from helpers import rel_err
 
 from . import tolerances
-from .cases import F64, GRAD, clip_data, clip_oracle
+from .cases import F64, GRAD, AtenLog, clip_data, clip_oracle, expected_panel_rows
 from .conftest import SCHEDULES, schedule_id
 
 AWKWARD = [(5, 3), (13, 17), (37, 3), (37, 17), (300, 5)]
@@ -150,3 +150,57 @@ def test_input_checks(emu_clip):
     _, r, c = ops.clip_fwd(a, a, s)
     with pytest.raises(RuntimeError, match="lse_row must hold N = 5"):
         ops.clip_bwd(torch.tensor(1.0), a, a, s, r[:4], c)
+
+
+def _clip_bytes_per_row(n, dtype):
+    """Panel bytes per row of clip_cuda.cu, restated: forward = the fp32 logits row, its share of the column
+    partials (2 values per column per 64-row tile) and the row partials (2 per 256-column tile); backward = the
+    fp32 logits row plus, for half inputs, the E row in the input dtype."""
+    fwd = 4 * (n + -(-2 * n // 64) + 2 * -(-n // 256))
+    bwd = 4 * n + (torch.empty((), dtype=dtype).element_size() * n if dtype in HALF else 0)
+    return fwd, bwd
+
+
+def _panel_heights(log, d):
+    """Row counts of the panel GEMMs P_I = A_I Bᵀ (an A_I operand of width d) in call order."""
+    return [c["args"][0][1][0] for c in log.find("mm", "out") if c["args"][0][1][1] == d]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "free_rows", "knob_rows", "want"),
+    [(torch.float32, 40, None, (40, 42)), (torch.float32, 100, None, (96, 96)), (torch.float32, None, None, (300, 300)),
+     (torch.float32, None, 10, (10, 10)), (torch.float32, 40, 1000, (40, 42)), (torch.bfloat16, 40, None, (40, 28))],
+    ids=["mem-40", "mem-100-mult16", "default-one-panel", "knob-below-mem", "knob-above-mem", "bf16-mem-40"],
+)  # fmt: skip
+def test_panels_sized_from_free_memory(emu_clip, dtype, free_rows, knob_rows, want, monkeypatch):
+    """clip_fwd and clip_bwd size their panels by the CUDA level-1 rule (csrc/cuda/common.cuh
+    panel_rows_from_memory): half of the free device memory the (emulated) GPU reports, capped by
+    STRUCTURE_OPS_CUDA_PANEL_MB when set (else 2048 MiB), a multiple of 16 from 64 rows on. The heights are read
+    from the panel GEMMs, expected from cases.expected_panel_rows (the structure tests' restatement of the rule)
+    and, independently, by hand (N = 300: forward 1256 B per row, backward 1200 B fp32 / 1800 B bf16)."""
+    n, d = 300, 5
+    bf, bb = _clip_bytes_per_row(n, dtype)
+    free = None if free_rows is None else 2 * free_rows * bf + bf // 2
+    if free is not None:
+        monkeypatch.setenv("SO_EMU_FREE_BYTES", str(free))
+    knob = None
+    if knob_rows is not None:
+        knob = (knob_rows + 0.5) * bf / 2**20
+        monkeypatch.setenv("STRUCTURE_OPS_CUDA_PANEL_MB", repr(knob))
+    mem = free if free is not None else 2**36
+    rows = tuple(expected_panel_rows(n, b, free_bytes=mem, knob_mb=knob) for b in (bf, bb))
+    assert rows == want
+    a64, b64 = clip_data(n, d, seed=11)
+    a, b, s = a64.to(dtype), b64.to(dtype), torch.tensor(4.0, dtype=dtype)
+    with AtenLog() as log_f:
+        loss, r, c = emu_clip.ops.clip_fwd(a, b, s)
+    with AtenLog() as log_b:
+        da, db, ds = emu_clip.ops.clip_bwd(torch.tensor(GRAD, dtype=dtype), a, b, s, r, c)
+    for log, height in ((log_f, rows[0]), (log_b, rows[1])):
+        full, last = divmod(n, height)
+        assert _panel_heights(log, d) == [height] * full + ([last] if last else [])
+    ref_l, _, _, ref_ga, ref_gb, ref_gs = clip_oracle(a, b, s)
+    t = tolerances.clip_half(a, b, s, GRAD, dtype) if dtype in HALF else dict.fromkeys(KEYS, TOL[dtype])
+    errs = dict(zip(KEYS, (rel_err(loss, ref_l), rel_err(da, ref_ga), rel_err(db, ref_gb), rel_err(ds, ref_gs)),
+                    strict=True))  # fmt: skip
+    assert all(errs[k] <= t[k] for k in KEYS), (errs, t)

@@ -13,7 +13,7 @@ import torch
 
 from structure_ops import reference
 
-from .cases import F64, knn_oracle, tied
+from .cases import F64, AtenLog, expected_panel_rows, knn_oracle, tied
 from .conftest import SCHEDULES, schedule_id
 
 KNN_CASES = [(5, 3, 1), (5, 17, 4), (13, 3, 12), (13, 17, 5), (37, 3, 1), (37, 17, 5), (37, 17, 36)]
@@ -151,3 +151,32 @@ def test_checks(emu_knn):
             emu_knn.ops.knn(a, k)
     with pytest.raises(RuntimeError, match="2-D"):
         emu_knn.ops.knn(a[0], 1)
+
+
+@pytest.mark.parametrize(
+    ("free_rows", "knob_rows", "want"),
+    [(40, None, 40), (100, None, 96), (None, None, 300), (None, 10, 10), (40, 1000, 40)],
+    ids=["mem-40", "mem-100-mult16", "default-one-panel", "knob-below-mem", "knob-above-mem"],
+)  # fmt: skip
+def test_panels_sized_from_free_memory(emu_knn, free_rows, knob_rows, want, monkeypatch):
+    """knn sizes its panels by the CUDA level-1 rule (csrc/cuda/common.cuh panel_rows_from_memory): half of the
+    free device memory the (emulated) GPU reports, capped by STRUCTURE_OPS_CUDA_PANEL_MB when set (else
+    2048 MiB), a multiple of 16 from 64 rows on. Heights read from the panel GEMMs S_I = A_I Aᵀ, expected from
+    cases.expected_panel_rows and by hand (N = 300, fp32: one fp32 similarity row, 1200 B, per panel row)."""
+    n, d, k = 300, 17, 20
+    bpr = 4 * n
+    free = None if free_rows is None else 2 * free_rows * bpr + bpr // 2
+    if free is not None:
+        monkeypatch.setenv("SO_EMU_FREE_BYTES", str(free))
+    knob = None
+    if knob_rows is not None:
+        knob = (knob_rows + 0.5) * bpr / 2**20
+        monkeypatch.setenv("STRUCTURE_OPS_CUDA_PANEL_MB", repr(knob))
+    rows = expected_panel_rows(n, bpr, free_bytes=free if free is not None else 2**36, knob_mb=knob)
+    assert rows == want
+    a = tied(n, d, seed=12).to(torch.float32)
+    with AtenLog() as log:
+        out = emu_knn.ops.knn(a, k)
+    full, last = divmod(n, rows)
+    assert [c["args"][0][1][0] for c in log.find("mm", "out")] == [rows] * full + ([last] if last else [])
+    assert torch.equal(out, knn_oracle(a, k))
