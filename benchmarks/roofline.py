@@ -230,8 +230,8 @@ DESIGN_PANEL_MB = 2048.0  # issue 14 design: panels from free memory, capped so 
 # As built: CUDA level 1 (structure_cuda.cu panel_rows_from_memory) and Triton rows (_common.panel_rows) take half
 # of the free device memory capped at 2048 MiB (STRUCTURE_OPS_CUDA_PANEL_MB / STRUCTURE_OPS_TRITON_PANEL_MB); on an
 # H200 the cap binds. CUDA: ≥ 256 rows, multiples of 16; Triton: no floor, no multiple. CUDA clip and knn use the
-# same rule as CUDA level 1 (csrc/cuda/common.cuh panel_rows_from_memory, one knob for all three); CUDA siglip keeps
-# the 256 MiB budget of csrc/common/panel.h.
+# same rule as CUDA level 1 (csrc/cuda/common.cuh panel_rows_from_memory, one knob for all of them), and so does
+# CUDA siglip (not modelled here: siglip has a CPU model only).
 
 
 def _n_panels(n: int, rows: int) -> int:

@@ -5,7 +5,8 @@
 //   w_ij = ∂loss/∂z_ij = −y_ij σ(−y_ij z_ij) / N
 //   dA = s · w B,  dB = s · wᵀ A,  ds = Σ_ij w_ij (A Bᵀ)_ij,  dβ = Σ_ij w_ij
 //
-// Pass structure, for row panels I of B rows of A (B from STRUCTURE_OPS_CUDA_PANEL_MB, default 256 MiB):
+// Pass structure, for row panels I of B rows of A (B from free device memory, capped by STRUCTURE_OPS_CUDA_PANEL_MB,
+// default 2048 MiB: panel_rows_from_memory, csrc/cuda/common.cuh):
 //   P_I = A_I Bᵀ (at::mm: cuBLAS, tensor cores, honours the fp32 matmul precision)                  2 M N d
 //   siglip_rows_kernel (one block per panel row): term, w and the row sums of the loss, Σ w P, Σ w
 //     (per-thread partials, then a fixed-order block reduction in fp64); with a gradient it writes s·w over
@@ -35,7 +36,6 @@
 #include <tuple>
 #include <type_traits>
 
-#include "../common/panel.h"
 #include "../common/siglip.h"
 #include "common.cuh"
 
@@ -206,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_im
 
   if (m > 0) {
     const int64_t bytes_per_row = int64_t(sizeof(T)) * n + ((half && want) ? int64_t(a.element_size()) * n : 0);
-    const int64_t rows = panel_rows_budget(m, bytes_per_row, "STRUCTURE_OPS_CUDA_PANEL_MB", 256.0, 1, 64);
+    const int64_t rows = cuda::panel_rows_from_memory(a, bytes_per_row, m);  // the rule of every CUDA op
     at::Tensor buf = at::empty({rows, n}, opts);
     at::Tensor ebuf = (half && want) ? at::empty({rows, n}, a.options()) : at::Tensor();
     const at::Tensor bt = b.t();
