@@ -70,6 +70,21 @@ def expected_panel_rows(n, bytes_per_row, *, free_bytes, knob_mb=None, span=None
     return max(1, min(rows, span if span is not None else n))
 
 
+def emulate_panel_memory(monkeypatch, bytes_per_row, free_rows=None, knob_rows=None):
+    """Sets what the emulated GPU reports as free memory (just over 2·``free_rows`` panel rows, so half of it holds
+    ``free_rows``) and STRUCTURE_OPS_CUDA_PANEL_MB (``knob_rows`` + ½ rows); None leaves either unset (free: 64 GiB).
+    Returns (free_bytes, knob_mb) for :func:`expected_panel_rows`."""
+    free = 2**36
+    if free_rows is not None:
+        free = 2 * free_rows * bytes_per_row + bytes_per_row // 2
+        monkeypatch.setenv("SO_EMU_FREE_BYTES", str(free))
+    knob = None
+    if knob_rows is not None:
+        knob = (knob_rows + 0.5) * bytes_per_row / 2**20
+        monkeypatch.setenv("STRUCTURE_OPS_CUDA_PANEL_MB", repr(knob))
+    return free, knob
+
+
 class AtenLog:
     """Context manager recording every aten call made inside (including the at:: calls of the C++ host code) as
     dicts: op (overload packet name), overload, args and kwargs with tensors as (dtype, shape)."""

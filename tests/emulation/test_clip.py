@@ -12,7 +12,7 @@ import torch
 from helpers import rel_err
 
 from . import tolerances
-from .cases import F64, GRAD, AtenLog, clip_data, clip_oracle, expected_panel_rows
+from .cases import F64, GRAD, AtenLog, clip_data, clip_oracle, emulate_panel_memory, expected_panel_rows
 from .conftest import SCHEDULES, schedule_id
 
 AWKWARD = [(5, 3), (13, 17), (37, 3), (37, 17), (300, 5)]
@@ -180,15 +180,8 @@ def test_panels_sized_from_free_memory(emu_clip, dtype, free_rows, knob_rows, wa
     and, independently, by hand (N = 300: forward 1256 B per row, backward 1200 B fp32 / 1800 B bf16)."""
     n, d = 300, 5
     bf, bb = _clip_bytes_per_row(n, dtype)
-    free = None if free_rows is None else 2 * free_rows * bf + bf // 2
-    if free is not None:
-        monkeypatch.setenv("SO_EMU_FREE_BYTES", str(free))
-    knob = None
-    if knob_rows is not None:
-        knob = (knob_rows + 0.5) * bf / 2**20
-        monkeypatch.setenv("STRUCTURE_OPS_CUDA_PANEL_MB", repr(knob))
-    mem = free if free is not None else 2**36
-    rows = tuple(expected_panel_rows(n, b, free_bytes=mem, knob_mb=knob) for b in (bf, bb))
+    free, knob = emulate_panel_memory(monkeypatch, bf, free_rows, knob_rows)
+    rows = tuple(expected_panel_rows(n, b, free_bytes=free, knob_mb=knob) for b in (bf, bb))
     assert rows == want
     a64, b64 = clip_data(n, d, seed=11)
     a, b, s = a64.to(dtype), b64.to(dtype), torch.tensor(4.0, dtype=dtype)

@@ -13,7 +13,7 @@ import torch
 
 from structure_ops import reference
 
-from .cases import F64, AtenLog, expected_panel_rows, knn_oracle, tied
+from .cases import F64, AtenLog, emulate_panel_memory, expected_panel_rows, knn_oracle, tied
 from .conftest import SCHEDULES, schedule_id
 
 KNN_CASES = [(5, 3, 1), (5, 17, 4), (13, 3, 12), (13, 17, 5), (37, 3, 1), (37, 17, 5), (37, 17, 36)]
@@ -165,14 +165,8 @@ def test_panels_sized_from_free_memory(emu_knn, free_rows, knob_rows, want, monk
     cases.expected_panel_rows and by hand (N = 300, fp32: one fp32 similarity row, 1200 B, per panel row)."""
     n, d, k = 300, 17, 20
     bpr = 4 * n
-    free = None if free_rows is None else 2 * free_rows * bpr + bpr // 2
-    if free is not None:
-        monkeypatch.setenv("SO_EMU_FREE_BYTES", str(free))
-    knob = None
-    if knob_rows is not None:
-        knob = (knob_rows + 0.5) * bpr / 2**20
-        monkeypatch.setenv("STRUCTURE_OPS_CUDA_PANEL_MB", repr(knob))
-    rows = expected_panel_rows(n, bpr, free_bytes=free if free is not None else 2**36, knob_mb=knob)
+    free, knob = emulate_panel_memory(monkeypatch, bpr, free_rows, knob_rows)
+    rows = expected_panel_rows(n, bpr, free_bytes=free, knob_mb=knob)
     assert rows == want
     a = tied(n, d, seed=12).to(torch.float32)
     with AtenLog() as log:

@@ -19,6 +19,7 @@ from .cases import (
     AtenLog,
     call,
     check_structure,
+    emulate_panel_memory,
     expected_panel_rows,
     force_panel_rows,
     l1_id,
@@ -423,14 +424,8 @@ def test_panels_sized_from_free_memory(emu_structure, free_rows, knob_rows, grad
     n = 300
     xh, zh = prepared(n, 5, 3, seed=26)
     bpr = panel_bytes_per_row(n, grad_x, True, torch.float32)
-    free = None if free_rows is None else 2 * free_rows * bpr + bpr // 2
-    if free is not None:
-        monkeypatch.setenv("SO_EMU_FREE_BYTES", str(free))
-    knob = None
-    if knob_rows is not None:
-        knob = (knob_rows + 0.5) * bpr / 2**20
-        monkeypatch.setenv("STRUCTURE_OPS_CUDA_PANEL_MB", repr(knob))
-    rows = expected_panel_rows(n, bpr, free_bytes=free if free is not None else 2**36, knob_mb=knob)
+    free, knob = emulate_panel_memory(monkeypatch, bpr, free_rows, knob_rows)
+    rows = expected_panel_rows(n, bpr, free_bytes=free, knob_mb=knob)
     assert rows == want
     o = opts(temperature=0.1)
     out, log = _gemm_log(emu_structure, xh, zh, o, grad_x)
